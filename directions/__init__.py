@@ -1,0 +1,1 @@
+"""frankly directions: edit math, direction files, extraction, evaluation and baking."""

@@ -1,0 +1,176 @@
+"""Direction files: safetensors tensors + string metadata (nothing executable).
+
+Tensors: ``directions`` (n_layers, d_model) or (d_model,), ``layer_weights``
+(n_layers,). Metadata: name, model fingerprint, hook sites, the extraction
+convention, prompt hashes, method, chosen layers, eval figures, creation time.
+Optional detection for conditional ablation: ``detect_vector`` (d_model,) with
+metadata ``detect_layer`` and ``detect_threshold``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = "1"
+HOOK_SITES = "embed_tokens,self_attn.o_proj,mlp.down_proj"
+OPERATION = "project_out"
+# hidden_states[i] is the residual stream entering decoder layer i (index 0 = embeddings).
+CONVENTION = "hidden_states[i] = input of decoder layer i; position = last prompt token after chat template"
+FINGERPRINT_KEYS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
+)
+
+
+class DirectionFileError(ValueError):
+    """A direction file is missing, corrupt, or does not fit the served model."""
+
+
+def model_fingerprint(config) -> dict[str, str]:
+    """What a direction must match: architecture, sizes, and a hash of the config keys that shape activations."""
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    text = cfg.get("text_config") or cfg
+    picked = {k: text.get(k) for k in FINGERPRINT_KEYS}
+    if picked.get("rope_theta") is None:
+        picked["rope_theta"] = (text.get("rope_parameters") or {}).get("rope_theta")
+    digest = hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    arch = (cfg.get("architectures") or [""])[0] or str(text.get("model_type"))
+    return {
+        "architecture": arch,
+        "model_type": str(text.get("model_type")),
+        "hidden_size": str(text.get("hidden_size")),
+        "num_layers": str(text.get("num_hidden_layers")),
+        "vocab_size": str(text.get("vocab_size")),
+        "config_hash": digest,
+    }
+
+
+@dataclass
+class DirectionSet:
+    """One named direction (or one per layer) with per-layer weights."""
+
+    name: str
+    directions: torch.Tensor  # (n_layers, d_model) float32 unit rows
+    layer_weights: torch.Tensor  # (n_layers,) float32, >= 0
+    metadata: dict[str, str] = field(default_factory=dict)
+    detect_vector: torch.Tensor | None = None  # (d_model,) unit, for conditional mode
+    detect_layer: int | None = None
+    detect_threshold: float | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.directions.shape[0])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.directions.shape[1])
+
+    @property
+    def has_condition(self) -> bool:
+        return self.detect_vector is not None and self.detect_layer is not None and self.detect_threshold is not None
+
+    def public_metadata(self) -> dict:
+        md = dict(self.metadata)
+        for k in ("eval", "prompt_hashes", "fingerprint", "selection"):
+            if k in md:
+                try:
+                    md[k] = json.loads(md[k])
+                except (TypeError, ValueError):
+                    pass
+        md["n_layers"] = self.n_layers
+        md["d_model"] = self.d_model
+        md["conditional"] = self.has_condition
+        if self.has_condition:
+            md["detect_layer"] = self.detect_layer
+            md["detect_threshold"] = self.detect_threshold
+        return md
+
+    def check_fits(self, config, path: str = "") -> None:
+        """Raise :class:`DirectionFileError` naming both sides if this set does not fit ``config``."""
+        fp = model_fingerprint(config)
+        where = f" ({path})" if path else ""
+        if str(self.n_layers) != fp["num_layers"] or str(self.d_model) != fp["hidden_size"]:
+            raise DirectionFileError(
+                f"direction '{self.name}'{where} has shape ({self.n_layers}, {self.d_model}) "
+                f"but the served model has {fp['num_layers']} layers of width {fp['hidden_size']}"
+            )
+        theirs = json.loads(self.metadata.get("fingerprint", "{}") or "{}")
+        for key in ("model_type", "hidden_size", "num_layers", "vocab_size", "config_hash"):
+            if key in theirs and theirs[key] != fp[key]:
+                raise DirectionFileError(
+                    f"direction '{self.name}'{where} was made for a model with {key}={theirs[key]} "
+                    f"({theirs.get('architecture')}), but the served model has {key}={fp[key]} ({fp['architecture']})"
+                )
+
+
+def save_direction(ds: DirectionSet, path: str | Path, config=None) -> Path:
+    """Write ``ds`` as a safetensors direction file (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "directions": ds.directions.to(torch.float32).contiguous(),
+        "layer_weights": ds.layer_weights.to(torch.float32).contiguous(),
+    }
+    md = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in ds.metadata.items()}
+    md.setdefault("name", ds.name)
+    md["name"] = ds.name
+    md.setdefault("format_version", FORMAT_VERSION)
+    md.setdefault("operation", OPERATION)
+    md.setdefault("hook_sites", HOOK_SITES)
+    md.setdefault("convention", CONVENTION)
+    md.setdefault("created", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    if config is not None:
+        md["fingerprint"] = json.dumps(model_fingerprint(config))
+    if ds.has_condition:
+        tensors["detect_vector"] = ds.detect_vector.to(torch.float32).contiguous()
+        md["detect_layer"] = str(ds.detect_layer)
+        md["detect_threshold"] = repr(float(ds.detect_threshold))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=md)
+    tmp.replace(path)
+    return path
+
+
+def load_direction(path: str | Path, name: str | None = None) -> DirectionSet:
+    """Read a direction file; ``name`` overrides the stored name. Clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise DirectionFileError(f"direction file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise DirectionFileError(f"direction file {path} is not a .safetensors file (pickle files are never loaded)")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            md = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DirectionFileError(f"direction file {path} is corrupt or truncated: {e}") from e
+    if "directions" not in tensors or "layer_weights" not in tensors:
+        raise DirectionFileError(f"direction file {path} lacks the 'directions' or 'layer_weights' tensor")
+    d = tensors["directions"].to(torch.float32)
+    w = tensors["layer_weights"].to(torch.float32)
+    if d.dim() == 1:
+        d = d.unsqueeze(0).repeat(w.shape[0], 1)
+    if d.dim() != 2 or w.dim() != 1 or w.shape[0] != d.shape[0]:
+        raise DirectionFileError(
+            f"direction file {path}: directions {tuple(d.shape)} and layer_weights {tuple(w.shape)} do not agree"
+        )
+    if not torch.isfinite(d).all() or not torch.isfinite(w).all() or (w < 0).any():
+        raise DirectionFileError(f"direction file {path} holds non-finite values or negative layer weights")
+    d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    ds = DirectionSet(name=name or md.get("name") or path.stem, directions=d, layer_weights=w, metadata=md)
+    if "detect_vector" in tensors and "detect_layer" in md and "detect_threshold" in md:
+        v = tensors["detect_vector"].to(torch.float32)
+        ds.detect_vector = v / v.norm().clamp_min(1e-12)
+        ds.detect_layer = int(md["detect_layer"])
+        ds.detect_threshold = float(md["detect_threshold"])
+    return ds

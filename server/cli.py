@@ -1,0 +1,42 @@
+"""The ``frankly`` command: serve, extract, eval, bake, fetch-demo.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)``
+and ``run(args) -> int``; this file only dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+SUBCOMMANDS = {
+    "serve": ("server.serve_cmd", "run the OpenAI-compatible server"),
+    "extract": ("directions.extract_cmd", "compute a direction file from two prompt sets"),
+    "eval": ("directions.eval_cmd", "measure refusal rate, KL, slop score and capability over strengths"),
+    "bake": ("directions.bake_cmd", "write the edit into a copy of the weights"),
+    "fetch-demo": ("server.demo_cmd", "install, verify and convert the demo model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="frankly", description="Inference-time direction ablation server.")
+    p.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (mod, help_) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        module = importlib.import_module(mod)
+        module.add_arguments(sp)
+        sp.set_defaults(_module=module)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args._module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

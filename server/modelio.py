@@ -1,0 +1,161 @@
+"""Loading models: a hub id, a local directory, a .gguf file, or ``demo``.
+
+GGUF files are dequantized by transformers once and cached as a plain
+safetensors directory (transformers refuses ``save_pretrained`` on a GGUF
+load, and re-dequantizing costs a minute on two cores every start).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("frankly.model")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found, verified or loaded; the message says which and why."""
+
+
+def cache_root() -> Path:
+    """Where converted models live (``FRANKLY_CACHE_DIR`` or ``~/.cache/frankly``)."""
+    return Path(os.environ.get("FRANKLY_CACHE_DIR", Path.home() / ".cache" / "frankly"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """``auto`` is fp32 on CPUs (no fast bf16 on most), bf16 on CUDA with bf16 support, fp16 else."""
+    if name != "auto":
+        table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        if name not in table:
+            raise ModelLoadError(f"unknown dtype {name!r}; choose one of auto, {', '.join(table)}")
+        return table[name]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def resolve_device(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / "converted" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
+    """Dequantize a GGUF file once into a safetensors directory (atomic); return the directory."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise ModelLoadError(f"GGUF file not found: {gguf}")
+    out_dir = Path(out_dir) if out_dir else _gguf_cache_dir(gguf)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to a safetensors directory at %s (one-time, about a minute)", gguf, out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+        except Exception as e:  # transformers raises many types for a bad file
+            raise ModelLoadError(f"could not read GGUF file {gguf}: {e}") from e
+        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = model.config.to_dict()
+        cfg["architectures"] = [type(model).__name__]
+        cfg["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        model.generation_config.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "frankly_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what the user asked for
+    path: str  # the directory actually loaded
+    device: str
+    dtype: torch.dtype
+    gguf: str | None = None  # original GGUF file, if any
+
+
+def locate(spec: str) -> tuple[str, str | None]:
+    """Turn a model spec into (directory or hub id, original gguf path or None)."""
+    if spec == "demo":
+        from server.demo import ensure_demo_gguf
+
+        gguf = ensure_demo_gguf()
+        return str(convert_gguf(gguf)), str(gguf)
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        return str(convert_gguf(p)), str(p)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"model directory {p} has no config.json")
+        return str(p), None
+    if p.exists():
+        raise ModelLoadError(f"{p} is neither a model directory nor a .gguf file (pickle checkpoints are not loaded)")
+    if spec.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path not found: {spec}")
+    return spec, None  # a hub id
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer for inference (eval mode, no grad)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf = locate(spec)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True)
+    except OSError as e:
+        raise ModelLoadError(f"could not load model {spec!r}: {e}") from e
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(model=model, tokenizer=tok, source=spec, path=path, device=dev, dtype=dt, gguf=gguf)
