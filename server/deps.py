@@ -1,0 +1,69 @@
+"""Request dependencies: the app state, API-key and admin-key checks."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from server.errors import AuthError, PermissionDenied
+
+
+@dataclass
+class AppState:
+    """Everything the routes need, stored on ``app.state.frankly`` (no module globals)."""
+
+    engine: object
+    serving: object
+    policy: object
+    settings: object
+    model_settings: object
+    metrics: object
+    directions: dict
+    loaded: object
+    bake_jobs: object | None = None
+    api_keys: list[str] = field(default_factory=list)
+    started: float = 0.0
+
+
+def state(request: Request) -> AppState:
+    return request.app.state.frankly
+
+
+def _bearer(request: Request) -> str | None:
+    h = request.headers.get("authorization", "")
+    if h.lower().startswith("bearer "):
+        return h[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def _match(key: str | None, keys: list[str]) -> bool:
+    return key is not None and any(hmac.compare_digest(key.encode(), k.encode()) for k in keys)
+
+
+async def require_api_key(request: Request) -> None:
+    st = state(request)
+    if not st.api_keys:
+        return
+    key = _bearer(request)
+    admin = st.settings.admin_key
+    if _match(key, st.api_keys) or (admin and _match(key, [admin])):
+        return
+    if key is None:
+        raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
+    raise AuthError("invalid API key")
+
+
+async def require_admin(request: Request) -> None:
+    st = state(request)
+    admin = st.settings.admin_key
+    if not admin:
+        raise PermissionDenied("admin routes are disabled: start the server with --admin-key to enable them", code="admin_disabled")
+    key = _bearer(request)
+    if key is None:
+        raise AuthError("missing admin key: send 'Authorization: Bearer <admin key>'")
+    if not _match(key, [admin]):
+        if _match(key, st.api_keys):
+            raise PermissionDenied("this route needs the admin key; a user API key is not enough")
+        raise AuthError("invalid admin key")

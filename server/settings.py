@@ -1,0 +1,80 @@
+"""Settings: one source order, CLI flags > env ``FRANKLY_*`` > config file (TOML).
+
+Model settings and server settings are separate objects; the CLI builds both
+and passes plain values down (the engine never sees the CLI namespace).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+CONFIG_ENV = "FRANKLY_CONFIG"
+
+
+class _Base(BaseSettings):
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get(CONFIG_ENV)
+        if path and Path(path).is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+class ModelSettings(_Base):
+    model_config = SettingsConfigDict(env_prefix="FRANKLY_", extra="ignore")
+
+    model: str = Field("demo", description="hub id, local model directory, .gguf file, or 'demo'")
+    served_model_name: str | None = Field(None, description="model id clients use (default: 'qwen-demo' for demo, else the directory/file name)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    dtype: str = Field("auto", description="auto (fp32 on CPU, bf16/fp16 on GPUs), float32, bfloat16, float16")
+    directions: list[str] = Field(default_factory=list, description="NAME=PATH direction files (repeatable)")
+    no_default_directions: bool = Field(False, description="do not load the directions shipped for the demo model")
+    allow_fingerprint_mismatch: bool = Field(False, description="load directions whose config hash differs (shape must still match)")
+    max_model_len: int | None = Field(None, ge=16, description="context limit (default: the model's max_position_embeddings, capped at 32768)")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+
+
+class ServerSettings(_Base):
+    model_config = SettingsConfigDict(env_prefix="FRANKLY_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="bind address; loopback unless told otherwise")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    api_keys: list[str] = Field(default_factory=list, description="accepted bearer keys for /v1/* (none: open)")
+    api_key_file: str | None = Field(None, description="file with one API key per line")
+    admin_key: str | None = Field(None, description="key for state-changing routes (/v1/bake); those routes are off when unset")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (closed by default)")
+    bake_dir: str = Field("./baked", description="directory baked models are written under, by name")
+    max_batch_size: int = Field(8, ge=1, le=256, description="rows in the running batch")
+    max_queue: int = Field(64, ge=0, description="waiting requests beyond the batch; over it: 429 with Retry-After")
+    max_body_bytes: int = Field(2_000_000, ge=1024, description="largest accepted request body")
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none")
+    max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    max_n: int = Field(4, ge=1, description="largest n (choices per request)")
+    max_directions_per_request: int = Field(8, ge=1, description="directions one request may steer")
+    max_abs_strength: float = Field(4.0, gt=0, description="|strength| bound per direction")
+    max_stop: int = Field(4, ge=0, description="stop sequences per request")
+    max_stop_len: int = Field(64, ge=1, description="characters per stop sequence")
+    max_logprobs: int = Field(20, ge=0, description="largest top_logprobs")
+    request_timeout_s: float = Field(600.0, gt=0, description="a request running longer ends with an error")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    log_unknown_fields: bool = Field(True, description="log request fields frankly ignores")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split(cls, v):
+        if isinstance(v, str):
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    def all_api_keys(self) -> list[str]:
+        keys = list(self.api_keys)
+        if self.api_key_file:
+            keys += [ln.strip() for ln in Path(self.api_key_file).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        return keys

@@ -1,0 +1,118 @@
+"""Parsing per-request steering: the body field and model-id suffixes.
+
+Model ids: ``<base>``, ``<base>+refusal`` (strength 1), ``<base>+refusal:0.5``,
+``<base>+refusal@auto`` / ``<base>+refusal:0.8@auto`` (conditional), several
+allowed (``qwen-demo+refusal+slop:0.5``). The body field ``steering`` wins
+over suffixes, direction by direction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from server.engine.types import DirectionRequest
+from server.errors import InvalidRequest, ModelNotFound
+
+WHEN = ("always", "auto")
+
+
+class SteeringPolicy:
+    """What the served model allows: its id, its directions, and the limits."""
+
+    def __init__(self, base_id: str, directions: dict, max_abs_strength: float, max_directions: int):
+        self.base_id = base_id
+        self.directions = directions  # name -> DirectionSet
+        self.max_abs_strength = max_abs_strength
+        self.max_directions = max_directions
+
+    # ---- model ids ----------------------------------------------------------
+    def parse_model(self, model: str) -> dict[str, DirectionRequest]:
+        base, *suffixes = model.split("+")
+        if base != self.base_id:
+            raise ModelNotFound(f"model '{model}' does not exist; this server serves '{self.base_id}'", param="model")
+        out: dict[str, DirectionRequest] = {}
+        for suf in suffixes:
+            name, when = suf, "always"
+            if "@" in name:
+                name, when = name.split("@", 1)
+            strength = 1.0
+            if ":" in name:
+                name, raw = name.split(":", 1)
+                try:
+                    strength = float(raw)
+                except ValueError:
+                    raise InvalidRequest(f"bad strength '{raw}' in model id '{model}'", param="model") from None
+            if name not in self.directions:
+                raise ModelNotFound(
+                    f"model '{model}': unknown direction '{name}' (loaded: {', '.join(self.directions) or 'none'})",
+                    param="model",
+                )
+            out[name] = self._check(name, strength, when, param="model")
+        return out
+
+    def preset_ids(self) -> list[str]:
+        ids = [self.base_id]
+        for name, ds in self.directions.items():
+            ids.append(f"{self.base_id}+{name}")
+            if ds.has_condition:
+                ids.append(f"{self.base_id}+{name}@auto")
+        return ids
+
+    # ---- body field -----------------------------------------------------------
+    def parse_body(self, value: Any) -> dict[str, DirectionRequest]:
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise InvalidRequest("'steering' is a string but not a JSON object", param="steering") from None
+        if not isinstance(value, dict):
+            raise InvalidRequest("'steering' must be an object mapping direction names to strengths", param="steering")
+        out = {}
+        for name, spec in value.items():
+            param = f"steering.{name}"
+            if name not in self.directions:
+                raise InvalidRequest(
+                    f"unknown direction '{name}' (loaded: {', '.join(self.directions) or 'none'})",
+                    param=param, code="unknown_direction",
+                )
+            when = "always"
+            if isinstance(spec, dict):
+                extra = set(spec) - {"strength", "when"}
+                if extra:
+                    raise InvalidRequest(f"unknown keys {sorted(extra)} in '{param}'", param=param)
+                when = spec.get("when", "always")
+                spec = spec.get("strength", 1.0)
+            out[name] = self._check(name, spec, when, param=param)
+        return out
+
+    def resolve(self, model: str, body_value: Any) -> dict[str, DirectionRequest]:
+        merged = {**self.parse_model(model), **self.parse_body(body_value)}
+        if len(merged) > self.max_directions:
+            raise InvalidRequest(f"at most {self.max_directions} directions per request", param="steering")
+        return merged
+
+    def _check(self, name: str, strength: Any, when: Any, param: str) -> DirectionRequest:
+        if isinstance(strength, bool) or not isinstance(strength, int | float):
+            raise InvalidRequest(f"strength for '{name}' must be a number", param=param)
+        s = float(strength)
+        if not math.isfinite(s):
+            raise InvalidRequest(f"strength for '{name}' must be finite", param=param)
+        if abs(s) > self.max_abs_strength:
+            raise InvalidRequest(f"strength for '{name}' must be within ±{self.max_abs_strength}", param=param)
+        if when not in WHEN:
+            raise InvalidRequest(f"'when' for '{name}' must be one of {WHEN}", param=param)
+        if when == "auto" and not self.directions[name].has_condition:
+            raise InvalidRequest(f"direction '{name}' has no calibrated condition; use when='always'", param=param)
+        return DirectionRequest(strength=s, when=when)
+
+
+def steering_header(steering: dict[str, DirectionRequest]) -> str:
+    """``X-Steering`` value: ``refusal=1.0,slop=0.5@auto`` (requested strengths), or ``none``."""
+    parts = [f"{n}={d.strength:g}" + ("@auto" if d.when == "auto" else "") for n, d in steering.items() if d.strength != 0]
+    return ",".join(parts) or "none"

@@ -1,0 +1,87 @@
+"""Seeded tiny random causal LMs of several architectures, and random direction sets for them.
+
+Each model builds in milliseconds (hidden 64, 2-3 layers, vocab 128, fp32,
+eval mode). Weights use a larger init range than transformers' default so
+logits are far from uniform and greedy decoding is not a tie-break lottery.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+)
+
+from directions.fileformat import DirectionSet
+
+VOCAB = 128
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+# name -> (config class, extra config kwargs). "llama_bias" puts biases on the
+# writers themselves (o_proj, down_proj); qwen2's biases sit on q/k/v only.
+ARCHS: dict[str, tuple[type, dict]] = {
+    "llama": (LlamaConfig, dict(num_hidden_layers=3)),
+    "llama_bias": (LlamaConfig, dict(num_hidden_layers=2, attention_bias=True, mlp_bias=True)),
+    "llama_tied": (LlamaConfig, dict(num_hidden_layers=2, tie_word_embeddings=True)),
+    "qwen2": (Qwen2Config, dict(num_hidden_layers=3)),
+    "mistral": (MistralConfig, dict(num_hidden_layers=2, sliding_window=None)),
+    "gemma": (GemmaConfig, dict(num_hidden_layers=2, head_dim=16)),
+    "phi3": (Phi3Config, dict(num_hidden_layers=2)),
+    "gemma2": (Gemma2Config, dict(num_hidden_layers=2, head_dim=16)),  # post-norm: writers are normalised
+}
+POST_NORM = {"gemma2"}
+PRE_NORM_ARCHS = [a for a in ARCHS if a not in POST_NORM]
+
+
+def tiny_config(arch: str):
+    cls, extra = ARCHS[arch]
+    return cls(**{**COMMON, **extra})
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A seeded random fp32 model of ``arch`` in eval mode, gradients off."""
+    cfg = tiny_config(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):  # default init zeroes biases, which would not test the bias edit
+                p.normal_(0.0, 0.1)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def random_direction_set(model: torch.nn.Module, name: str = "test", seed: int = 1) -> DirectionSet:
+    """Unit random vector per layer and random non-negative layer weights (one weight forced to 0)."""
+    cfg = model.config
+    n, d = cfg.num_hidden_layers, cfg.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(n, d, generator=g)
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    weights = torch.rand(n, generator=g) * 1.5
+    if n > 2:
+        weights[-1] = 0.0
+    return DirectionSet(name=name, directions=dirs, layer_weights=weights, metadata={"name": name})
+
+
+def tokens(seed: int = 0, batch: int = 1, length: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
