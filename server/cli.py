@@ -26,7 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, (mod, help_) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
-        module = importlib.import_module(mod)
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            sp.set_defaults(_module=None, _missing=mod)
+            continue
         module.add_arguments(sp)
         sp.set_defaults(_module=module)
     return p
@@ -35,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args._module is None:
+        print(f"frankly {args.command}: not available in this build ({args._missing})", file=sys.stderr)
+        return 2
     return int(args._module.run(args) or 0)
 
 

@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from typing import Annotated
+
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 CONFIG_ENV = "FRANKLY_CONFIG"
 
@@ -46,10 +48,10 @@ class ServerSettings(_Base):
 
     host: str = Field("127.0.0.1", description="bind address; loopback unless told otherwise")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
-    api_keys: list[str] = Field(default_factory=list, description="accepted bearer keys for /v1/* (none: open)")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted bearer keys for /v1/* (none: open)")
     api_key_file: str | None = Field(None, description="file with one API key per line")
     admin_key: str | None = Field(None, description="key for state-changing routes (/v1/bake); those routes are off when unset")
-    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (closed by default)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="allowed CORS origins (closed by default)")
     bake_dir: str = Field("./baked", description="directory baked models are written under, by name")
     max_batch_size: int = Field(8, ge=1, le=256, description="rows in the running batch")
     max_queue: int = Field(64, ge=0, description="waiting requests beyond the batch; over it: 429 with Retry-After")
