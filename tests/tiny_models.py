@@ -85,3 +85,26 @@ def random_direction_set(model: torch.nn.Module, name: str = "test", seed: int =
 def tokens(seed: int = 0, batch: int = 1, length: int = 7) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary ("<pad>", "<s>", "</s>", "t3" ... "t127"), with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template=CHAT_TEMPLATE
+    )
+
+
+def save_tiny_dir(model: torch.nn.Module, path) -> str:
+    """Write ``model`` and the tiny tokenizer as a Hugging Face directory; returns the path."""
+    model.save_pretrained(str(path))
+    tiny_tokenizer().save_pretrained(str(path))
+    return str(path)

@@ -1,0 +1,549 @@
+"""Baking: writing the per-request edit into a copy of the weights.
+
+``bake_model`` applies exactly the map the hooks apply (same functions of
+:mod:`directions.edit`, same order: writers in forward order, and for each
+writer the directions in the order of the strengths dict, which is the order
+``SteeringHooks.set_strengths`` iterates), so a baked model and the hooked
+model are the same function for every strength. ``bake_to_dir`` loads a
+fresh copy of the source, bakes it and writes a complete Hugging Face
+directory (and a GGUF when the source was one) atomically under a bake root.
+``BakeJobs`` runs bakes one at a time in a background thread for the server.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import logging
+import math
+import os
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from directions.edit import bake_bias, bake_embedding_weight, bake_linear_weight
+from directions.fileformat import DirectionFileError, DirectionSet
+from directions.writers import find_writers, has_post_norm
+
+Progress = Callable[[float, str], None]
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+EMBED_CHUNK_ROWS = 16384  # rows edited at a time: bounds the temporaries for a 150k-token vocabulary
+BAKE_FILE = "frankly_bake.json"
+
+
+class BakeError(Exception):
+    """A bake could not be done; ``param`` names the request field at fault (None: not the caller's fault)."""
+
+    param: str | None = None
+    code: str = "bake_failed"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        if param is not None:
+            self.param = param
+
+
+class BakeNameError(BakeError):
+    param, code = "name", "invalid_name"
+
+
+class BakeExistsError(BakeError):
+    param, code = "name", "bake_exists"
+
+
+class UnknownDirection(BakeError):
+    param, code = "steering", "unknown_direction"
+
+
+class BakeStrengthError(BakeError):
+    param, code = "steering", "invalid_strength"
+
+
+class BakeSourceError(BakeError):
+    code = "source_unavailable"
+
+
+class BakeStorageError(BakeError):
+    code = "storage_error"
+
+
+class BakeBusyError(BakeError):
+    code = "bake_busy"
+
+
+@dataclass
+class BakeReport:
+    """What ``bake_model`` changed."""
+
+    edited: list[str] = field(default_factory=list)  # state-dict keys of the edited tensors
+    untied: bool = False  # the LM head was tied to the embedding and now keeps the original
+    post_norm: bool = False  # writers are normalised before the residual add (see note)
+    note: str = ""
+
+
+def _check_strengths(directions: dict[str, DirectionSet], strengths: dict[str, float]) -> dict[str, float]:
+    if not strengths:
+        raise BakeStrengthError("no strengths given: nothing to bake")
+    out = {}
+    for name, s in strengths.items():
+        if name not in directions:
+            known = ", ".join(sorted(directions)) or "none"
+            raise UnknownDirection(f"unknown direction {name!r} (loaded: {known})")
+        try:
+            s = float(s)
+        except (TypeError, ValueError):
+            raise BakeStrengthError(f"strength of {name!r} is not a number: {s!r}") from None
+        if not math.isfinite(s):
+            raise BakeStrengthError(f"strength of {name!r} is not finite: {s}")
+        out[name] = s
+    return out
+
+
+def _edit_embedding(emb: nn.Embedding, edits: list[tuple[torch.Tensor, float]]) -> None:
+    # A fresh tensor, so a tied LM head keeps the original; filled by row blocks
+    # (each row is an independent output y) to bound the temporaries.
+    src = emb.weight.detach()
+    new = torch.empty_like(src)
+    for i in range(0, src.shape[0], EMBED_CHUNK_ROWS):
+        block = src[i : i + EMBED_CHUNK_ROWS]
+        for r, c in edits:
+            block = bake_embedding_weight(block, r, c)
+        new[i : i + EMBED_CHUNK_ROWS] = block
+    emb.weight = nn.Parameter(new, requires_grad=False)
+
+
+@torch.no_grad()
+def bake_model(
+    model: nn.Module,
+    directions: dict[str, DirectionSet],
+    strengths: dict[str, float],
+    progress: Progress | None = None,
+) -> BakeReport:
+    """Edit ``model`` in place so that it computes what the hooked model computes at ``strengths``.
+
+    For each writer (forward order) and each direction (order of ``strengths``,
+    zero strengths skipped like the hooks skip them), with ``c = s * w_l``
+    (the embedding uses layer 0): ``W <- W - c r r^T W`` and ``b <- b - c (r.b) r``.
+    A tied LM head is untied first (it keeps the original weight) and
+    ``config.tie_word_embeddings`` is set to False.
+    """
+    strengths = _check_strengths(directions, strengths)
+    for name in strengths:
+        try:
+            directions[name].check_fits(model.config)
+        except DirectionFileError as e:
+            raise UnknownDirection(str(e)) from e
+    active = [(directions[n], s) for n, s in strengths.items() if s != 0.0]
+    writers = find_writers(model)
+    module_names = {id(m): n for n, m in model.named_modules()}
+    report = BakeReport(post_norm=has_post_norm(model))
+    if report.post_norm:
+        report.note = (
+            f"{model.config.model_type} normalises each writer's output before the residual add: "
+            "the bake equals the hooks (both edit the writer output before that norm), but the "
+            "direction is not removed from the residual stream itself"
+        )
+    for k, w in enumerate(writers):
+        edits = [
+            (ds.directions[w.layer], s * float(ds.layer_weights[w.layer]))
+            for ds, s in active
+            if s * float(ds.layer_weights[w.layer]) != 0.0
+        ]
+        if edits:
+            prefix = module_names[id(w.module)]
+            if w.kind == "embed":
+                out = model.get_output_embeddings()
+                if out is not None and out.weight is w.module.weight:
+                    report.untied = True
+                _edit_embedding(w.module, edits)
+                if report.untied:
+                    model.config.tie_word_embeddings = False
+                    text_cfg = model.config.get_text_config()
+                    if text_cfg is not model.config:
+                        text_cfg.tie_word_embeddings = False
+            else:
+                weight = w.module.weight.detach()
+                for r, c in edits:
+                    weight = bake_linear_weight(weight, r, c)
+                w.module.weight.data = weight
+            report.edited.append(f"{prefix}.weight")
+            bias = getattr(w.module, "bias", None)
+            if bias is not None:
+                b = bias.detach()
+                for r, c in edits:
+                    b = bake_bias(b, r, c)
+                bias.data = b
+                report.edited.append(f"{prefix}.bias")
+        if progress is not None:
+            progress((k + 1) / len(writers), f"baked {w.name}")
+    return report
+
+
+# --- writing a baked directory -------------------------------------------------------------------
+
+
+def validate_name(name: str, bake_root: str | Path) -> Path:
+    """The final directory for ``name`` under ``bake_root``; raises :class:`BakeNameError` if it could escape."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", ".."):
+        raise BakeNameError(
+            f"invalid bake name {name!r}: 1-64 characters of letters, digits, '.', '_', '-', starting with a letter or digit"
+        )
+    root = Path(bake_root).resolve()
+    final = (root / name).resolve()
+    if final.parent != root:
+        raise BakeNameError(f"bake name {name!r} resolves outside the bake directory {root}")
+    return final
+
+
+def _source_of(source) -> tuple[str, str | None, str]:
+    """(directory or hub id to load, original GGUF or None, what the user called it)."""
+    if isinstance(source, str | Path):
+        from server.modelio import ModelLoadError, locate
+
+        try:
+            path, gguf = locate(str(source))
+        except ModelLoadError as e:
+            raise BakeSourceError(str(e), param="model") from e
+        return path, gguf, str(source)
+    return source.path, source.gguf, getattr(source, "source", source.path)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _storage_error(e: OSError, where: Path) -> BakeStorageError:
+    if e.errno == errno.ENOSPC:
+        return BakeStorageError(f"no space left on the device of {where} while writing the baked model")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return BakeStorageError(f"no permission to write the baked model under {where}: {e.strerror}")
+    return BakeStorageError(f"could not write the baked model under {where}: {e}")
+
+
+def _state_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _save_hf_dir(model: nn.Module, tokenizer, tmp: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd, seen = {}, {}
+    for k, t in model.state_dict().items():
+        if t.data_ptr() in seen:  # still-tied tensors: transformers re-ties them from the config on load
+            continue
+        seen[t.data_ptr()] = k
+        sd[k] = t.contiguous()
+    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads(model.config.to_json_string(use_diff=False))
+    cfg.pop("quantization_config", None)  # a dequantized GGUF load leaves it behind; the weights are plain now
+    cfg["architectures"] = [type(model).__name__]
+    cfg["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    model.generation_config.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+
+
+def bake_to_dir(
+    source,
+    directions: dict[str, DirectionSet],
+    strengths: dict[str, float],
+    out_dir: str | Path,
+    *,
+    bake_root: str | Path | None = None,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+    write_gguf: bool = True,
+    gguf_dtype: str = "f32",
+) -> Path:
+    """Bake ``strengths`` into a fresh copy of ``source`` and write it to ``bake_root/out_dir`` atomically.
+
+    ``source`` is a ``LoadedModel`` (its directory is reloaded; the served
+    model is never touched) or a model spec for ``server.modelio.locate``.
+    With ``bake_root`` given, ``out_dir`` is a bare name validated against
+    :data:`NAME_RE`; without it, ``out_dir`` is a path and its parent is the
+    root. Everything is written into a temporary directory inside the root
+    and renamed into place at the end; on any error the temporary directory
+    is removed. Returns the final directory.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.monotonic()
+    report_progress = progress or (lambda f, m: None)
+    if bake_root is None:
+        out = Path(out_dir).expanduser().absolute()
+        bake_root, name = out.parent, out.name
+    else:
+        name = str(out_dir)
+    final = validate_name(name, bake_root)
+    root = final.parent
+    strengths = _check_strengths(directions, strengths)
+    path, gguf, label = _source_of(source)
+    for src in filter(None, (path, gguf)):
+        p = Path(src).expanduser()
+        if p.exists() and (_inside(p.resolve(), final) or _inside(final, p.resolve())):
+            raise BakeExistsError(f"refusing to write {final}: it is or contains the source model {p}")
+    if final.exists() and not overwrite:
+        raise BakeExistsError(f"{final} already exists (pass overwrite to replace it)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _storage_error(e, root) from e
+
+    report_progress(0.0, f"loading {label}")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True)
+    except OSError as e:
+        raise BakeSourceError(f"could not load the source model {label!r} from {path}: {e}", param="model") from e
+    model.eval()
+    model.requires_grad_(False)
+
+    def sub(lo: float, hi: float) -> Progress:
+        return lambda f, m: report_progress(lo + (hi - lo) * f, m)
+
+    report = bake_model(model, directions, strengths, progress=sub(0.05, 0.3))
+    write_gguf = bool(write_gguf and gguf)
+    need = _state_bytes(model) + (1 << 24)
+    if write_gguf:
+        from directions.gguf_write import estimate_size
+
+        sd = model.state_dict()
+        need += estimate_size(gguf, sum(sd[k].numel() for k in report.edited), gguf_dtype)
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise BakeStorageError(
+            f"not enough disk space under {root}: the bake needs about {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
+        )
+
+    meta = {
+        "source": {"model": label, "path": str(path), "gguf": gguf},
+        "strengths": strengths,
+        "directions": {n: directions[n].public_metadata() for n in strengths},
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "edited_tensors": len(report.edited),
+        "untied_lm_head": report.untied,
+        "post_norm": report.post_norm,
+        "note": report.note,
+    }
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+        report_progress(0.3, "writing model.safetensors")
+        _save_hf_dir(model, tok, tmp)
+        if write_gguf:
+            from directions.gguf_write import bake_kv, write_baked_gguf
+
+            write_baked_gguf(
+                gguf,
+                tmp / "model.gguf",
+                model.state_dict(),
+                report.edited,
+                dtype=gguf_dtype,
+                extra_kv=bake_kv({k: meta[k] for k in ("source", "strengths", "created")}),
+                progress=sub(0.6, 0.98),
+            )
+            meta["gguf"] = {"file": "model.gguf", "edited_dtype": gguf_dtype}
+        meta["seconds"] = round(time.monotonic() - t0, 2)
+        (tmp / BAKE_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        _move_into_place(tmp, final, overwrite)
+        tmp = None
+    except OSError as e:
+        raise _storage_error(e, root) from e
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report_progress(1.0, f"done: {final}")
+    return final
+
+
+def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    if not overwrite:
+        raise BakeExistsError(f"{final} already exists (pass overwrite to replace it)")
+    # A directory cannot be renamed over a non-empty one: park the old one, swap, then delete it.
+    old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+    os.replace(final, old / final.name)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        os.replace(old / final.name, final)
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- background jobs for the server ----------------------------------------------------------------
+
+
+@dataclass
+class BakeJob:
+    """One bake request and where it stands (a snapshot when returned by :class:`BakeJobs`)."""
+
+    id: str
+    name: str
+    strengths: dict[str, float]
+    state: str = "queued"  # queued | running | done | failed
+    progress: float = 0.0  # 0..1
+    message: str = "queued"
+    output: str | None = None  # final directory once done
+    error: str | None = None
+    error_code: str | None = None  # BakeError.code of the failure
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class BakeJobs:
+    """Bakes for the server, run one at a time by a background thread.
+
+    API (what ``POST /v1/bake`` and a status endpoint call)::
+
+        jobs = BakeJobs(loaded_model, directions, bake_root)  # once, at startup
+        job = jobs.start("qwen-norefusal", {"refusal": 1.0})   # validates now, returns at once
+        jobs.get(job.id)  # -> BakeJob snapshot, or None for an unknown id
+        jobs.list()       # -> snapshots, oldest first (the last ``keep`` jobs)
+
+    ``start`` raises a :class:`BakeError` synchronously for a bad request:
+    :class:`BakeNameError` (param ``name``: not matching :data:`NAME_RE` or
+    escaping the root), :class:`BakeExistsError` (param ``name``: the target
+    exists or a job of that name is pending; ``overwrite=True`` replaces a
+    finished one), :class:`UnknownDirection` / :class:`BakeStrengthError`
+    (param ``steering``), :class:`BakeBusyError` (``max_queued`` jobs
+    waiting). Errors during the bake (disk full, permission, source gone) do
+    not raise: the job ends ``failed`` with ``error`` and ``error_code``.
+    Jobs go ``queued`` -> ``running`` -> ``done`` | ``failed``; ``progress``
+    runs 0..1 with a human ``message``; ``output`` is the directory once
+    done. The bake reloads the model from its directory on the CPU, so the
+    served model is never edited, but it shares the CPU cores (and about one
+    model's size of memory) with inference while it runs.
+    """
+
+    def __init__(
+        self,
+        source,
+        directions: dict[str, DirectionSet],
+        bake_root: str | Path,
+        *,
+        write_gguf: bool = True,
+        gguf_dtype: str = "f32",
+        max_queued: int = 4,
+        keep: int = 50,
+    ):
+        self.source = source
+        self.directions = directions
+        self.bake_root = Path(bake_root)
+        self.write_gguf, self.gguf_dtype = write_gguf, gguf_dtype
+        self.max_queued, self.keep = max_queued, keep
+        self._jobs: dict[str, BakeJob] = {}
+        self._overwrite: dict[str, bool] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self, name: str, strengths: dict[str, float], *, overwrite: bool = False) -> BakeJob:
+        """Validate and queue a bake; returns the queued job's snapshot."""
+        final = validate_name(name, self.bake_root)
+        strengths = _check_strengths(self.directions, strengths)
+        with self._lock:
+            pending = [j for j in self._jobs.values() if j.state in ("queued", "running")]
+            if any(j.name == name for j in pending):
+                raise BakeExistsError(f"a bake named {name!r} is already queued or running")
+            if final.exists() and not overwrite:
+                raise BakeExistsError(f"a bake named {name!r} already exists (pass overwrite to replace it)")
+            if sum(j.state == "queued" for j in pending) >= self.max_queued:
+                raise BakeBusyError(f"{self.max_queued} bakes are already waiting; try again later")
+            job = BakeJob(id=f"bake-{uuid.uuid4().hex[:12]}", name=name, strengths=strengths)
+            self._jobs[job.id] = job
+            self._overwrite[job.id] = overwrite
+            self._prune()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._worker, name="frankly-bake", daemon=True)
+                self._thread.start()
+            self._queue.put(job.id)
+            return BakeJob(**job.to_dict())
+
+    def get(self, job_id: str) -> BakeJob | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return BakeJob(**job.to_dict()) if job else None
+
+    def list(self) -> list[BakeJob]:
+        with self._lock:
+            return [BakeJob(**j.to_dict()) for j in self._jobs.values()]
+
+    def wait(self, job_id: str, timeout: float | None = None) -> BakeJob | None:
+        """Block until the job is done or failed (tests, CLI); returns its snapshot."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job is None or job.state in ("done", "failed"):
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                return job
+            time.sleep(0.05)
+
+    def _prune(self) -> None:
+        finished = [j.id for j in self._jobs.values() if j.state in ("done", "failed")]
+        for jid in finished[: max(0, len(self._jobs) - self.keep)]:
+            self._jobs.pop(jid, None)
+            self._overwrite.pop(jid, None)
+
+    def _update(self, job: BakeJob, **changes) -> None:
+        with self._lock:
+            for k, v in changes.items():
+                setattr(job, k, v)
+
+    def _worker(self) -> None:
+        while True:
+            job = self._jobs.get(self._queue.get())
+            if job is not None:
+                self._run(job)
+
+    def _run(self, job: BakeJob) -> None:
+        self._update(job, state="running", started=time.time(), message="starting")
+        try:
+            out = bake_to_dir(
+                self.source,
+                self.directions,
+                job.strengths,
+                job.name,
+                bake_root=self.bake_root,
+                overwrite=self._overwrite.get(job.id, False),
+                write_gguf=self.write_gguf,
+                gguf_dtype=self.gguf_dtype,
+                progress=lambda f, m: self._update(job, progress=round(min(max(f, 0.0), 1.0), 4), message=m),
+            )
+            self._update(job, state="done", progress=1.0, message="done", output=str(out), finished=time.time())
+        except BakeError as e:
+            self._update(job, state="failed", message="failed", error=str(e), error_code=e.code, finished=time.time())
+        except Exception as e:  # a bake must never take the worker thread down
+            logging.getLogger("frankly.bake").exception("bake %s failed", job.id)
+            self._update(
+                job,
+                state="failed",
+                message="failed",
+                error=f"internal error: {e}",
+                error_code=BakeError.code,
+                finished=time.time(),
+            )
