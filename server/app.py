@@ -80,7 +80,7 @@ def build_app(loaded, directions: dict, settings: ServerSettings, model_settings
     try:
         from directions.bake import BakeJobs
 
-        bake_jobs = BakeJobs(loaded=loaded, directions=directions, bake_root=settings.bake_dir)
+        bake_jobs = BakeJobs(loaded, directions, settings.bake_dir)
     except ImportError:  # bake module not available
         pass
     st = AppState(engine=engine, serving=serving, policy=policy, settings=settings, model_settings=model_settings,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 
 from directions.fileformat import DirectionFileError
 from directions.writers import UnsupportedModelError
 from server.modelio import ModelLoadError, load_model
-from server.settings import ModelSettings, ServerSettings
+from server.settings import CONFIG_ENV, ModelSettings, ServerSettings
 
 log = logging.getLogger("frankly.serve")
 
@@ -49,16 +50,27 @@ SERVER_FLAGS = [
 ]
 
 
+def _meta(flag: str, kw: dict) -> dict:
+    if kw.get("action") == "store_true":
+        return kw
+    return {"metavar": flag.lstrip("-").upper().replace("-", "_"), **kw}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help=f"TOML settings file (also env {CONFIG_ENV}); flags > env > file")
     g = p.add_argument_group("model")
     for flag, dest, kw in MODEL_FLAGS:
-        g.add_argument(flag, dest=f"m_{dest}", **kw)
+        g.add_argument(flag, dest=f"m_{dest}", **_meta(flag, kw))
     g = p.add_argument_group("server")
     for flag, dest, kw in SERVER_FLAGS:
-        g.add_argument(flag, dest=f"s_{dest}", **kw)
+        g.add_argument(flag, dest=f"s_{dest}", **_meta(flag, kw))
 
 
 def settings_from_args(args) -> tuple[ModelSettings, ServerSettings]:
+    if getattr(args, "config", None):
+        if not os.path.isfile(args.config):
+            raise SystemExit(f"frankly: config file not found: {args.config}")
+        os.environ[CONFIG_ENV] = args.config
     m = {k[2:]: v for k, v in vars(args).items() if k.startswith("m_") and v is not None}
     s = {k[2:]: v for k, v in vars(args).items() if k.startswith("s_") and v is not None}
     return ModelSettings(**m), ServerSettings(**s)

@@ -62,8 +62,12 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias"):  # default init zeroes biases, which would not test the bias edit
+            # Default init zeroes biases and makes norms uniform, which would hide a missed bias edit
+            # and make a post-norm a plain rescale (which keeps orthogonality): perturb both.
+            if name.endswith("bias"):
                 p.normal_(0.0, 0.1)
+            elif "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
     model.eval()
     model.requires_grad_(False)
     return model
