@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -99,7 +100,7 @@ class RequestResult:
     @property
     def itls(self) -> list[float]:
         t = self.chunk_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in pairwise(t)]
 
     @property
     def decode_rate(self) -> float | None:
@@ -308,7 +309,7 @@ async def join_latency(base_url: str, model: str | None, *, long_tokens: int = 2
         if r.error:
             return {"error": r.error}
         alone.append(r.ttft)
-    joined, long_gaps, still_running, long_ttfts, errors = [], [], [], [], []
+    joined, long_info, errors = [], [], []
     for _ in range(repeats):
         long_task = asyncio.create_task(single_request(base_url, model, long_prompt, long_tokens, extra))
         await asyncio.sleep(delay)
@@ -318,23 +319,22 @@ async def join_latency(base_url: str, model: str | None, *, long_tokens: int = 2
             errors.append(short.error or long.error)
             continue
         joined.append(short.ttft)
-        long_ttfts.append(long.ttft)
-        still_running.append(bool(long.t_end and short.t_first and long.chunk_times
-                                  and long.chunk_times[-1] > short.t_first))
-        # The long stream's largest gap around the join (the cost it pays for the newcomer's prefill).
-        win = [b - a for a, b in zip(long.chunk_times, long.chunk_times[1:])
-               if short.t_start - 0.5 <= b <= (short.t_first or b) + 1.0]
-        long_gaps.append(max(win) if win else None)
-        steady = [x for x in long.itls]
-        long_gaps[-1] = {"max_gap_near_join_s": _r(long_gaps[-1], 4), "itl_p50_s": _r(pct(steady, 50), 4)}
+        # The long stream's largest gap around the join is what it pays for the newcomer's prefill.
+        near = [b - a for a, b in pairwise(long.chunk_times)
+                if short.t_start <= b <= short.t_first + 1.0]
+        long_info.append({
+            "ttft_s": _r(long.ttft),
+            "tokens": long.tokens,
+            "still_running_at_short_first_token": bool(long.chunk_times and long.chunk_times[-1] > short.t_first),
+            "itl_p50_s": _r(pct(long.itls, 50), 4),
+            "max_gap_near_join_s": _r(max(near) if near else None, 4),
+        })
     out = {
         "short_ttft_alone_s": _r(statistics.median(alone)),
         "short_ttft_alone_all_s": [_r(x) for x in alone],
         "short_ttft_joined_s": _r(statistics.median(joined)) if joined else None,
         "short_ttft_joined_all_s": [_r(x) for x in joined],
-        "long_still_running_at_join": still_running,
-        "long_stream": long_gaps,
-        "long_ttft_s": [_r(x) for x in long_ttfts],
+        "long_stream": long_info,
         "long_tokens": long_tokens,
         "delay_s": delay,
         "errors": errors,
@@ -435,10 +435,10 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         t0 = time.perf_counter()
         # A new session, so stop() can signal the whole process group and nothing else.
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
                                      start_new_session=True)
         deadline = time.time() + self.ready_timeout
         while time.time() < deadline:
@@ -464,6 +464,7 @@ class ServerProcess:
         if self.rss:
             self.rss.stop()
         if self.proc is None or self.proc.poll() is not None:
+            self._close_log()
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -473,6 +474,12 @@ class ServerProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> ServerProcess:
         return self.start()
