@@ -231,6 +231,7 @@ def summarize(results: list[RequestResult], wall: float, **meta) -> dict:
         "tokens_source": "+".join(sorted(sources)) or "none",
         "tokens_per_request_mean": _r(tokens / len(results), 1) if results else None,
         "content_chunks": sum(r.content_chunks for r in results),
+        "prompt_tokens_mean": _r(statistics.mean(pt), 1) if (pt := [r.prompt_tokens for r in ok if r.prompt_tokens]) else None,
         "finish_reasons": finish,
         "wall_s": _r(wall),
         "agg_tok_s": _r(tokens / wall if wall > 0 else None, 2),
@@ -297,7 +298,7 @@ async def single_request(base_url: str, model: str | None, prompt: str, max_toke
 async def join_latency(base_url: str, model: str | None, *, long_tokens: int = 256, delay: float = 2.0,
                        short_tokens: int = 8, repeats: int = 1, extra: dict | None = None,
                        short_prompt: str = "Say hello.", long_prompt: str = PROMPTS[0]) -> dict:
-    """TTFT of a short request alone vs. arriving ``delay`` s into a long generation.
+    """TTFT of a short request alone vs. arriving ``delay`` s after a long generation's first token.
 
     With continuous batching the joined TTFT should be about the short request's
     own prefill plus one decode step of the running batch; a server that runs
@@ -311,10 +312,17 @@ async def join_latency(base_url: str, model: str | None, *, long_tokens: int = 2
         alone.append(r.ttft)
     joined, long_info, errors = [], [], []
     for _ in range(repeats):
-        long_task = asyncio.create_task(single_request(base_url, model, long_prompt, long_tokens, extra))
-        await asyncio.sleep(delay)
-        short = await single_request(base_url, model, short_prompt, short_tokens, extra)
-        long = await long_task
+        async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30)) as client:
+            long = RequestResult(index=0, client=0, body_index=0, prompt_index=-1, t_start=0.0)
+            body = chat_body(model, long_prompt, long_tokens, True, extra)
+            long_task = asyncio.create_task(stream_request(client, base_url, body, long))
+            # Join a running decode, not a queued or prefilling request: wait for the long
+            # request's first token, then ``delay`` seconds more.
+            while long.t_first is None and not long_task.done():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(delay)
+            short = await single_request(base_url, model, short_prompt, short_tokens, extra)
+            await long_task
         if short.error or long.error:
             errors.append(short.error or long.error)
             continue
@@ -411,6 +419,55 @@ class RssSampler:
             self._thread.join(5)
 
 
+class CpuNoise:
+    """How busy the rest of the machine was during a run, so numbers from a shared machine can be read.
+
+    ``other_cores``: CPU time used by processes other than ``pids`` (and their children) and this one,
+    per second of wall time; ``steal_cores``: hypervisor steal time per second. Both 0 on a quiet machine.
+    """
+
+    def __init__(self, pids: list[int] | None = None):
+        import psutil
+
+        self._psutil = psutil
+        self._procs = [psutil.Process(p) for p in (pids or [])] + [psutil.Process()]
+
+    def _ours(self) -> float:
+        total = 0.0
+        seen = set()
+        for p in self._procs:
+            try:
+                for q in [p, *p.children(recursive=True)]:
+                    if q.pid in seen:
+                        continue
+                    seen.add(q.pid)
+                    t = q.cpu_times()
+                    total += t.user + t.system
+            except self._psutil.Error:
+                pass
+        return total
+
+    def _system(self) -> tuple[float, float]:
+        t = self._psutil.cpu_times()
+        busy = sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "steal", 0.0) - getattr(t, "guest", 0.0) \
+            - getattr(t, "guest_nice", 0.0)
+        return busy, getattr(t, "steal", 0.0)
+
+    def start(self) -> CpuNoise:
+        self._t0 = time.perf_counter()
+        self._sys0, self._steal0 = self._system()
+        self._ours0 = self._ours()
+        return self
+
+    def stop(self) -> dict:
+        wall = time.perf_counter() - self._t0
+        busy, steal = self._system()
+        ours = self._ours() - self._ours0
+        other = max(0.0, busy - self._sys0 - ours)
+        return {"other_cores": round(other / wall, 2), "steal_cores": round((steal - self._steal0) / wall, 2),
+                "ours_cores": round(ours / wall, 2), "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
 class ServerProcess:
     """A server started for the benchmark: ``cmd`` may contain ``{port}``; ready when ``/v1/models`` answers 200."""
 
@@ -493,7 +550,7 @@ COLUMNS = [
     ("label", "run"), ("streams", "streams"), ("requests", "reqs"), ("errors", "err"), ("tokens", "gen tokens"),
     ("wall_s", "wall s"), ("agg_tok_s", "agg tok/s"), ("per_stream_tok_s", "per-stream tok/s"),
     ("ttft_p50_s", "TTFT p50 s"), ("ttft_p95_s", "TTFT p95 s"), ("itl_p50_s", "ITL p50 s"), ("itl_p95_s", "ITL p95 s"),
-    ("peak_rss_mib", "peak RSS MiB"),
+    ("peak_rss_mib", "peak RSS MiB"), ("other_cores", "other CPU"),
 ]
 
 
@@ -535,7 +592,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900, help="per-request timeout in seconds")
     p.add_argument("--label", default="", help="label for the table rows")
     p.add_argument("--json-out", help="write all run summaries here")
-    p.add_argument("--log-dir", default="bench-logs", help="server logs for --serve (default ./bench-logs)")
+    p.add_argument("--log-dir", default="bench-results/logs", help="server logs for --serve (default bench-results/logs)")
     return p.parse_args(argv)
 
 
@@ -550,14 +607,25 @@ async def bench_target(url: str, label: str, args, server: ServerProcess | None 
     for n in [int(x) for x in str(args.streams).split(",") if x]:
         if server and server.rss:
             server.rss.reset()
+        noise = _noise([server.proc.pid] if server and server.proc else [])
         requests = args.requests if args.requests else (None if args.duration else n * args.requests_per_stream)
         s = await run_load(url, model, n, args.max_tokens, requests=requests, duration=args.duration, bodies=bodies,
                            include_usage=not args.no_usage, timeout=args.timeout, label=label)
         if server and server.rss:
             s["peak_rss_mib"] = round(server.rss.peak / 2**20, 1)
+        if noise:
+            s.update(noise.stop())
         print(table_row(s), flush=True)
         out.append(s)
     return out
+
+
+def _noise(pids: list[int]) -> CpuNoise | None:
+    """A started CpuNoise when psutil is installed, else None."""
+    try:
+        return CpuNoise(pids).start()
+    except ImportError:
+        return None
 
 
 def main(argv=None) -> int:

@@ -34,6 +34,7 @@ from torch import nn
 
 from directions.edit import bake_bias, bake_embedding_weight, bake_linear_weight
 from directions.fileformat import DirectionFileError, DirectionSet
+from directions.gguf_write import GGUFWriteError, bake_kv, estimate_size, write_baked_gguf
 from directions.writers import find_writers, has_post_norm
 
 Progress = Callable[[float, str], None]
@@ -80,6 +81,10 @@ class BakeStorageError(BakeError):
 
 class BakeBusyError(BakeError):
     code = "bake_busy"
+
+
+class BakeGGUFError(BakeError):
+    code = "gguf_unsupported"
 
 
 @dataclass
@@ -240,16 +245,56 @@ def _state_bytes(model: nn.Module) -> int:
     return total
 
 
-def _save_hf_dir(model: nn.Module, tokenizer, tmp: Path) -> None:
-    from safetensors.torch import save_file
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
-    sd, seen = {}, {}
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], progress: Progress | None = None
+) -> None:
+    """Stream ``tensors`` into a safetensors file, one tensor's bytes at a time.
+
+    Same format as ``safetensors.torch.save_file``, which took 6-9 s for the
+    demo model's 2.5 GB here against about 2-3 s for these plain sequential
+    writes from the (mmapped) tensors.
+    """
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        done = 0
+        for name, t in tensors.items():
+            if t.numel():
+                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                done += t.numel() * t.element_size()
+            if progress is not None:
+                progress(done / max(offset, 1), f"writing {name}")
+
+
+def _save_hf_dir(model: nn.Module, tokenizer, tmp: Path, progress: Progress | None = None) -> None:
+    sd, seen = {}, set()
     for k, t in model.state_dict().items():
-        if t.data_ptr() in seen:  # still-tied tensors: transformers re-ties them from the config on load
+        if t.numel() and t.data_ptr() in seen:  # still-tied tensors: transformers re-ties them on load
             continue
-        seen[t.data_ptr()] = k
-        sd[k] = t.contiguous()
-    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        seen.add(t.data_ptr())
+        sd[k] = t
+    write_safetensors(sd, tmp / "model.safetensors", {"format": "pt"}, progress)
     cfg = json.loads(model.config.to_json_string(use_diff=False))
     cfg.pop("quantization_config", None)  # a dequantized GGUF load leaves it behind; the weights are plain now
     cfg["architectures"] = [type(model).__name__]
@@ -321,8 +366,6 @@ def bake_to_dir(
     write_gguf = bool(write_gguf and gguf)
     need = _state_bytes(model) + (1 << 24)
     if write_gguf:
-        from directions.gguf_write import estimate_size
-
         sd = model.state_dict()
         need += estimate_size(gguf, sum(sd[k].numel() for k in report.edited), gguf_dtype)
     free = shutil.disk_usage(root).free
@@ -344,11 +387,8 @@ def bake_to_dir(
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-        report_progress(0.3, "writing model.safetensors")
-        _save_hf_dir(model, tok, tmp)
+        _save_hf_dir(model, tok, tmp, sub(0.3, 0.6 if write_gguf else 0.98))
         if write_gguf:
-            from directions.gguf_write import bake_kv, write_baked_gguf
-
             write_baked_gguf(
                 gguf,
                 tmp / "model.gguf",
@@ -365,6 +405,8 @@ def bake_to_dir(
         tmp = None
     except OSError as e:
         raise _storage_error(e, root) from e
+    except GGUFWriteError as e:
+        raise BakeGGUFError(f"{e} (bake without GGUF output to get the safetensors copy)") from e
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

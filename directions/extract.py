@@ -25,6 +25,7 @@ import torch
 from directions import metrics
 from directions.edit import normalize
 from directions.fileformat import DirectionSet
+from directions.writers import num_layers
 from server.prompting import user_prompt_ids
 
 
@@ -83,10 +84,11 @@ class Means:
 
 
 def extract_means(model, tokenizer, pos_prompts: Sequence[Sequence[int]], neg_prompts: Sequence[Sequence[int]],
-                  batch_size: int = 8, desc: str = "activations") -> Means:
+                  batch_size: int = 8, desc: str = "activations") -> tuple[Means, torch.Tensor, torch.Tensor]:
+    """Means of both sets plus the per-prompt states they came from (for detection checks)."""
     pos = collect_states(model, tokenizer, pos_prompts, batch_size, desc=f"{desc} (A)")
     neg = collect_states(model, tokenizer, neg_prompts, batch_size, desc=f"{desc} (B)")
-    return Means.from_states(pos, neg)
+    return Means.from_states(pos, neg), pos, neg
 
 
 # ---- candidates --------------------------------------------------------------
@@ -178,7 +180,7 @@ def threshold_at_fpr(neg_scores: Sequence[float], fpr: float) -> float:
     flip a negative prompt that sits exactly on it.
     """
     s = sorted((float(x) for x in neg_scores), reverse=True)
-    k = int(math.floor(fpr * len(s) + 1e-9))
+    k = math.floor(fpr * len(s) + 1e-9)
     if k >= len(s):
         return s[-1] - 1.0
     if k == 0:
@@ -222,3 +224,165 @@ def calibrate_detection(vector: torch.Tensor, pos_states: torch.Tensor, neg_stat
         record["train_fire_pos"] = round(float(((check[0][:, L] @ v) > thr).float().mean()), 4)
         record["train_fire_neg"] = round(float(((check[1][:, L] @ v) > thr).float().mean()), 4)
     return Detection(vector=v, layer=L, threshold=thr, record=record)
+
+
+# ---- selection on the validation split ------------------------------------------------
+
+@dataclass
+class ExtractData:
+    """The prompt sets of one extraction. ``*_systems`` pair prompt k with system k mod len."""
+
+    pos_train: list[str]
+    neg_train: list[str]
+    pos_val: list[str]
+    neg_val: list[str]
+    pos_systems: list[str] | None = None
+    neg_systems: list[str] | None = None
+    kl_prompts: list[str] | None = None  # harmless prompts for first-token KL (default: neg_val)
+    capability: list[dict] | None = None
+    files: dict[str, str] | None = None  # role -> path, hashed into the metadata
+
+
+@dataclass
+class SelectConfig:
+    objective: str = "refusal"  # "refusal": lowest refusal rate; "slop": lowest slop score
+    layers: list[int] | None = None  # candidate layers (default: middle 20%..80% of depth)
+    variants: tuple[str, ...] = ("orth", "kernel", "perlayer")  # tried around the best single layer
+    sigmas: tuple[float, ...] = (2.0, 4.0)
+    kl_budget: float = 0.1
+    proxy_n: int = 32
+    proxy_tokens: int = 24
+    confirm_top: int = 2
+    confirm_n: int | None = None  # None = the whole validation split
+    confirm_tokens: int = 100
+    capability_tokens: int = 48
+    capability_tolerance: float = 0.02  # slop: accuracy may not fall more than this below the baseline
+    detect: bool = True
+    detect_fpr: float = 0.05
+    batch_size: int = 16
+
+
+def _objective_value(objective: str, res: list, capability: list[dict] | None = None) -> float:
+    from directions.refusal import refusal_rate
+    from directions.slop import corpus_slop_score
+
+    texts = [r.text for r in res]
+    return refusal_rate(texts) if objective == "refusal" else corpus_slop_score(texts)
+
+
+def _measure(bench, cfg: SelectConfig, sets: dict[str, DirectionSet], gen_prompts, kl_prompts, n_tokens: int,
+             cap_prompts=None, capability=None, desc="proxy") -> dict[str, dict]:
+    """Objective value (and capability) for every candidate plus the unedited baseline ("base")."""
+    from directions.evaluate import DirectionRequest, Job, capability_correct
+
+    bench.set_directions(sets)
+    jobs = [Job(("base", "obj"), gen_prompts, n_tokens)]
+    jobs += [Job((lbl, "obj"), gen_prompts, n_tokens, {lbl: DirectionRequest(1.0)}) for lbl in sets]
+    if cap_prompts:
+        jobs.append(Job(("base", "cap"), cap_prompts, cfg.capability_tokens))
+        jobs += [Job((lbl, "cap"), cap_prompts, cfg.capability_tokens, {lbl: DirectionRequest(1.0)}) for lbl in sets]
+    out = bench.generate(jobs, desc=f"{desc} generations")
+    figs: dict[str, dict] = {}
+    for lbl in ["base", *sets]:
+        f = {cfg.objective: round(_objective_value(cfg.objective, out[(lbl, "obj")]), 4)}
+        if lbl == "base":
+            f["first_token_kl"] = 0.0
+        else:
+            f["first_token_kl"] = round(bench.first_token_kl(kl_prompts, {lbl: [1.0] * len(kl_prompts)})[0], 5)
+        if cap_prompts:
+            ok = [capability_correct(r.text, q["accept"]) for r, q in zip(out[(lbl, "cap")], capability, strict=True)]
+            f["capability"] = round(sum(ok) / len(ok), 4)
+        f["n"], f["tokens"] = len(gen_prompts), n_tokens
+        figs[lbl] = f
+    return figs
+
+
+def _rank(figs: dict[str, dict], cfg: SelectConfig, base_cap: float | None = None) -> list[str]:
+    """Candidates within the KL budget (and capability tolerance), best objective first, then lowest KL."""
+    ok = [k for k, f in figs.items() if k != "base" and f["first_token_kl"] <= cfg.kl_budget
+          and (base_cap is None or "capability" not in f or f["capability"] >= base_cap - cfg.capability_tolerance)]
+    return sorted(ok, key=lambda k: (figs[k][cfg.objective], figs[k]["first_token_kl"]))
+
+
+def select_and_build(model, tokenizer, data: ExtractData, name: str, cfg: SelectConfig,
+                     candidates: list[Candidate] | None = None) -> DirectionSet:
+    """Extract means on train, choose a candidate on validation, calibrate detection; return the set.
+
+    With ``candidates`` given as a single entry, selection is skipped (used by tests and ``--no-select``).
+    """
+    from directions.evaluate import Bench
+
+    n_layers = num_layers(model)
+    layers = cfg.layers or default_layers(n_layers)
+    ids = lambda texts, systems=None: build_prompts(tokenizer, texts, systems)  # noqa: E731
+    pos_tr, neg_tr = ids(data.pos_train, data.pos_systems), ids(data.neg_train, data.neg_systems)
+    pos_va, neg_va = ids(data.pos_val, data.pos_systems), ids(data.neg_val, data.neg_systems)
+    means, tr_pos_states, tr_neg_states = extract_means(model, tokenizer, pos_tr, neg_tr, cfg.batch_size,
+                                                        desc="train activations")
+    val_pos_states = collect_states(model, tokenizer, pos_va, cfg.batch_size, desc="val activations (A)")
+    val_neg_states = collect_states(model, tokenizer, neg_va, cfg.batch_size, desc="val activations (B)")
+    record: dict = {"objective": cfg.objective, "kl_budget": cfg.kl_budget, "candidate_layers": layers,
+                    "n_train": [means.n_pos, means.n_neg], "n_val": [len(pos_va), len(neg_va)],
+                    "layer_stats": means.layer_stats()}
+
+    if candidates and len(candidates) == 1:
+        chosen = candidates[0]
+        record["stages"] = "none (candidate given)"
+    else:
+        bench = Bench(model, tokenizer, batch_size=cfg.batch_size)
+        # Selection generates from the positive val prompts as users send them: for slop that is
+        # without the slop-inducing system prompt.
+        gen_all = build_prompts(tokenizer, data.pos_val, data.pos_systems if cfg.objective == "refusal" else None)
+        kl_all = build_prompts(tokenizer, data.kl_prompts) if data.kl_prompts else neg_va
+        gen_p, kl_p = gen_all[: cfg.proxy_n], kl_all[: cfg.proxy_n]
+        cap_p = build_prompts(tokenizer, [q["question"] for q in data.capability]) if data.capability else None
+        sets = lambda cs: {c.label: candidate_set(means, c, c.label) for c in cs}  # noqa: E731
+        cands = candidates or [Candidate("single", L) for L in layers]
+        stage1 = _measure(bench, cfg, sets(cands), gen_p, kl_p, cfg.proxy_tokens, desc="stage 1 (layers)")
+        ranked = _rank(stage1, cfg) or sorted((k for k in stage1 if k != "base"), key=lambda k: stage1[k]["first_token_kl"])
+        best = next(c for c in cands if c.label == ranked[0])
+        record["stage1_proxy"] = stage1
+        extra = []
+        if not candidates:
+            for v in cfg.variants:
+                if v == "orth":
+                    extra.append(Candidate("orth", best.layer))
+                elif v == "kernel":
+                    extra += [Candidate("kernel", best.layer, s) for s in cfg.sigmas]
+                elif v == "perlayer":
+                    extra.append(Candidate("perlayer", best.layer))
+        stage2 = _measure(bench, cfg, sets(extra), gen_p, kl_p, cfg.proxy_tokens, desc="stage 2 (variants)") if extra else {}
+        record["stage2_proxy"] = stage2
+        proxy = {**stage1, **{k: v for k, v in stage2.items() if k != "base"}}
+        top = (_rank(proxy, cfg) or ranked)[: cfg.confirm_top]
+        by_label = {c.label: c for c in [*cands, *extra]}
+        n = cfg.confirm_n or len(gen_all)
+        confirm = _measure(bench, cfg, sets([by_label[k] for k in top]), gen_all[:n], kl_all, cfg.confirm_tokens,
+                           cap_p, data.capability, desc="confirm")
+        record["confirm"] = confirm
+        base_cap = confirm["base"].get("capability") if cfg.objective == "slop" else None
+        final = _rank(confirm, cfg, base_cap)
+        if not final:
+            record["warning"] = "no confirmed candidate met the KL budget/capability tolerance; lowest KL taken"
+            final = sorted(top, key=lambda k: confirm[k]["first_token_kl"])
+        chosen = by_label[final[0]]
+        bench.close()
+    record["chosen"] = chosen.label
+    dirs, weights = candidate_tensors(means, chosen)
+    ds = DirectionSet(name=name, directions=dirs, layer_weights=weights)
+    if cfg.detect:
+        det = calibrate_detection(means.diff[chosen.layer].float(), val_pos_states, val_neg_states, layers,
+                                  cfg.detect_fpr, prefer=chosen.layer,
+                                  check=(tr_pos_states, tr_neg_states))
+        ds.detect_vector, ds.detect_layer, ds.detect_threshold = det.vector, det.layer, det.threshold
+        record["detection"] = det.record
+    ds.metadata = {
+        "objective": cfg.objective,
+        "method": f"mean-diff {chosen.kind}" + (f" sigma={chosen.sigma:g}" if chosen.kind == "kernel" else ""),
+        "candidate": chosen.label,
+        "chosen_layer": str(chosen.layer),
+        "prompt_hashes": {role: {"file": Path(p).name, "sha256": file_sha256(p)} for role, p in (data.files or {}).items()},
+        "selection": record,
+        "eval": record.get("confirm", {}).get(chosen.label, {}),
+    }
+    return ds

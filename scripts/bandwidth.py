@@ -35,6 +35,21 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
+def _numpy_copy(np, n: int, repeats: int) -> float:
+    a = np.ones(n, dtype=np.float32)
+    b = np.empty_like(a)
+    t = _best(lambda: np.copyto(b, a), repeats)
+    return round(2 * a.nbytes / t / 1e9, 2)
+
+
+def _torch_copy_read(torch, n: int, repeats: int) -> dict:
+    x = torch.ones(n, dtype=torch.float32)
+    y = torch.empty_like(x)
+    t_copy = _best(lambda: y.copy_(x), repeats)
+    t_read = _best(lambda: x.sum(), repeats)
+    return {"torch_copy_gbs": round(2 * x.nbytes / t_copy / 1e9, 2), "torch_read_gbs": round(x.nbytes / t_read / 1e9, 2)}
+
+
 def measure(mib: int = 512, repeats: int = 5, threads: int | None = None) -> dict:
     """Return bandwidths in GB/s (1e9 bytes/s) for the kernels listed in the module docstring."""
     import numpy as np
@@ -45,20 +60,8 @@ def measure(mib: int = 512, repeats: int = 5, threads: int | None = None) -> dic
     n = mib * 2**20 // 4
     out: dict = {"buffer_mib": mib, "repeats": repeats, "torch_threads": torch.get_num_threads()}
 
-    a = np.ones(n, dtype=np.float32)
-    b = np.empty_like(a)
-    t = _best(lambda: np.copyto(b, a), repeats)
-    out["numpy_copy_gbs"] = round(2 * a.nbytes / t / 1e9, 2)
-    del a, b
-
-    x = torch.ones(n, dtype=torch.float32)
-    y = torch.empty_like(x)
-    t = _best(lambda: y.copy_(x), repeats)
-    out["torch_copy_gbs"] = round(2 * x.nbytes / t / 1e9, 2)
-    del y
-    t = _best(lambda: x.sum(), repeats)
-    out["torch_read_gbs"] = round(x.nbytes / t / 1e9, 2)
-    del x
+    out["numpy_copy_gbs"] = _numpy_copy(np, n, repeats)
+    out.update(_torch_copy_read(torch, n, repeats))
 
     cols = 4096
     m = torch.randn(n // cols, cols, dtype=torch.float32)

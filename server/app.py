@@ -13,7 +13,7 @@ from server import __version__
 from server.api import admin_routes, models_routes, openai_routes, system_routes
 from server.deps import AppState
 from server.engine import Engine, EngineConfig
-from server.errors import PayloadTooLarge, error_response, install_error_handlers
+from server.errors import ERROR_SCHEMA, ERROR_STATUSES, PayloadTooLarge, error_response, install_error_handlers
 from server.metrics import Metrics
 from server.serving import OpenAIServing
 from server.settings import ModelSettings, ServerSettings
@@ -23,7 +23,11 @@ log = logging.getLogger("frankly.app")
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over ``limit`` bytes with 413 (checks the header and the stream)."""
+    """ASGI middleware: refuse bodies over ``limit`` bytes with 413 (checks the header and the stream).
+
+    The body is read here, up to the limit, and replayed to the app: raising from inside
+    ``receive`` would be caught by FastAPI's body parsing and turned into a generic 400.
+    """
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -35,25 +39,53 @@ class BodyLimit:
         for k, v in scope.get("headers", []):
             if k == b"content-length" and v.isdigit() and int(v) > self.limit:
                 return await error_response(err)(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return msg
+            if msg["type"] != "http.request":  # client went away before sending its body
+                return None
+            body = msg.get("body", b"")
+            seen += len(body)
+            if seen > self.limit:
+                return await error_response(err)(scope, receive, send)
+            chunks.append(body)
+            if not msg.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        try:
-            return await self.app(scope, limited, send)
-        except _TooLarge:
-            return await error_response(err)(scope, receive, send)
+        async def replay():
+            # the buffered body once, then the real channel (disconnect detection needs it)
+            return pending.pop() if pending else await receive()
+
+        return await self.app(scope, replay, send)
 
 
-class _TooLarge(Exception):
-    pass
+STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+def document_responses(schema: dict) -> dict:
+    """Make /openapi.json say what the server answers: FastAPI documents a 422 that never
+    happens (validation errors are 400s in the OpenAI envelope), no error statuses, and
+    JSON for the streaming and Prometheus routes."""
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ErrorResponse"] = ERROR_SCHEMA
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, ops in schema.get("paths", {}).items():
+        for op in ops.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            if path.startswith("/v1/"):
+                for status, desc in ERROR_STATUSES.items():
+                    responses.setdefault(status, {"description": desc, "content": ref})
+            if path in STREAMING_PATHS and "200" in responses:
+                responses["200"].setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+            if path == "/metrics":
+                responses["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+            if path == "/health":
+                responses.setdefault("503", {"description": "the engine is not running", "content": {"application/json": {}}})
+    return schema
 
 
 def max_model_len_for(model, requested: int | None) -> int:
@@ -99,6 +131,14 @@ def build_app(loaded, directions: dict, settings: ServerSettings, model_settings
     app = FastAPI(title="frankly", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible server with per-request direction ablation.")
     app.state.frankly = st
+    _plain_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_responses(_plain_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi
     install_error_handlers(app)
     for r in (openai_routes.router, models_routes.router, admin_routes.router, system_routes.router):
         app.include_router(r)

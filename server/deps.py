@@ -1,4 +1,10 @@
-"""Request dependencies: the app state, API-key and admin-key checks."""
+"""Request dependencies: the app state, API-key and admin-key checks.
+
+Auth policy: with API keys configured, every /v1/* route needs ``Authorization: Bearer <key>``
+(or ``X-API-Key``); the admin key also works there. /v1/bake needs the admin key and is off
+(403 ``admin_disabled``) without one. /health, /metrics, / and the OpenAPI pages stay open, so
+probes and scrapers work without a key: put the server behind a proxy if those must be private.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ def state(request: Request) -> AppState:
     return request.app.state.frankly
 
 
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}  # RFC 7235: a 401 names the scheme it wants
+
+
 def _bearer(request: Request) -> str | None:
     h = request.headers.get("authorization", "")
     if h.lower().startswith("bearer "):
@@ -51,8 +60,8 @@ async def require_api_key(request: Request) -> None:
     if _match(key, st.api_keys) or (admin and _match(key, [admin])):
         return
     if key is None:
-        raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-    raise AuthError("invalid API key")
+        raise AuthError("missing API key: send 'Authorization: Bearer <key>'", headers=_CHALLENGE)
+    raise AuthError("invalid API key", headers=_CHALLENGE)
 
 
 async def require_admin(request: Request) -> None:
@@ -62,8 +71,8 @@ async def require_admin(request: Request) -> None:
         raise PermissionDenied("admin routes are disabled: start the server with --admin-key to enable them", code="admin_disabled")
     key = _bearer(request)
     if key is None:
-        raise AuthError("missing admin key: send 'Authorization: Bearer <admin key>'")
+        raise AuthError("missing admin key: send 'Authorization: Bearer <admin key>'", headers=_CHALLENGE)
     if not _match(key, [admin]):
         if _match(key, st.api_keys):
             raise PermissionDenied("this route needs the admin key; a user API key is not enough")
-        raise AuthError("invalid admin key")
+        raise AuthError("invalid admin key", headers=_CHALLENGE)

@@ -72,6 +72,37 @@ class Unavailable(APIError):
     code = "unavailable"
 
 
+# The envelope as JSON Schema, and the statuses the /v1 routes answer with it (for /openapi.json).
+ERROR_SCHEMA = {
+    "title": "ErrorResponse",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+        }
+    },
+}
+ERROR_STATUSES = {
+    "400": "invalid request; error.param names the offending parameter",
+    "401": "missing or invalid API key",
+    "403": "the key may not use this route, or admin routes are disabled",
+    "404": "unknown model, direction or resource",
+    "408": "the request ran past the server's request timeout",
+    "413": "request body too large",
+    "429": "the waiting queue is full; retry after Retry-After seconds",
+    "500": "internal error",
+    "503": "the server is shutting down or its engine is unavailable",
+}
+
+
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -102,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
         param = _loc_to_param(first.get("loc", ()))
         msg = first.get("msg", "invalid request")
         if first.get("type") == "missing":
-            msg = f"missing required parameter '{param}'"
+            msg = f"missing required parameter '{param}'" if param else "request body is required (a JSON object)"
         elif param:
             msg = f"invalid value for '{param}': {msg}"
         return error_response(InvalidRequest(msg, param=param, code="invalid_value"))
@@ -112,7 +143,9 @@ def install_error_handlers(app: FastAPI) -> None:
         err = APIError(str(exc.detail))
         err.status = exc.status_code
         err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        err.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        # FastAPI raises a bare 400 when the body cannot be decoded at all (e.g. not UTF-8)
+        err.code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        err.headers = dict(exc.headers or {})  # keeps 405's Allow header
         return error_response(err)
 
     @app.exception_handler(json.JSONDecodeError)

@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import sys
 
 from directions.fileformat import DirectionFileError
@@ -102,6 +103,39 @@ def run(args) -> int:
     if not _is_loopback(ss.host) and not ss.all_api_keys():
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(set --api-key or FRANKLY_API_KEYS)", ss.host)
-    uvicorn.run(app, host=ss.host, port=ss.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=int(ss.shutdown_grace_s) or None)
+    config = uvicorn.Config(app, host=ss.host, port=ss.port, log_level=args.log_level.lower(),
+                            timeout_graceful_shutdown=int(ss.shutdown_grace_s) + 5)
+    _draining_server(config, app.state.frankly.engine, ss.shutdown_grace_s).run()
     return 0
+
+
+def _draining_server(config, engine, grace_s: float):
+    """uvicorn's server, draining the engine on SIGTERM before connections are closed.
+
+    uvicorn waits for open connections and only then runs the lifespan shutdown, so a stream
+    outlasting the grace period would be cut without an ending. Here the engine stops accepting
+    first (new requests get 503), in-flight requests get ``grace_s`` to finish, and the rest end
+    with an error event, so every stream still closes with an error chunk and ``[DONE]``.
+    """
+    import asyncio
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            for srv in self.servers:  # stop accepting connections before draining
+                srv.close()
+            log.info("draining: in-flight requests get up to %.0fs", grace_s)
+            await asyncio.to_thread(engine.shutdown, grace_s)
+            await super().shutdown(sockets)
+
+        def run(self, sockets=None):
+            # uvicorn re-raises the signal it caught once it has shut down; after a graceful
+            # stop on SIGTERM the process exits 0 instead of dying of that signal.
+            previous = signal.signal(signal.SIGTERM, lambda *_: None)
+            try:
+                super().run(sockets)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+
+    return DrainingServer(config)

@@ -26,6 +26,12 @@ from server.steering import SteeringPolicy, steering_header
 log = logging.getLogger("frankly.serving")
 
 ROLES = {"system", "developer", "user", "assistant"}
+# Below this, dividing fp32 logits by the temperature can overflow to inf and make sampling
+# fail (a tiny temperature is greedy decoding in all but name): such requests run greedy.
+MIN_TEMPERATURE = 1e-5
+# A top_p that rounds to 0 in fp32 keeps no token at all (0/0 in sampling); this small a
+# nucleus keeps only the top token, which is what such a request asks for.
+MIN_TOP_P = 1e-6
 
 
 class RequestTimeout(APIError):
@@ -102,15 +108,16 @@ class OpenAIServing:
         return [s for s in stops if s]
 
     def _prepare(self, req, prompt_ids: list[int], max_tokens: int | None, logprobs: bool, top_logprobs: int,
-                 prefix: str, prompt_param: str) -> Prepared:
+                 prefix: str, prompt_param: str, max_tokens_param: str = "max_tokens",
+                 logprobs_param: str = "top_logprobs") -> Prepared:
         s = self.settings
         steering = self.policy.resolve(req.model, req.steering)
         if req.n > s.max_n:
             raise InvalidRequest(f"n must be at most {s.max_n}", param="n")
         if top_logprobs > s.max_logprobs:
-            raise InvalidRequest(f"top_logprobs must be at most {s.max_logprobs}", param="top_logprobs")
+            raise InvalidRequest(f"{logprobs_param} must be at most {s.max_logprobs}", param=logprobs_param)
         if max_tokens is not None and max_tokens > s.max_tokens_cap:
-            raise InvalidRequest(f"max_tokens must be at most {s.max_tokens_cap}", param="max_tokens")
+            raise InvalidRequest(f"{max_tokens_param} must be at most {s.max_tokens_cap}", param=max_tokens_param)
         n_prompt = len(prompt_ids)
         room = self.max_model_len - n_prompt
         if room < 1:
@@ -124,7 +131,8 @@ class OpenAIServing:
         stop = self._stop(req.stop)
         sampling = [
             SamplingParams(
-                max_tokens=mt, temperature=req.temperature, top_p=req.top_p,
+                max_tokens=mt, temperature=req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0,
+                top_p=max(req.top_p, MIN_TOP_P),
                 seed=None if req.seed is None else req.seed + i, stop=stop,
                 logprobs=logprobs, top_logprobs=top_logprobs,
             )
@@ -142,7 +150,12 @@ class OpenAIServing:
         except PromptError as e:
             raise InvalidRequest(str(e), param="messages") from None
         mt = req.max_completion_tokens or req.max_tokens
-        return self._prepare(req, ids, mt, req.logprobs, req.top_logprobs or 0 if req.logprobs else 0, "chatcmpl", "messages")
+        mt_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        # the cap applies to top_logprobs even without logprobs=true, so the limit is never silent
+        if (req.top_logprobs or 0) > self.settings.max_logprobs:
+            raise InvalidRequest(f"top_logprobs must be at most {self.settings.max_logprobs}", param="top_logprobs")
+        top = (req.top_logprobs or 0) if req.logprobs else 0
+        return self._prepare(req, ids, mt, req.logprobs, top, "chatcmpl", "messages", max_tokens_param=mt_param)
 
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
         p = req.prompt
@@ -165,7 +178,7 @@ class OpenAIServing:
         if req.suffix:
             raise InvalidRequest("suffix is not supported", param="suffix")
         lp = req.logprobs is not None
-        return self._prepare(req, ids, req.max_tokens, lp, req.logprobs or 0, "cmpl", "prompt")
+        return self._prepare(req, ids, req.max_tokens, lp, req.logprobs or 0, "cmpl", "prompt", logprobs_param="logprobs")
 
     # ---- running ------------------------------------------------------------------
     def _engine_requests(self, p: Prepared) -> list[GenerationRequest]:

@@ -195,8 +195,8 @@ def test_failure_in_the_middle_of_files(tiny_source, tmp_path, monkeypatch):
     root = tmp_path / "baked"
     real = bake_mod._save_hf_dir
 
-    def half(model, tok, tmp):
-        real(model, tok, tmp)
+    def half(model, tok, tmp, progress=None):
+        real(model, tok, tmp, progress)
         raise RuntimeError("killed after the weights")
 
     monkeypatch.setattr(bake_mod, "_save_hf_dir", half)
@@ -212,6 +212,24 @@ def test_disk_space_checked_first(tiny_source, tmp_path, monkeypatch):
     with pytest.raises(BakeStorageError, match="disk space"):
         bake_to_dir(src, dirs, {"d0": 1.0}, "big", bake_root=root)
     assert os.listdir(root) == []
+
+
+def test_write_safetensors_roundtrip(tmp_path):
+    from safetensors import safe_open
+
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(4, 2).to(torch.bfloat16),
+        "scalar": torch.tensor(3, dtype=torch.int64),
+        "empty": torch.zeros(0, 4),
+        "flags": torch.tensor([True, False, True]),
+        "f16_t": torch.randn(6, 3).half().t(),  # not contiguous
+    }
+    bake_mod.write_safetensors(tensors, tmp_path / "x.safetensors", {"k": "v"})
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"k": "v"}
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v), k
 
 
 @pytest.mark.parametrize("bad", ["../x", "/abs", "", ".", "..", "a/b", "-lead", "x" * 65, "sp ace", "ä"])
@@ -259,3 +277,81 @@ def test_bake_job_failure_is_reported(tmp_path):
     job = jobs.wait(jobs.start("j", {"d0": 1.0}).id, timeout=60)
     assert job.state == "failed" and job.error_code == "source_unavailable" and "gone" in job.error
     assert not (tmp_path / "jobs" / "j").exists()
+
+
+# --- GGUF output ----------------------------------------------------------------------------------
+
+
+def _tiny_gguf(model, path, *, tied: bool):
+    """A GGUF holding the tiny model's writers the way llama.cpp stores them (embedding quantized to Q8_0)."""
+    import gguf
+    import numpy as np
+
+    sd = model.state_dict()
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_block_count(model.config.num_hidden_layers)
+    w.add_string("general.name", "tiny")
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(model.config.vocab_size)])
+    emb = sd["model.embed_tokens.weight"].numpy()
+    q = gguf.quants.quantize(emb, gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("token_embd.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    if not tied:
+        w.add_tensor("output.weight", sd["lm_head.weight"].numpy())
+    for i in range(model.config.num_hidden_layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[f"model.layers.{i}.input_layernorm.weight"].numpy())
+        w.add_tensor(f"blk.{i}.attn_output.weight", sd[f"model.layers.{i}.self_attn.o_proj.weight"].numpy())
+        w.add_tensor(
+            f"blk.{i}.ffn_down.weight", sd[f"model.layers.{i}.mlp.down_proj.weight"].numpy().astype(np.float16)
+        )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return q
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_gguf_replaces_only_the_writers(tmp_path, dtype):
+    import gguf
+    import numpy as np
+
+    from directions.gguf_write import write_baked_gguf
+
+    model = tiny_model("llama_tied")
+    q = _tiny_gguf(model, tmp_path / "src.gguf", tied=True)
+    baked = copy.deepcopy(model)
+    report = bake_model(baked, {"d0": random_direction_set(model, "d0")}, {"d0": 1.0})
+    sd = baked.state_dict()
+    write_baked_gguf(
+        tmp_path / "src.gguf", tmp_path / "out.gguf", sd, report.edited, dtype=dtype, extra_kv={"x.y": "z"}
+    )
+
+    src, out = gguf.GGUFReader(str(tmp_path / "src.gguf")), gguf.GGUFReader(str(tmp_path / "out.gguf"))
+    t = {x.name: x for x in out.tensors}
+    want = gguf.GGMLQuantizationType.F32 if dtype == "f32" else gguf.GGMLQuantizationType.F16
+    tol = 0 if dtype == "f32" else 2e-3
+    for hf, name in [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.layers.1.self_attn.o_proj.weight", "blk.1.attn_output.weight"),
+        ("model.layers.0.mlp.down_proj.weight", "blk.0.ffn_down.weight"),
+    ]:
+        assert t[name].tensor_type == want
+        np.testing.assert_allclose(t[name].data.astype(np.float32), sd[hf].numpy(), atol=tol, rtol=0)
+    # The tied head keeps the original embedding bytes and type; other tensors are copied as they were.
+    assert t["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert np.array_equal(t["output.weight"].data, q)
+    s = {x.name: x for x in src.tensors}
+    assert np.array_equal(t["blk.0.attn_norm.weight"].data, s["blk.0.attn_norm.weight"].data)
+    assert out.fields["general.name"].contents() == "tiny" and out.fields["x.y"].contents() == "z"
+    assert out.fields["tokenizer.ggml.tokens"].contents() == src.fields["tokenizer.ggml.tokens"].contents()
+
+
+def test_gguf_missing_tensor_is_a_clear_error(tmp_path):
+    from directions.gguf_write import GGUFWriteError, write_baked_gguf
+
+    model = tiny_model("llama_bias")  # writer biases the GGUF below lacks
+    _tiny_gguf(model, tmp_path / "src.gguf", tied=False)
+    baked = copy.deepcopy(model)
+    report = bake_model(baked, {"d0": random_direction_set(model, "d0")}, {"d0": 1.0})
+    with pytest.raises(GGUFWriteError, match=r"attn_output\.bias"):
+        write_baked_gguf(tmp_path / "src.gguf", tmp_path / "out.gguf", baked.state_dict(), report.edited)

@@ -1,0 +1,109 @@
+"""``frankly bake``: write the edit at given strengths into a copy of the weights.
+
+    frankly bake --model demo --steering refusal=1.0 --out baked/qwen-norefusal
+    frankly bake --model ./my-model --direction refusal=refusal.safetensors --steering refusal=0.8 --out out/x
+
+With ``--model demo`` the shipped directions (directions/shipped/qwen-demo-*.safetensors)
+load by default. A GGUF source also gets a ``model.gguf`` next to the safetensors copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from directions.bake import BakeError, bake_to_dir
+from directions.fileformat import DirectionFileError, DirectionSet, load_direction
+
+SHIPPED = Path(__file__).resolve().parent / "shipped"
+DEMO_DIRECTIONS = {"refusal": "qwen-demo-refusal.safetensors", "slop": "qwen-demo-slop.safetensors"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="'demo', a model directory, a .gguf file or a hub id")
+    p.add_argument(
+        "--direction", action="append", default=[], metavar="NAME=PATH", help="a direction file to load (repeatable)"
+    )
+    p.add_argument(
+        "--steering",
+        action="append",
+        required=True,
+        metavar="NAME=S[,NAME=S]",
+        help="strengths to bake, e.g. refusal=1.0,slop=0.5 (a bare NAME means 1.0; repeatable)",
+    )
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-gguf", action="store_true", help="do not write model.gguf even if the source is a GGUF")
+    p.add_argument(
+        "--gguf-dtype",
+        choices=["f32", "f16"],
+        default="f32",
+        help="type of the edited tensors in model.gguf (f32: exact; f16: smaller)",
+    )
+
+
+def parse_steering(items: list[str]) -> dict[str, float]:
+    """``["refusal=1.0,slop=0.5", "x"]`` -> ``{"refusal": 1.0, "slop": 0.5, "x": 1.0}`` (order kept)."""
+    out: dict[str, float] = {}
+    for item in items:
+        for part in filter(None, (p.strip() for p in item.split(","))):
+            name, _, value = part.partition("=")
+            try:
+                out[name.strip()] = float(value) if value else 1.0
+            except ValueError:
+                raise SystemExit(f"frankly bake: bad strength in --steering {part!r}") from None
+    return out
+
+
+def load_directions(model: str, specs: list[str]) -> dict[str, DirectionSet]:
+    paths: dict[str, Path] = {}
+    if model == "demo":
+        paths.update({n: SHIPPED / f for n, f in DEMO_DIRECTIONS.items() if (SHIPPED / f).is_file()})
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"frankly bake: --direction wants NAME=PATH, got {spec!r}")
+        paths[name] = Path(path).expanduser()
+    return {name: load_direction(path, name=name) for name, path in paths.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        directions = load_directions(args.model, args.direction)
+    except DirectionFileError as e:
+        print(f"frankly bake: {e}", file=sys.stderr)
+        return 2
+    strengths = parse_steering(args.steering)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines would break the progress bar
+    t0 = time.monotonic()
+    with tqdm(total=100, unit="%", desc="baking", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}] {postfix}") as bar:
+
+        def progress(fraction: float, message: str) -> None:
+            # No forced refresh: tqdm's own rate limit keeps logs readable when stderr is not a terminal.
+            bar.set_postfix_str(message[-60:], refresh=False)
+            bar.update(100 * fraction - bar.n)
+
+        try:
+            out = bake_to_dir(
+                args.model,
+                directions,
+                strengths,
+                args.out,
+                progress=progress,
+                overwrite=args.overwrite,
+                write_gguf=not args.no_gguf,
+                gguf_dtype=args.gguf_dtype,
+            )
+        except BakeError as e:
+            bar.close()
+            print(f"frankly bake: {e}", file=sys.stderr)
+            return 2
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
+    print(f"baked {strengths} into {out} in {time.monotonic() - t0:.1f} s (peak RSS {peak_gb:.2f} GB)")
+    return 0

@@ -1,0 +1,111 @@
+"""``frankly eval``: refusal rate, first-token KL, long-continuation KL, slop score and capability
+over strengths (and with ``--conditional`` the same in ``when="auto"`` mode); table, JSON and PNG."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from directions.fileformat import DirectionFileError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model spec: 'demo', a directory, a .gguf file or a hub id")
+    p.add_argument("--direction", action="append", required=True, metavar="NAME=PATH",
+                   help="a direction file to evaluate (repeatable)")
+    p.add_argument("--strengths", default="0,0.5,1.0", help="comma-separated strengths (0 = unedited)")
+    p.add_argument("--conditional", action="store_true",
+                   help="also measure when='auto' (conditional ablation) and how often the condition fires")
+    p.add_argument("--max-tokens", type=int, default=100, help="tokens generated for refusal and slop (>= 100 for final figures)")
+    p.add_argument("--long-tokens", type=int, default=256, help="length of the unedited long continuations")
+    p.add_argument("--n-long", type=int, default=8, help="long harmless prompts teacher-forced for the long KL")
+    p.add_argument("--capability-tokens", type=int, default=48, help="tokens generated per capability question")
+    p.add_argument("--limit", type=int, help="at most N prompts per set (quick runs)")
+    p.add_argument("--all-metrics", action="store_true",
+                   help="measure every metric for every direction (default: the ones of its objective)")
+    p.add_argument("--out-dir", required=True, help="where eval JSON and PNG go")
+    p.add_argument("--prefix", default="eval", help="file name prefix of the outputs")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+
+
+def _fmt(v, pct=False) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}%" if pct else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def format_table(result: dict) -> str:
+    cols = [("direction", "direction", False), ("when", "when", False), ("strength", "s", False),
+            ("refusal_rate", "refusal", True), ("refusals", "ref/N", False), ("first_token_kl", "KL@1", False),
+            ("long_kl", "KL long", False), ("slop_score", "slop/1k", False), ("capability", "capab.", True)]
+    head = [c[1] for c in cols] + ["fired (harmful/harmless/long/creative/capab.)"]
+    lines = []
+    for r in result["rows"]:
+        cells = [_fmt(r.get(k), pct) for k, _, pct in cols]
+        if "refusals" in r:
+            cells[4] = f"{r['refusals']}/{r['n_harmful']}"
+        f = r.get("fired")
+        cells.append("/".join(_fmt(f.get(k), True) for k in ("harmful", "harmless", "long", "creative", "capability"))
+                     if f else "-")
+        lines.append(cells)
+    widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(x) for x in lines)])
+
+
+def run(args: argparse.Namespace) -> int:
+    from directions.evaluate import Bench, EvalConfig, EvalSets, evaluate
+    from directions.fileformat import load_direction
+    from directions.plots import plot_eval
+    from server.modelio import load_model
+
+    t0 = time.monotonic()
+    try:
+        strengths = [float(x) for x in args.strengths.split(",") if x.strip()]
+    except ValueError:
+        print(f"frankly eval: bad --strengths {args.strengths!r}", file=sys.stderr)
+        return 2
+    if 0.0 not in strengths:
+        strengths = [0.0, *strengths]
+    directions = {}
+    for spec in args.direction:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            print(f"frankly eval: --direction wants NAME=PATH, got {spec!r}", file=sys.stderr)
+            return 2
+        try:
+            directions[name] = load_direction(path, name=name)
+        except DirectionFileError as e:
+            print(f"frankly eval: {e}", file=sys.stderr)
+            return 2
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    for name, ds in directions.items():
+        try:
+            ds.check_fits(lm.model.config, path=name)
+        except DirectionFileError as e:
+            print(f"frankly eval: {e}", file=sys.stderr)
+            return 2
+    sets = EvalSets.load(limit=args.limit, n_long=args.n_long)
+    cfg = EvalConfig(strengths=strengths, conditional=args.conditional, max_tokens=args.max_tokens,
+                     long_tokens=args.long_tokens, capability_tokens=args.capability_tokens,
+                     all_metrics=args.all_metrics)
+    bench = Bench(lm.model, lm.tokenizer, directions, batch_size=args.batch_size)
+    result = evaluate(bench, sets, list(directions), cfg)
+    result["model"] = args.model
+    result["direction_files"] = {n: spec.partition("=")[2] for n, spec in zip(directions, args.direction, strict=True)}
+    result["command"] = "frankly eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "frankly eval"
+    result["total_wall_s"] = round(time.monotonic() - t0, 1)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath = out / f"{args.prefix}.json"
+    jpath.write_text(json.dumps(result, indent=2))
+    ppath = plot_eval(result, out / f"{args.prefix}.png", title=f"frankly eval: {args.model}")
+    print(format_table(result))
+    print(f"\nsets: {result['sets']}  long continuation tokens: {result['config']['long_continuation_tokens']}")
+    print(f"wrote {jpath} and {ppath} in {result['total_wall_s']:.0f} s")
+    return 0

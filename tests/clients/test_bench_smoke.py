@@ -1,0 +1,40 @@
+"""clients/bench.py against a live frankly server: 2 streams x 4 tokens x 2 requests, sane JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_smoke(demo_server, tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, str(ROOT / "clients" / "bench.py"), "--url", demo_server.url,
+        "--streams", "2", "--max-tokens", "4", "--requests", "2", "--warmup", "0", "--json-out", str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert len(data["runs"]) == 1
+    run = data["runs"][0]
+    assert run["streams"] == 2
+    assert run["requests"] == 2
+    assert run["completed"] == 2
+    assert run["errors"] == 0, run["error_samples"]
+    assert 0 < run["tokens"] <= 2 * 4
+    assert run["tokens_source"] == "usage"  # frankly honours stream_options.include_usage
+    assert run["agg_tok_s"] > 0
+    assert run["wall_s"] > 0
+    assert 0 < run["ttft_p50_s"] <= run["ttft_p95_s"]
+    assert run["itl_p50_s"] is None or run["itl_p50_s"] >= 0
+    assert set(run["finish_reasons"]) <= {"length", "stop"}
+    # the table row went to stdout
+    assert "| 2 | 2 | 0 |" in proc.stdout
