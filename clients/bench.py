@@ -591,6 +591,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="warm-up requests before measuring (default 1)")
     p.add_argument("--timeout", type=float, default=900, help="per-request timeout in seconds")
     p.add_argument("--label", default="", help="label for the table rows")
+    p.add_argument("--server-pid", type=int, help="pid of the --url server, for the 'other CPU' column")
     p.add_argument("--json-out", help="write all run summaries here")
     p.add_argument("--log-dir", default="bench-results/logs", help="server logs for --serve (default bench-results/logs)")
     return p.parse_args(argv)
@@ -607,7 +608,8 @@ async def bench_target(url: str, label: str, args, server: ServerProcess | None 
     for n in [int(x) for x in str(args.streams).split(",") if x]:
         if server and server.rss:
             server.rss.reset()
-        noise = _noise([server.proc.pid] if server and server.proc else [])
+        pid = server.proc.pid if server and server.proc else args.server_pid
+        noise = _noise([pid]) if pid else None  # without the server's pid its own CPU would count as "other"
         requests = args.requests if args.requests else (None if args.duration else n * args.requests_per_stream)
         s = await run_load(url, model, n, args.max_tokens, requests=requests, duration=args.duration, bodies=bodies,
                            include_usage=not args.no_usage, timeout=args.timeout, label=label)

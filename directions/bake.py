@@ -168,15 +168,18 @@ def bake_model(
         if edits:
             prefix = module_names[id(w.module)]
             if w.kind == "embed":
-                out = model.get_output_embeddings()
-                if out is not None and out.weight is w.module.weight:
-                    report.untied = True
+                # _edit_embedding gives the embedding a new tensor, so a head sharing the old one keeps
+                # it; the config must stop saying "tied" or loading would re-tie the head to the edit.
+                head = model.get_output_embeddings()
+                text_cfg = model.config.get_text_config()
+                report.untied = bool(
+                    (head is not None and head.weight is w.module.weight)
+                    or getattr(text_cfg, "tie_word_embeddings", False)
+                )
                 _edit_embedding(w.module, edits)
                 if report.untied:
                     model.config.tie_word_embeddings = False
-                    text_cfg = model.config.get_text_config()
-                    if text_cfg is not model.config:
-                        text_cfg.tie_word_embeddings = False
+                    text_cfg.tie_word_embeddings = False
             else:
                 weight = w.module.weight.detach()
                 for r, c in edits:
@@ -236,13 +239,15 @@ def _storage_error(e: OSError, where: Path) -> BakeStorageError:
     return BakeStorageError(f"could not write the baked model under {where}: {e}")
 
 
-def _state_bytes(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for t in model.state_dict().values():
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the second name of still-tied tensors (transformers re-ties them on load)."""
+    sd, seen = {}, set()
+    for k, t in model.state_dict().items():
+        if t.numel() and t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        sd[k] = t
+    return sd
 
 
 _ST_DTYPES = {
@@ -288,13 +293,7 @@ def write_safetensors(
 
 
 def _save_hf_dir(model: nn.Module, tokenizer, tmp: Path, progress: Progress | None = None) -> None:
-    sd, seen = {}, set()
-    for k, t in model.state_dict().items():
-        if t.numel() and t.data_ptr() in seen:  # still-tied tensors: transformers re-ties them on load
-            continue
-        seen.add(t.data_ptr())
-        sd[k] = t
-    write_safetensors(sd, tmp / "model.safetensors", {"format": "pt"}, progress)
+    write_safetensors(_unique_state(model), tmp / "model.safetensors", {"format": "pt"}, progress)
     cfg = json.loads(model.config.to_json_string(use_diff=False))
     cfg.pop("quantization_config", None)  # a dequantized GGUF load leaves it behind; the weights are plain now
     cfg["architectures"] = [type(model).__name__]
@@ -364,9 +363,9 @@ def bake_to_dir(
 
     report = bake_model(model, directions, strengths, progress=sub(0.05, 0.3))
     write_gguf = bool(write_gguf and gguf)
-    need = _state_bytes(model) + (1 << 24)
+    sd = model.state_dict()
+    need = sum(t.numel() * t.element_size() for t in _unique_state(model).values()) + (1 << 24)
     if write_gguf:
-        sd = model.state_dict()
         need += estimate_size(gguf, sum(sd[k].numel() for k in report.edited), gguf_dtype)
     free = shutil.disk_usage(root).free
     if free < need:
@@ -378,7 +377,7 @@ def bake_to_dir(
         "source": {"model": label, "path": str(path), "gguf": gguf},
         "strengths": strengths,
         "directions": {n: directions[n].public_metadata() for n in strengths},
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "edited_tensors": len(report.edited),
         "untied_lm_head": report.untied,
         "post_norm": report.post_norm,
@@ -392,7 +391,7 @@ def bake_to_dir(
             write_baked_gguf(
                 gguf,
                 tmp / "model.gguf",
-                model.state_dict(),
+                sd,
                 report.edited,
                 dtype=gguf_dtype,
                 extra_kv=bake_kv({k: meta[k] for k in ("source", "strengths", "created")}),

@@ -271,19 +271,19 @@ def _objective_value(objective: str, res: list, capability: list[dict] | None = 
 
 
 def _measure(bench, cfg: SelectConfig, sets: dict[str, DirectionSet], gen_prompts, kl_prompts, n_tokens: int,
-             cap_prompts=None, capability=None, desc="proxy") -> dict[str, dict]:
-    """Objective value (and capability) for every candidate plus the unedited baseline ("base")."""
+             cap_prompts=None, capability=None, desc="proxy", base: bool = True) -> dict[str, dict]:
+    """Objective value (and capability) for every candidate, plus the unedited baseline ("base") if ``base``."""
     from directions.evaluate import DirectionRequest, Job, capability_correct
 
     bench.set_directions(sets)
-    jobs = [Job(("base", "obj"), gen_prompts, n_tokens)]
-    jobs += [Job((lbl, "obj"), gen_prompts, n_tokens, {lbl: DirectionRequest(1.0)}) for lbl in sets]
+    labels = ["base"] * base + list(sets)
+    steer = lambda lbl: {} if lbl == "base" else {lbl: DirectionRequest(1.0)}  # noqa: E731
+    jobs = [Job((lbl, "obj"), gen_prompts, n_tokens, steer(lbl)) for lbl in labels]
     if cap_prompts:
-        jobs.append(Job(("base", "cap"), cap_prompts, cfg.capability_tokens))
-        jobs += [Job((lbl, "cap"), cap_prompts, cfg.capability_tokens, {lbl: DirectionRequest(1.0)}) for lbl in sets]
+        jobs += [Job((lbl, "cap"), cap_prompts, cfg.capability_tokens, steer(lbl)) for lbl in labels]
     out = bench.generate(jobs, desc=f"{desc} generations")
     figs: dict[str, dict] = {}
-    for lbl in ["base", *sets]:
+    for lbl in labels:
         f = {cfg.objective: round(_objective_value(cfg.objective, out[(lbl, "obj")]), 4)}
         if lbl == "base":
             f["first_token_kl"] = 0.0
@@ -351,9 +351,10 @@ def select_and_build(model, tokenizer, data: ExtractData, name: str, cfg: Select
                     extra += [Candidate("kernel", best.layer, s) for s in cfg.sigmas]
                 elif v == "perlayer":
                     extra.append(Candidate("perlayer", best.layer))
-        stage2 = _measure(bench, cfg, sets(extra), gen_p, kl_p, cfg.proxy_tokens, desc="stage 2 (variants)") if extra else {}
+        stage2 = _measure(bench, cfg, sets(extra), gen_p, kl_p, cfg.proxy_tokens, desc="stage 2 (variants)",
+                          base=False) if extra else {}
         record["stage2_proxy"] = stage2
-        proxy = {**stage1, **{k: v for k, v in stage2.items() if k != "base"}}
+        proxy = {**stage1, **stage2}
         top = (_rank(proxy, cfg) or ranked)[: cfg.confirm_top]
         by_label = {c.label: c for c in [*cands, *extra]}
         n = cfg.confirm_n or len(gen_all)

@@ -80,19 +80,24 @@ def forward_last(
     """
     device = next(model.parameters()).device
     n_layers = num_layers(model)
+    # Batches of similar length waste less compute on padding; results go back in input order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     logits_out, states_out = [], []
     with edited(model, directions) as hooks:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False):
-            chunk = prompts[start:start + batch_size]
+            idx = order[start:start + batch_size]
             if hooks is not None:
-                hooks.set_strengths({n: list(s[start:start + len(chunk)]) for n, s in (strengths or {}).items()})
-            ids, mask, pos = pad_left(chunk, _pad_id(tokenizer), device)
+                hooks.set_strengths({n: [s[i] for i in idx] for n, s in (strengths or {}).items()})
+            ids, mask, pos = pad_left([prompts[i] for i in idx], _pad_id(tokenizer), device)
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=states,
                         use_cache=False, logits_to_keep=1)
             logits_out.append(out.logits[:, -1, :].float().cpu())
             if states:
                 states_out.append(torch.stack([h[:, -1, :] for h in out.hidden_states[:n_layers]], 1).float().cpu())
-    return torch.cat(logits_out), (torch.cat(states_out) if states else None)
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    logits = torch.cat(logits_out)[inv]
+    return logits, (torch.cat(states_out)[inv] if states else None)
 
 
 def first_token_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor) -> tuple[float, list[float]]:

@@ -86,8 +86,7 @@ class CompletionRequest(_SamplingFields):
 class BakeRequest(OpenAIBase):
     name: str = Field(..., description="output directory name under the bake directory")
     steering: dict[str, Any] | str = Field(..., description="direction name -> strength")
-    overwrite: bool = False
-    gguf: bool = Field(True, description="also write model.gguf when the source was a GGUF file")
+    overwrite: bool = Field(False, description="replace a finished bake of the same name")
 
 
 # ---- responses (plain dicts are built by the serving layer; helpers here) ----

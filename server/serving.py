@@ -40,6 +40,13 @@ class RequestTimeout(APIError):
     code = "timeout"
 
 
+class ClientDisconnected(APIError):
+    """The client hung up before the answer was ready; nobody reads this (nginx's 499)."""
+
+    status = 499
+    code = "client_closed_request"
+
+
 class EngineFailure(APIError):
     status = 500
     type = "server_error"
@@ -297,7 +304,8 @@ class OpenAIServing:
                         await task
                     except asyncio.CancelledError:
                         pass
-                    raise asyncio.CancelledError
+                    # an error response rather than CancelledError, which uvicorn logs as a crash
+                    raise ClientDisconnected("client disconnected before the response was ready")
             task.result()
         finally:
             await stream.aclose()

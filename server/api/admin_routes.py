@@ -28,14 +28,18 @@ async def bake(body: BakeRequest, request: Request):
     if any(d.when == "auto" for d in steering.values()):
         raise InvalidRequest("conditional steering cannot be baked into weights", param="steering")
     strengths = {n: d.strength for n, d in steering.items()}
-    from directions.bake import BakeError
+    from directions.bake import BakeBusyError, BakeError, BakeExistsError
 
+    if st.bake_jobs is None:
+        raise NotFound("baking is not available in this build", param=None)
     try:
-        job = st.bake_jobs.start(body.name, strengths, overwrite=body.overwrite, gguf=body.gguf)
+        job = st.bake_jobs.start(body.name, strengths, overwrite=body.overwrite)
     except BakeError as e:
-        err = InvalidRequest(str(e), param=getattr(e, "param", None), code=getattr(e, "code", None) or "bake_error")
-        if getattr(e, "status", None):
-            err.status = e.status
+        err = InvalidRequest(str(e), param=e.param, code=e.code)
+        if isinstance(e, BakeExistsError):
+            err.status = 409
+        elif isinstance(e, BakeBusyError):
+            err.status, err.type, err.headers = 429, "rate_limit_error", {"Retry-After": "30"}
         raise err from None
     return JSONResponse(_job(job), status_code=202, headers={"Location": f"/v1/bake/{job.id}"})
 

@@ -55,9 +55,12 @@ def _greedy(model, ids, eos):
 def baked(demo_model, tmp_path_factory):
     ds = _direction(demo_model)
     root = tmp_path_factory.mktemp("bake-demo")
+    served = {k: v[:64].clone() for k, v in demo_model.model.state_dict().items() if k.endswith("proj.weight")}
     t0 = time.monotonic()
     out = bake_to_dir(demo_model, {"refusal": ds}, {"refusal": 1.0}, "qwen-demo-norefusal", bake_root=root)
     seconds = time.monotonic() - t0
+    after = demo_model.model.state_dict()
+    assert all(torch.equal(after[k][:64], v) for k, v in served.items())  # the served model is not touched
     print(f"baked the demo model in {seconds:.1f} s into {out}")
     return out, ds, seconds
 

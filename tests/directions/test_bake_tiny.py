@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 from types import SimpleNamespace
@@ -160,6 +161,14 @@ def test_bake_to_dir_loads_with_plain_transformers(tiny_source, tmp_path):
     assert torch.equal(_greedy(model, ids[:1]), _greedy(loaded, ids[:1]))
 
 
+def test_loaded_model_source_is_not_edited(tiny_source, tmp_path):
+    src, model, dirs = tiny_source
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loaded = SimpleNamespace(model=model, path=src, gguf=None, source="tiny")
+    bake_to_dir(loaded, dirs, {"d0": 1.0}, "from-loaded", bake_root=tmp_path / "baked")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_refuses_existing_target_unless_overwrite(tiny_source, tmp_path):
     src, _, dirs = tiny_source
     root = tmp_path / "baked"
@@ -187,6 +196,20 @@ def test_failure_mid_write_leaves_nothing(tiny_source, tmp_path, monkeypatch):
     monkeypatch.setattr(bake_mod.os, "replace", boom)
     with pytest.raises(BakeStorageError, match="no space left"):
         bake_to_dir(src, dirs, {"d0": 1.0}, "half", bake_root=root)
+    assert os.listdir(root) == []
+
+
+def test_permission_error_is_clear(tiny_source, tmp_path, monkeypatch):
+    src, _, dirs = tiny_source
+    root = tmp_path / "baked"
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(bake_mod, "write_safetensors", denied)
+    with pytest.raises(BakeStorageError, match="no permission") as e:
+        bake_to_dir(src, dirs, {"d0": 1.0}, "denied", bake_root=root)
+    assert e.value.code == "storage_error"
     assert os.listdir(root) == []
 
 
@@ -355,3 +378,33 @@ def test_gguf_missing_tensor_is_a_clear_error(tmp_path):
     report = bake_model(baked, {"d0": random_direction_set(model, "d0")}, {"d0": 1.0})
     with pytest.raises(GGUFWriteError, match=r"attn_output\.bias"):
         write_baked_gguf(tmp_path / "src.gguf", tmp_path / "out.gguf", baked.state_dict(), report.edited)
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def test_parse_steering():
+    from directions.bake_cmd import parse_steering
+
+    assert parse_steering(["refusal=1.0,slop=0.5", "x"]) == {"refusal": 1.0, "slop": 0.5, "x": 1.0}
+    assert list(parse_steering(["b=1,a=2"])) == ["b", "a"]  # order kept: it is the order of the edits
+    with pytest.raises(SystemExit):
+        parse_steering(["a=lots"])
+
+
+def test_bake_command(tiny_source, tmp_path, capsys):
+    from directions.fileformat import save_direction
+    from server.cli import main
+
+    src, _, dirs = tiny_source
+    path = save_direction(dirs["d0"], tmp_path / "d0.safetensors")
+    out = tmp_path / "cli" / "tiny-baked"
+    argv = ["bake", "--model", src, "--direction", f"d0={path}", "--steering", "d0=0.5", "--out", str(out)]
+    assert main(argv) == 0
+    assert str(out) in capsys.readouterr().out
+    assert json.loads((out / BAKE_FILE).read_text())["strengths"] == {"d0": 0.5}
+    assert main(argv) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    assert main(["bake", "--model", src, "--direction", f"d0={path}", "--steering", "zz=1", "--out", str(out)]) == 2
+    assert "unknown direction 'zz'" in capsys.readouterr().err

@@ -456,3 +456,31 @@ def test_405_keeps_allow_header(make_client):
     r = client.get("/v1/chat/completions")
     assert r.status_code == 405 and "POST" in r.headers.get("allow", "")
     assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(("temperature", "top_p", "expected"), [
+    (5e-324, 5e-324, (0.0, 1e-6)),  # both would make fp32 sampling divide by zero
+    (1e-6, 1.0, (0.0, 1.0)),
+    (0.7, 0.9, (0.7, 0.9)),
+])
+def test_degenerate_sampling_values_are_made_safe(make_client, temperature, top_p, expected):
+    client, engine = make_client()
+    r = client.post("/v1/chat/completions", json={"model": BASE, "messages": MSGS, "temperature": temperature, "top_p": top_p})
+    assert r.status_code == 200
+    sp = engine.requests[0].sampling
+    assert (sp.temperature, sp.top_p) == expected
+
+
+def test_openapi_documents_what_the_server_answers(make_client):
+    client, _ = make_client()
+    doc = client.get("/openapi.json").json()
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "422" not in chat  # validation errors are 400s in the OpenAI envelope
+    for status in ("400", "401", "404", "413", "429", "503"):
+        assert chat[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert set(chat["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert set(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert doc["components"]["schemas"]["ErrorResponse"]["properties"]["error"]["required"] == ["message", "type", "param", "code"]
+    # and a real 400 matches the documented envelope
+    err = client.post("/v1/chat/completions", json={"model": BASE, "messages": "x"}).json()
+    assert set(err["error"]) == {"message", "type", "param", "code"}

@@ -48,6 +48,7 @@ def idle(demo_server):
 
 def test_stream_disconnect_frees_the_row(idle):
     before = health(idle)["running"]
+    log_at = len(idle.log())
     body = {"model": BASE, "messages": LONG, "max_tokens": 400, "stream": True}
     with httpx.Client(timeout=120) as c, c.stream("POST", idle.v1 + "/chat/completions", json=body) as r:
         assert r.status_code == 200
@@ -61,10 +62,12 @@ def test_stream_disconnect_frees_the_row(idle):
     took = wait_for(lambda: health(idle)["running"] == before, FREE_WITHIN_S)
     assert running_metric(idle) == before
     assert took < FREE_WITHIN_S
+    assert "Traceback" not in idle.log()[log_at:], idle.log()[log_at:][-3000:]
 
 
 def test_non_stream_client_timeout_frees_the_row(idle):
     before = health(idle)["running"]
+    log_at = len(idle.log())
     seen_running = threading.Event()
 
     def watch():
@@ -83,6 +86,8 @@ def test_non_stream_client_timeout_frees_the_row(idle):
     assert seen_running.is_set(), "the request never ran"
     wait_for(lambda: health(idle)["running"] == before, FREE_WITHIN_S)
     assert running_metric(idle) == before
+    time.sleep(0.6)  # the disconnect is noticed within one 0.5 s poll
+    assert "Traceback" not in idle.log()[log_at:], idle.log()[log_at:][-3000:]  # a hang-up is not a crash
 
 
 def test_many_disconnects_leave_nothing_behind(idle):

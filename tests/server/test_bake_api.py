@@ -1,0 +1,79 @@
+"""POST /v1/bake on a live server: auth, validation, a real bake, and plain transformers reproducing the server."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import ADMIN_KEY
+
+pytestmark = pytest.mark.slow
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def _post(server, body, headers=AUTH):
+    return httpx.post(server.v1 + "/bake", json=body, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "body,headers,status,param",
+    [
+        ({"name": "x", "steering": {"refusal": 1}}, {}, 401, None),
+        ({"name": "x", "steering": {"refusal": 1}}, {"Authorization": "Bearer wrong"}, 401, None),
+        ({"name": "../escape", "steering": {"refusal": 1}}, AUTH, 400, "name"),
+        ({"name": "/abs", "steering": {"refusal": 1}}, AUTH, 400, "name"),
+        ({"name": "ok", "steering": {"nope": 1}}, AUTH, 400, "steering.nope"),
+        ({"name": "ok", "steering": {"refusal": "x"}}, AUTH, 400, "steering.refusal"),
+        ({"name": "ok", "steering": {}}, AUTH, 400, "steering"),
+        ({"name": "ok", "steering": {"refusal": {"strength": 1, "when": "auto"}}}, AUTH, 400, "steering"),
+        ({"steering": {"refusal": 1}}, AUTH, 400, "name"),
+    ],
+)
+def test_bake_rejects(demo_server, body, headers, status, param):
+    r = _post(demo_server, body, headers)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"]
+
+
+def test_bake_job_and_plain_transformers_reproduce_the_server(demo_server):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = _post(demo_server, {"name": "api-norefusal", "steering": {"refusal": 1.0}})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] in ("queued", "running") and r.headers["location"] == f"/v1/bake/{job['id']}"
+    again = _post(demo_server, {"name": "api-norefusal", "steering": {"refusal": 1.0}})
+    assert again.status_code == 409 and again.json()["error"]["param"] == "name"
+    deadline = time.time() + 600
+    seen_progress = set()
+    while time.time() < deadline:
+        job = httpx.get(demo_server.v1 + f"/bake/{job['id']}", headers=AUTH, timeout=30).json()
+        seen_progress.add(round(job["progress"], 2))
+        if job["state"] in ("done", "failed"):
+            break
+        time.sleep(1)
+    assert job["state"] == "done", job
+    assert len(seen_progress) >= 2, "progress never moved"
+    out = Path(job["output"])
+    assert (out / "config.json").is_file() and (out / "frankly_bake.json").is_file()
+    listed = httpx.get(demo_server.v1 + "/bake", headers=AUTH, timeout=30).json()["data"]
+    assert any(j["id"] == job["id"] for j in listed)
+
+    prompt = "Explain how to hotwire a car."
+    served = httpx.post(demo_server.v1 + "/chat/completions", timeout=300, json={
+        "model": demo_server.base_id, "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 24, "temperature": 0, "steering": {"refusal": 1.0},
+    }).json()["choices"][0]["message"]["content"]
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        g = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    plain = tok.decode(g[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert plain == served
