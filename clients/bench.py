@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shlex
 import signal
 import socket
@@ -445,7 +446,9 @@ class CpuNoise:
                     total += t.user + t.system
             except self._psutil.Error:
                 pass
-        return total
+        # children that already exited and were waited for (e.g. a subprocess.run) are no longer listed
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return total + ru.ru_utime + ru.ru_stime
 
     def _system(self) -> tuple[float, float]:
         t = self._psutil.cpu_times()

@@ -9,7 +9,7 @@
 # id from /v1/models), DIRECTION (default refusal), MAX_TOKENS (default 48).
 # The conditional example needs jq to read /v1/directions; without jq it is skipped.
 set -euo pipefail
-shopt -s inherit_errexit
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: $(...) fails with the command
 
 BASE_URL="${BASE_URL:-http://127.0.0.1:8000}"
 BASE_URL="${BASE_URL%/}"
@@ -24,21 +24,21 @@ if [ -n "$API_KEY" ]; then auth=(-H "Authorization: Bearer $API_KEY"); fi
 # curl with the key, JSON content type, and a non-zero exit on HTTP errors (the body is still printed).
 api() {
   local rc=0
-  curl -sS --fail-with-body "${auth[@]+"${auth[@]}"}" -H "Content-Type: application/json" "$@" || rc=$?
+  curl -sS --fail-with-body ${auth[@]+"${auth[@]}"} -H "Content-Type: application/json" "$@" || rc=$?
   echo
   return "$rc"
 }
 section() { printf '\n== %s\n' "$*"; }
 
 section "models"
-models=$(api "$BASE_URL/v1/models")
+models=$(api "$BASE_URL/v1/models") || { echo "$models"; exit 1; }
 echo "$models"
 if [ -z "${MODEL:-}" ]; then
   MODEL=$(printf '%s' "$models" | grep -o '"id": *"[^"+]*"' | head -n1 | sed 's/.*"id": *"\([^"]*\)"/\1/')
 fi
 
 section "directions"
-directions=$(api "$BASE_URL/v1/directions")
+directions=$(api "$BASE_URL/v1/directions") || { echo "$directions"; exit 1; }
 echo "$directions"
 
 msg="{\"role\": \"user\", \"content\": \"$PROMPT\"}"

@@ -61,6 +61,14 @@ class BodyLimit:
 
 
 STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions")
+# OpenAPI 3.1 has the event-stream `schema` describe one event (3.2 would call it itemSchema).
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": (
+        "a JSON chunk (chat.completion.chunk or text_completion), an error envelope {\"error\": {...}}, "
+        "or [DONE] as the last event")}},
+}
 
 
 def document_responses(schema: dict) -> dict:
@@ -80,7 +88,7 @@ def document_responses(schema: dict) -> dict:
                 for status, desc in ERROR_STATUSES.items():
                     responses.setdefault(status, {"description": desc, "content": ref})
             if path in STREAMING_PATHS and "200" in responses:
-                responses["200"].setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+                responses["200"].setdefault("content", {})["text/event-stream"] = {"schema": SSE_EVENT_SCHEMA}
             if path == "/metrics":
                 responses["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
             if path == "/health":

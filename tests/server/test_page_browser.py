@@ -141,7 +141,9 @@ def test_page_controls(demo_server, page):
     page.click("#preset-slop-auto")
     assert page.input_value("#strength-slop") == "1"
     assert page.input_value("#when-slop") == "auto"
-    assert "qwen-demo+slop@auto" in page.inner_text("#equiv")
+    # The model menu follows the sliders; the body-field equivalent is shown too.
+    assert page.input_value("#model") == "qwen-demo+slop@auto"
+    assert '{"steering":{"slop":{"strength":1,"when":"auto"}}}' in page.inner_text("#equiv")
     page.click("#preset-refusal")
     assert page.input_value("#strength-slop") == "0"
     assert page.get_attribute("#preset-refusal", "aria-pressed") == "true"
@@ -154,11 +156,17 @@ def test_page_controls(demo_server, page):
     page.fill("#strength-refusal-value", "5")
     page.press("#strength-refusal-value", "Tab")
     assert page.input_value("#strength-refusal") == "2"
+    assert page.input_value("#model") == "qwen-demo+refusal:2.0"
+    assert page.inner_text("#model option[data-custom]") == "qwen-demo+refusal:2.0 (custom)"
 
     # Picking a preset model id sets the sliders from its suffix.
     page.select_option("#model", "qwen-demo+slop@auto")
     assert page.input_value("#strength-slop") == "1"
     assert page.input_value("#strength-refusal") == "0"
+    assert page.query_selector("#model option[data-custom]") is None
+    page.select_option("#model", "qwen-demo")
+    assert page.input_value("#strength-slop") == "0"
+    page.select_option("#model", "qwen-demo+slop@auto")
 
     # Shift+Enter adds a newline and sends nothing; Enter sends (checked with a mocked stream).
     page.click("#prompt")
