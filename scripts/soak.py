@@ -46,7 +46,7 @@ PROMPTS = [
     "Translate 'good morning' into French.",
     "Tell me a story about a robot.",
 ]
-OK_KINDS = ("completed", "disconnected", "429", "error_chunk")
+OK_KINDS = ("completed", "disconnected", "429", "408", "error_chunk")
 
 
 @dataclass
@@ -99,7 +99,8 @@ def start_server(tmp: Path, extra: list[str], wait: float = 300) -> tuple[subpro
     log = tmp / "server.log"
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", "demo", "--port", str(port), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + wait
     while time.time() < deadline:
@@ -126,7 +127,7 @@ def rss_mb(pid: int | None) -> float | None:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
-    except Exception:  # noqa: BLE001 - process gone: reported as n/a
+    except Exception:
         return None
     return None
 
@@ -138,7 +139,7 @@ def random_request(rng: random.Random, base: str, directions: list[str]) -> tupl
     """A valid request with random sampling and steering (body field or model suffixes)."""
     chat = rng.random() < 0.7
     model = base
-    body: dict = {"max_tokens": rng.randint(1, 24), "temperature": round(rng.uniform(0, 1.2), 2), "seed": rng.randint(0, 2**31)}
+    body: dict = {"max_tokens": rng.randint(1, 16), "temperature": round(rng.uniform(0, 1.2), 2), "seed": rng.randint(0, 2**31)}
     picked = [d for d in directions if rng.random() < 0.6]
     strengths = {d: round(rng.uniform(-1, 2), 2) for d in picked}
     if strengths and rng.random() < 0.3:
@@ -191,6 +192,12 @@ def _account_response(r: httpx.Response, tally: Tally, t0: float, burst: bool) -
         tally.counts["429"] += 1
         tally.counts["429_burst" if burst else "429_steady"] += 1
         return float(r.headers["retry-after"])
+    if r.status_code == 408:  # the server's --request-timeout: a proper, documented ending
+        if _envelope(r) is None or _envelope(r)["code"] != "timeout":
+            tally.fail("malformed_408", r.text)
+            return None
+        tally.counts["408"] += 1
+        return None
     if r.status_code >= 500:
         tally.fail("5xx", f"{r.status_code} {r.text}")
         return None
@@ -294,7 +301,9 @@ def main() -> int:
     p.add_argument("--burst", type=int, default=96, help="extra simultaneous requests at half time (default 96)")
     p.add_argument("--max-batch-size", type=int, default=8, help="for the server this script starts")
     p.add_argument("--max-queue", type=int, default=64, help="for the server this script starts")
-    p.add_argument("--timeout", type=float, default=300, help="client timeout per request (s)")
+    p.add_argument("--request-timeout", type=float, default=240,
+                   help="--request-timeout of the server this script starts (s); longer waits end in 408")
+    p.add_argument("--timeout", type=float, default=300, help="client timeout per request (s); keep it above the server's")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -306,17 +315,18 @@ def main() -> int:
             raise SystemExit("soak: --base-url must be a loopback address")
     else:
         proc, url, log = start_server(tmp, [*test_directions(tmp), "--max-batch-size", str(args.max_batch_size),
-                                            "--max-queue", str(args.max_queue)])
+                                            "--max-queue", str(args.max_queue),
+                                            "--request-timeout", str(args.request_timeout)])
         pid = proc.pid
     try:
         # one warm-up request, so RSS at start includes the allocator's steady state
         httpx.post(url + "/v1/completions", json={"model": httpx.get(url + "/health").json()["model"], "prompt": "Hi",
                                                   "max_tokens": 2}, timeout=args.timeout)
-        rss0 = rss_mb(pid)
+        rss0, load0 = rss_mb(pid), os.getloadavg()[0]
         t0 = time.monotonic()
         tally = asyncio.run(soak(url, args.clients, args.duration, args.burst, args.timeout, args.seed))
         wall = time.monotonic() - t0
-        rss1 = rss_mb(pid)
+        rss1, load1 = rss_mb(pid), os.getloadavg()[0]
         crashed = proc is not None and proc.poll() is not None
         # afterwards: the server drains, is healthy, and answers a normal request
         health_ok, final_ok = False, False
@@ -350,6 +360,7 @@ def main() -> int:
         ("completed", f"{c['completed']} (stream {c['completed_stream']}, non-stream {c['completed_non_stream']})"),
         ("disconnected by client", c["disconnected"]),
         ("429 with Retry-After", f"{c['429']} (burst {c['429_burst']}, steady {c['429_steady']})"),
+        ("408 server request timeout", c["408"]),
         ("error chunks", c["error_chunk"] or 0),
         *[(f"  {k}", v) for k, v in sorted(c.items()) if k.startswith("error_chunk:")],
         *[(f"FAILURE {k}", v) for k, v in sorted(bad.items())],
@@ -358,6 +369,7 @@ def main() -> int:
         ("completed/s", f"{c['completed'] / wall:.2f}"),
         ("latency p50 / p95 (s)", f"{statistics.median(lat):.1f} / {lat[int(0.95 * (len(lat) - 1))]:.1f}" if lat else "n/a"),
         ("server RSS start / end (MiB)", f"{rss0:.0f} / {rss1:.0f}" if rss0 and rss1 else "n/a"),
+        ("host load average start / end", f"{load0:.1f} / {load1:.1f} on {os.cpu_count()} CPUs"),
         ("server crashed", crashed),
         ("traceback in server log", traceback_in_log),
         ("/health after", "ok" if health_ok else "FAILED"),

@@ -6,11 +6,13 @@ No route logic here (see server/api/) and no model logic (see server/engine/).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -236,6 +238,11 @@ class OpenAIServing:
             finally:
                 for t in tasks:
                     t.cancel()
+                # Let the pumps unwind (which cancels their engine requests) before the generators
+                # are closed below: closing one a pump still runs raises RuntimeError. Shielded, as
+                # Starlette cancels the stream of a gone client level-triggered.
+                with anyio.CancelScope(shield=True):
+                    await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             for g in gens:
                 await g.aclose()
@@ -254,7 +261,7 @@ class OpenAIServing:
         stream = self._streams(p)
         # Pull the first event before answering, so queue-full and shutdown become proper HTTP errors.
         try:
-            first = await stream.__anext__()
+            first = await self._first_event(stream, raw, kind)
         except (EngineOverloaded, EngineStopped) as e:
             raise self._check_submit(e) from None
         if p.stream:
@@ -264,6 +271,32 @@ class OpenAIServing:
             )
         body = await self._collect(p, kind, first, stream, raw)
         return JSONResponse(body, headers=headers)
+
+    async def _first_event(self, stream, raw: Request, kind: str):
+        """The first event, watching the client meanwhile: a request waiting in the queue whose
+        client hung up is cancelled there, instead of being prefilled for nobody and holding a
+        queue slot that live clients are refused for."""
+        task = asyncio.ensure_future(stream.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                if await raw.is_disconnected():
+                    break
+        except BaseException:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            await stream.aclose()
+            raise
+        task.cancel()  # the engine request is cancelled as its generator unwinds
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await task
+        await stream.aclose()
+        self.metrics.request_done(kind, "disconnected")
+        raise ClientDisconnected("client disconnected while the request was queued")
 
     async def _collect(self, p: Prepared, kind: str, first, stream, raw: Request) -> dict:
         n = len(p.sampling)

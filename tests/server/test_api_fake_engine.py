@@ -21,8 +21,8 @@ from server.engine.types import (
     EngineOverloaded,
     EngineStopped,
     GenerationRequest,
-    StepOutput,
     SteeringReport,
+    StepOutput,
     TokenLogprob,
 )
 from server.settings import ModelSettings, ServerSettings
@@ -484,3 +484,33 @@ def test_openapi_documents_what_the_server_answers(make_client):
     # and a real 400 matches the documented envelope
     err = client.post("/v1/chat/completions", json={"model": BASE, "messages": "x"}).json()
     assert set(err["error"]) == {"message", "type", "param", "code"}
+
+
+class _GoneClient:
+    """Stands in for the Starlette request of a client that has hung up."""
+
+    async def is_disconnected(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("n", [1, 2])
+async def test_gone_client_is_cancelled_while_its_request_waits(make_client, n):
+    """A queued request whose client left is cancelled in the queue, not prefilled for nobody."""
+    from server.protocol import ChatCompletionRequest
+    from server.serving import ClientDisconnected
+
+    def slow_start(req):
+        return hello_script(req)
+
+    engine = FakeEngine(slow_start, delay=30.0)  # the first event would come only after 30 s
+    client, _ = make_client(engine)
+    serving = client.app.state.frankly.serving
+    for stream in (False, True):
+        prepared = serving.prepare_chat(ChatCompletionRequest(model=BASE, messages=MSGS, n=n, stream=stream))
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(ClientDisconnected):
+            await serving.respond(prepared, _GoneClient(), "chat")
+        assert asyncio.get_running_loop().time() - t0 < 5
+        ids = {f"{prepared.request_id}-{i}" for i in range(n)}
+        assert ids <= set(engine.cancelled), (ids, engine.cancelled)
+    assert engine.num_running == 0

@@ -81,7 +81,7 @@ def test_right_key_lists_models(authed, key):
 def test_right_key_generates(authed, path):
     r = call(authed, "POST", path, key=ENV_KEYS[1])
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] == 1
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_admin_route_with_user_key_is_403(authed):
