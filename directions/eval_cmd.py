@@ -14,18 +14,31 @@ from directions.fileformat import DirectionFileError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model spec: 'demo', a directory, a .gguf file or a hub id")
-    p.add_argument("--direction", action="append", required=True, metavar="NAME=PATH",
-                   help="a direction file to evaluate (repeatable)")
+    p.add_argument(
+        "--direction",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a direction file to evaluate (repeatable)",
+    )
     p.add_argument("--strengths", default="0,0.5,1.0", help="comma-separated strengths (0 = unedited)")
-    p.add_argument("--conditional", action="store_true",
-                   help="also measure when='auto' (conditional ablation) and how often the condition fires")
-    p.add_argument("--max-tokens", type=int, default=100, help="tokens generated for refusal and slop (>= 100 for final figures)")
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        help="also measure when='auto' (conditional ablation) and how often the condition fires",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=100, help="tokens generated for refusal and slop (>= 100 for final figures)"
+    )
     p.add_argument("--long-tokens", type=int, default=256, help="length of the unedited long continuations")
     p.add_argument("--n-long", type=int, default=8, help="long harmless prompts teacher-forced for the long KL")
     p.add_argument("--capability-tokens", type=int, default=48, help="tokens generated per capability question")
     p.add_argument("--limit", type=int, help="at most N prompts per set (quick runs)")
-    p.add_argument("--all-metrics", action="store_true",
-                   help="measure every metric for every direction (default: the ones of its objective)")
+    p.add_argument(
+        "--all-metrics",
+        action="store_true",
+        help="measure every metric for every direction (default: the ones of its objective)",
+    )
     p.add_argument("--out-dir", required=True, help="where eval JSON and PNG go")
     p.add_argument("--prefix", default="eval", help="file name prefix of the outputs")
     p.add_argument("--batch-size", type=int, default=16)
@@ -40,9 +53,17 @@ def _fmt(v, pct=False) -> str:
 
 
 def format_table(result: dict) -> str:
-    cols = [("direction", "direction", False), ("when", "when", False), ("strength", "s", False),
-            ("refusal_rate", "refusal", True), ("refusals", "ref/N", False), ("first_token_kl", "KL@1", False),
-            ("long_kl", "KL long", False), ("slop_score", "slop/1k", False), ("capability", "capab.", True)]
+    cols = [
+        ("direction", "direction", False),
+        ("when", "when", False),
+        ("strength", "s", False),
+        ("refusal_rate", "refusal", True),
+        ("refusals", "ref/N", False),
+        ("first_token_kl", "KL@1", False),
+        ("long_kl", "KL long", False),
+        ("slop_score", "slop/1k", False),
+        ("capability", "capab.", True),
+    ]
     head = [c[1] for c in cols] + ["fired (harmful/harmless/long/creative/capab.)"]
     lines = []
     for r in result["rows"]:
@@ -50,8 +71,11 @@ def format_table(result: dict) -> str:
         if "refusals" in r:
             cells[4] = f"{r['refusals']}/{r['n_harmful']}"
         f = r.get("fired")
-        cells.append("/".join(_fmt(f.get(k), True) for k in ("harmful", "harmless", "long", "creative", "capability"))
-                     if f else "-")
+        cells.append(
+            "/".join(_fmt(f.get(k), True) for k in ("harmful", "harmless", "long", "creative", "capability"))
+            if f
+            else "-"
+        )
         lines.append(cells)
     widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
@@ -91,9 +115,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"frankly eval: {e}", file=sys.stderr)
             return 2
     sets = EvalSets.load(limit=args.limit, n_long=args.n_long)
-    cfg = EvalConfig(strengths=strengths, conditional=args.conditional, max_tokens=args.max_tokens,
-                     long_tokens=args.long_tokens, capability_tokens=args.capability_tokens,
-                     all_metrics=args.all_metrics)
+    cfg = EvalConfig(
+        strengths=strengths,
+        conditional=args.conditional,
+        max_tokens=args.max_tokens,
+        long_tokens=args.long_tokens,
+        capability_tokens=args.capability_tokens,
+        all_metrics=args.all_metrics,
+    )
     bench = Bench(lm.model, lm.tokenizer, directions, batch_size=args.batch_size)
     result = evaluate(bench, sets, list(directions), cfg)
     result["model"] = args.model

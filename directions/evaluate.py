@@ -164,8 +164,12 @@ class Bench:
 
     # engine ---------------------------------------------------------------
     def _new_engine(self) -> Engine:
-        eng = Engine(self.model, self.tok, self.directions,
-                     EngineConfig(max_batch_size=self.batch_size, max_queue=4 * self.batch_size))
+        eng = Engine(
+            self.model,
+            self.tok,
+            self.directions,
+            EngineConfig(max_batch_size=self.batch_size, max_queue=4 * self.batch_size),
+        )
         eng.start()
         return eng
 
@@ -205,14 +209,15 @@ class Bench:
             engine.shutdown()
         n_tok = sum(len(r.token_ids) for r in res)
         log.info("%s: %d generations, %d tokens in %.0f s", desc, len(res), n_tok, time.monotonic() - t0)
-        return {k: res[a:a + n] for k, a, n in spans}
+        return {k: res[a : a + n] for k, a, n in spans}
 
     def fired(self, name: str, prompts: list[list[int]]) -> list[bool]:
         """Whether the engine's condition for ``name`` fires on each prompt (prefill only, cached)."""
         k = (name, _key(prompts))
         if k not in self._fired:
-            res = self.generate([Job(("fire",), prompts, 1, {name: DirectionRequest(1.0, when="auto")})],
-                                desc=f"condition {name}")[("fire",)]
+            res = self.generate(
+                [Job(("fire",), prompts, 1, {name: DirectionRequest(1.0, when="auto")})], desc=f"condition {name}"
+            )[("fire",)]
             self._fired[k] = [bool(r.fired.get(name)) for r in res]
         return self._fired[k]
 
@@ -220,29 +225,39 @@ class Bench:
     def states(self, prompts: list[list[int]], desc: str | None = None):
         k = _key(prompts)
         if k not in self._states:
-            self._states[k] = metrics.forward_last(self.model, self.tok, prompts, states=True,
-                                                   batch_size=self.batch_size, desc=desc)[1]
+            self._states[k] = metrics.forward_last(
+                self.model, self.tok, prompts, states=True, batch_size=self.batch_size, desc=desc
+            )[1]
         return self._states[k]
 
     def base_logits(self, prompts: list[list[int]]):
         k = _key(prompts)
         if k not in self._base_logits:
-            self._base_logits[k] = metrics.forward_last(self.model, self.tok, prompts, batch_size=self.batch_size,
-                                                        desc="first-token logits (unedited)")[0]
+            self._base_logits[k] = metrics.forward_last(
+                self.model, self.tok, prompts, batch_size=self.batch_size, desc="first-token logits (unedited)"
+            )[0]
         return self._base_logits[k]
 
-    def first_token_kl(self, prompts: list[list[int]], strengths: dict[str, Sequence[float]]) -> tuple[float, list[float]]:
+    def first_token_kl(
+        self, prompts: list[list[int]], strengths: dict[str, Sequence[float]]
+    ) -> tuple[float, list[float]]:
         """First-token KL(P_orig || P_edited), batch mean and per prompt; per-row strengths per direction."""
         base = self.base_logits(prompts)
         if not any(x != 0 for s in strengths.values() for x in s):
             return 0.0, [0.0] * len(prompts)
         dirs = {n: self.directions[n] for n in strengths}
-        edited, _ = metrics.forward_last(self.model, self.tok, prompts, dirs, strengths, batch_size=self.batch_size,
-                                         desc="first-token logits (edited)")
+        edited, _ = metrics.forward_last(
+            self.model,
+            self.tok,
+            prompts,
+            dirs,
+            strengths,
+            batch_size=self.batch_size,
+            desc="first-token logits (edited)",
+        )
         return metrics.first_token_kl(base, edited)
 
-    def long_kl(self, prompts: list[list[int]], conts: list[list[int]], name: str,
-                strengths: Sequence[float]) -> dict:
+    def long_kl(self, prompts: list[list[int]], conts: list[list[int]], name: str, strengths: Sequence[float]) -> dict:
         """KL averaged over every position of teacher-forced continuations (pooled over prompts)."""
         allk, per = [], []
         for p, c, s in tqdm(list(zip(prompts, conts, strengths, strict=True)), desc=f"long KL {name}", leave=False):
@@ -250,8 +265,9 @@ class Bench:
             if s == 0:
                 kls = [0.0] * len(c)
             else:
-                kls, h = metrics.continuation_kl(self.model, p, c, {name: self.directions[name]}, {name: s},
-                                                 base_hidden=self._base_hidden.get(k))
+                kls, h = metrics.continuation_kl(
+                    self.model, p, c, {name: self.directions[name]}, {name: s}, base_hidden=self._base_hidden.get(k)
+                )
                 self._base_hidden[k] = h
             allk += kls
             per.append(sum(kls) / max(len(kls), 1))
@@ -286,11 +302,17 @@ def evaluate(bench: Bench, sets: EvalSets, names: Sequence[str], cfg: EvalConfig
     with ``when="auto"``). Returns a JSON-ready dict with one row per (direction, when, strength)."""
     t0 = time.monotonic()
     P = {
-        "harmful": bench.ids(sets.harmful), "harmless": bench.ids(sets.harmless), "long": bench.ids(sets.long),
-        "creative": bench.ids(sets.creative), "capability": bench.ids([q["question"] for q in sets.capability]),
+        "harmful": bench.ids(sets.harmful),
+        "harmless": bench.ids(sets.harmless),
+        "long": bench.ids(sets.long),
+        "creative": bench.ids(sets.creative),
+        "capability": bench.ids([q["question"] for q in sets.capability]),
     }
-    gen_sets = {"refusal": ("harmful", cfg.max_tokens), "slop": ("creative", cfg.max_tokens),
-                "capability": ("capability", cfg.capability_tokens)}
+    gen_sets = {
+        "refusal": ("harmful", cfg.max_tokens),
+        "slop": ("creative", cfg.max_tokens),
+        "capability": ("capability", cfg.capability_tokens),
+    }
     wanted = {n: _metrics_for(bench.directions[n], cfg) for n in names}
     modes = ["always"] + (["auto"] if cfg.conditional else [])
     auto_names = [n for n in names if bench.directions[n].has_condition]
@@ -310,8 +332,14 @@ def evaluate(bench: Bench, sets: EvalSets, names: Sequence[str], cfg: EvalConfig
                 jobs.append(Job((n, "always", s, m), P[gen_sets[m][0]], gen_sets[m][1], {n: DirectionRequest(s)}))
                 if n in fired:  # rows whose condition does not fire run the unedited model: reuse the baseline
                     idx = [i for i, f in enumerate(fired[n][gen_sets[m][0]]) if f]
-                    jobs.append(Job((n, "auto", s, m, tuple(idx)), [P[gen_sets[m][0]][i] for i in idx], gen_sets[m][1],
-                                    {n: DirectionRequest(s, when="auto")}))
+                    jobs.append(
+                        Job(
+                            (n, "auto", s, m, tuple(idx)),
+                            [P[gen_sets[m][0]][i] for i in idx],
+                            gen_sets[m][1],
+                            {n: DirectionRequest(s, when="auto")},
+                        )
+                    )
     out = bench.generate(jobs, desc="eval generations")
     conts = [r.token_ids for r in out[("base", "long")]]
 
@@ -370,11 +398,18 @@ def evaluate(bench: Bench, sets: EvalSets, names: Sequence[str], cfg: EvalConfig
                 log.info("%s", row)
     return {
         "sets": sets.counts(),
-        "config": {"strengths": cfg.strengths, "conditional": cfg.conditional, "max_tokens": cfg.max_tokens,
-                   "long_tokens": cfg.long_tokens, "capability_tokens": cfg.capability_tokens,
-                   "long_continuation_tokens": [len(c) for c in conts], "greedy": True},
-        "directions": {n: {k: bench.directions[n].metadata.get(k) for k in ("objective", "method", "chosen_layer")}
-                       for n in names},
+        "config": {
+            "strengths": cfg.strengths,
+            "conditional": cfg.conditional,
+            "max_tokens": cfg.max_tokens,
+            "long_tokens": cfg.long_tokens,
+            "capability_tokens": cfg.capability_tokens,
+            "long_continuation_tokens": [len(c) for c in conts],
+            "greedy": True,
+        },
+        "directions": {
+            n: {k: bench.directions[n].metadata.get(k) for k in ("objective", "method", "chosen_layer")} for n in names
+        },
         "rows": rows,
         "wall_s": round(time.monotonic() - t0, 1),
     }

@@ -42,8 +42,9 @@ def build_prompts(tokenizer, instructions: Sequence[str], systems: Sequence[str]
     return out
 
 
-def collect_states(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8,
-                   desc: str | None = None) -> torch.Tensor:
+def collect_states(
+    model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8, desc: str | None = None
+) -> torch.Tensor:
     """Last-prompt-token residual stream entering every decoder layer: (N, n_layers, d) float32."""
     _, states = metrics.forward_last(model, tokenizer, prompts, states=True, batch_size=batch_size, desc=desc)
     assert states is not None
@@ -61,8 +62,12 @@ class Means:
 
     @classmethod
     def from_states(cls, pos_states: torch.Tensor, neg_states: torch.Tensor) -> Means:
-        return cls(pos_states.to(torch.float64).mean(0), neg_states.to(torch.float64).mean(0),
-                   int(pos_states.shape[0]), int(neg_states.shape[0]))
+        return cls(
+            pos_states.to(torch.float64).mean(0),
+            neg_states.to(torch.float64).mean(0),
+            int(pos_states.shape[0]),
+            int(neg_states.shape[0]),
+        )
 
     @property
     def diff(self) -> torch.Tensor:
@@ -83,8 +88,14 @@ class Means:
         return out
 
 
-def extract_means(model, tokenizer, pos_prompts: Sequence[Sequence[int]], neg_prompts: Sequence[Sequence[int]],
-                  batch_size: int = 8, desc: str = "activations") -> tuple[Means, torch.Tensor, torch.Tensor]:
+def extract_means(
+    model,
+    tokenizer,
+    pos_prompts: Sequence[Sequence[int]],
+    neg_prompts: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    desc: str = "activations",
+) -> tuple[Means, torch.Tensor, torch.Tensor]:
     """Means of both sets plus the per-prompt states they came from (for detection checks)."""
     pos = collect_states(model, tokenizer, pos_prompts, batch_size, desc=f"{desc} (A)")
     neg = collect_states(model, tokenizer, neg_prompts, batch_size, desc=f"{desc} (B)")
@@ -92,6 +103,7 @@ def extract_means(model, tokenizer, pos_prompts: Sequence[Sequence[int]], neg_pr
 
 
 # ---- candidates --------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -172,6 +184,7 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
 
 # ---- detection (conditional ablation) -----------------------------------------------
 
+
 def threshold_at_fpr(neg_scores: Sequence[float], fpr: float) -> float:
     """A threshold that at most ``floor(fpr * n)`` negative scores exceed (score > threshold fires).
 
@@ -196,9 +209,15 @@ class Detection:
     record: dict  # firing rates per layer tried, chosen layer
 
 
-def calibrate_detection(vector: torch.Tensor, pos_states: torch.Tensor, neg_states: torch.Tensor,
-                        layers: Sequence[int], fpr: float = 0.05, prefer: int | None = None,
-                        check: tuple[torch.Tensor, torch.Tensor] | None = None) -> Detection:
+def calibrate_detection(
+    vector: torch.Tensor,
+    pos_states: torch.Tensor,
+    neg_states: torch.Tensor,
+    layers: Sequence[int],
+    fpr: float = 0.05,
+    prefer: int | None = None,
+    check: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Detection:
     """Pick detect layer and threshold on validation states so negatives fire <= ``fpr``.
 
     Score = hidden_states[layer][last token] . vector (what the engine's
@@ -212,14 +231,26 @@ def calibrate_detection(vector: torch.Tensor, pos_states: torch.Tensor, neg_stat
     for L in layers:
         ps, ns = pos_states[:, L] @ v, neg_states[:, L] @ v
         thr = threshold_at_fpr(ns.tolist(), fpr)
-        tried.append({"layer": int(L), "threshold": round(thr, 5), "fire_pos": round(float((ps > thr).float().mean()), 4),
-                      "fire_neg": round(float((ns > thr).float().mean()), 4)})
+        tried.append(
+            {
+                "layer": int(L),
+                "threshold": round(thr, 5),
+                "fire_pos": round(float((ps > thr).float().mean()), 4),
+                "fire_neg": round(float((ns > thr).float().mean()), 4),
+            }
+        )
     best = max(tried, key=lambda t: (t["fire_pos"], -t["fire_neg"], -abs(t["layer"] - (prefer or 0))))
     L = best["layer"]
     # the stored threshold is the exact midpoint; the record holds it rounded
     thr = threshold_at_fpr((neg_states[:, L] @ v).tolist(), fpr)
-    record = {"fpr_target": fpr, "layers": tried, "chosen_layer": L, "threshold": round(thr, 5),
-              "val_fire_pos": best["fire_pos"], "val_fire_neg": best["fire_neg"]}
+    record = {
+        "fpr_target": fpr,
+        "layers": tried,
+        "chosen_layer": L,
+        "threshold": round(thr, 5),
+        "val_fire_pos": best["fire_pos"],
+        "val_fire_neg": best["fire_neg"],
+    }
     if check is not None:
         record["train_fire_pos"] = round(float(((check[0][:, L] @ v) > thr).float().mean()), 4)
         record["train_fire_neg"] = round(float(((check[1][:, L] @ v) > thr).float().mean()), 4)
@@ -227,6 +258,7 @@ def calibrate_detection(vector: torch.Tensor, pos_states: torch.Tensor, neg_stat
 
 
 # ---- selection on the validation split ------------------------------------------------
+
 
 @dataclass
 class ExtractData:
@@ -270,8 +302,18 @@ def _objective_value(objective: str, res: list, capability: list[dict] | None = 
     return refusal_rate(texts) if objective == "refusal" else corpus_slop_score(texts)
 
 
-def _measure(bench, cfg: SelectConfig, sets: dict[str, DirectionSet], gen_prompts, kl_prompts, n_tokens: int,
-             cap_prompts=None, capability=None, desc="proxy", base: bool = True) -> dict[str, dict]:
+def _measure(
+    bench,
+    cfg: SelectConfig,
+    sets: dict[str, DirectionSet],
+    gen_prompts,
+    kl_prompts,
+    n_tokens: int,
+    cap_prompts=None,
+    capability=None,
+    desc="proxy",
+    base: bool = True,
+) -> dict[str, dict]:
     """Objective value (and capability) for every candidate, plus the unedited baseline ("base") if ``base``."""
     from directions.evaluate import DirectionRequest, Job, capability_correct
 
@@ -299,13 +341,19 @@ def _measure(bench, cfg: SelectConfig, sets: dict[str, DirectionSet], gen_prompt
 
 def _rank(figs: dict[str, dict], cfg: SelectConfig, base_cap: float | None = None) -> list[str]:
     """Candidates within the KL budget (and capability tolerance), best objective first, then lowest KL."""
-    ok = [k for k, f in figs.items() if k != "base" and f["first_token_kl"] <= cfg.kl_budget
-          and (base_cap is None or "capability" not in f or f["capability"] >= base_cap - cfg.capability_tolerance)]
+    ok = [
+        k
+        for k, f in figs.items()
+        if k != "base"
+        and f["first_token_kl"] <= cfg.kl_budget
+        and (base_cap is None or "capability" not in f or f["capability"] >= base_cap - cfg.capability_tolerance)
+    ]
     return sorted(ok, key=lambda k: (figs[k][cfg.objective], figs[k]["first_token_kl"]))
 
 
-def select_and_build(model, tokenizer, data: ExtractData, name: str, cfg: SelectConfig,
-                     candidates: list[Candidate] | None = None) -> DirectionSet:
+def select_and_build(
+    model, tokenizer, data: ExtractData, name: str, cfg: SelectConfig, candidates: list[Candidate] | None = None
+) -> DirectionSet:
     """Extract means on train, choose a candidate on validation, calibrate detection; return the set.
 
     With ``candidates`` given as a single entry, selection is skipped (used by tests and ``--no-select``).
@@ -317,13 +365,19 @@ def select_and_build(model, tokenizer, data: ExtractData, name: str, cfg: Select
     ids = lambda texts, systems=None: build_prompts(tokenizer, texts, systems)  # noqa: E731
     pos_tr, neg_tr = ids(data.pos_train, data.pos_systems), ids(data.neg_train, data.neg_systems)
     pos_va, neg_va = ids(data.pos_val, data.pos_systems), ids(data.neg_val, data.neg_systems)
-    means, tr_pos_states, tr_neg_states = extract_means(model, tokenizer, pos_tr, neg_tr, cfg.batch_size,
-                                                        desc="train activations")
+    means, tr_pos_states, tr_neg_states = extract_means(
+        model, tokenizer, pos_tr, neg_tr, cfg.batch_size, desc="train activations"
+    )
     val_pos_states = collect_states(model, tokenizer, pos_va, cfg.batch_size, desc="val activations (A)")
     val_neg_states = collect_states(model, tokenizer, neg_va, cfg.batch_size, desc="val activations (B)")
-    record: dict = {"objective": cfg.objective, "kl_budget": cfg.kl_budget, "candidate_layers": layers,
-                    "n_train": [means.n_pos, means.n_neg], "n_val": [len(pos_va), len(neg_va)],
-                    "layer_stats": means.layer_stats()}
+    record: dict = {
+        "objective": cfg.objective,
+        "kl_budget": cfg.kl_budget,
+        "candidate_layers": layers,
+        "n_train": [means.n_pos, means.n_neg],
+        "n_val": [len(pos_va), len(neg_va)],
+        "layer_stats": means.layer_stats(),
+    }
 
     if candidates and len(candidates) == 1:
         chosen = candidates[0]
@@ -339,7 +393,9 @@ def select_and_build(model, tokenizer, data: ExtractData, name: str, cfg: Select
         sets = lambda cs: {c.label: candidate_set(means, c, c.label) for c in cs}  # noqa: E731
         cands = candidates or [Candidate("single", L) for L in layers]
         stage1 = _measure(bench, cfg, sets(cands), gen_p, kl_p, cfg.proxy_tokens, desc="stage 1 (layers)")
-        ranked = _rank(stage1, cfg) or sorted((k for k in stage1 if k != "base"), key=lambda k: stage1[k]["first_token_kl"])
+        ranked = _rank(stage1, cfg) or sorted(
+            (k for k in stage1 if k != "base"), key=lambda k: stage1[k]["first_token_kl"]
+        )
         best = next(c for c in cands if c.label == ranked[0])
         record["stage1_proxy"] = stage1
         extra = []
@@ -351,15 +407,27 @@ def select_and_build(model, tokenizer, data: ExtractData, name: str, cfg: Select
                     extra += [Candidate("kernel", best.layer, s) for s in cfg.sigmas]
                 elif v == "perlayer":
                     extra.append(Candidate("perlayer", best.layer))
-        stage2 = _measure(bench, cfg, sets(extra), gen_p, kl_p, cfg.proxy_tokens, desc="stage 2 (variants)",
-                          base=False) if extra else {}
+        stage2 = (
+            _measure(bench, cfg, sets(extra), gen_p, kl_p, cfg.proxy_tokens, desc="stage 2 (variants)", base=False)
+            if extra
+            else {}
+        )
         record["stage2_proxy"] = stage2
         proxy = {**stage1, **stage2}
         top = (_rank(proxy, cfg) or ranked)[: cfg.confirm_top]
         by_label = {c.label: c for c in [*cands, *extra]}
         n = cfg.confirm_n or len(gen_all)
-        confirm = _measure(bench, cfg, sets([by_label[k] for k in top]), gen_all[:n], kl_all, cfg.confirm_tokens,
-                           cap_p, data.capability, desc="confirm")
+        confirm = _measure(
+            bench,
+            cfg,
+            sets([by_label[k] for k in top]),
+            gen_all[:n],
+            kl_all,
+            cfg.confirm_tokens,
+            cap_p,
+            data.capability,
+            desc="confirm",
+        )
         record["confirm"] = confirm
         base_cap = confirm["base"].get("capability") if cfg.objective == "slop" else None
         final = _rank(confirm, cfg, base_cap)
@@ -372,9 +440,15 @@ def select_and_build(model, tokenizer, data: ExtractData, name: str, cfg: Select
     dirs, weights = candidate_tensors(means, chosen)
     ds = DirectionSet(name=name, directions=dirs, layer_weights=weights)
     if cfg.detect:
-        det = calibrate_detection(means.diff[chosen.layer].float(), val_pos_states, val_neg_states, layers,
-                                  cfg.detect_fpr, prefer=chosen.layer,
-                                  check=(tr_pos_states, tr_neg_states))
+        det = calibrate_detection(
+            means.diff[chosen.layer].float(),
+            val_pos_states,
+            val_neg_states,
+            layers,
+            cfg.detect_fpr,
+            prefer=chosen.layer,
+            check=(tr_pos_states, tr_neg_states),
+        )
         ds.detect_vector, ds.detect_layer, ds.detect_threshold = det.vector, det.layer, det.threshold
         record["detection"] = det.record
     ds.metadata = {
@@ -382,7 +456,9 @@ def select_and_build(model, tokenizer, data: ExtractData, name: str, cfg: Select
         "method": f"mean-diff {chosen.kind}" + (f" sigma={chosen.sigma:g}" if chosen.kind == "kernel" else ""),
         "candidate": chosen.label,
         "chosen_layer": str(chosen.layer),
-        "prompt_hashes": {role: {"file": Path(p).name, "sha256": file_sha256(p)} for role, p in (data.files or {}).items()},
+        "prompt_hashes": {
+            role: {"file": Path(p).name, "sha256": file_sha256(p)} for role, p in (data.files or {}).items()
+        },
         "selection": record,
         "eval": record.get("confirm", {}).get(chosen.label, {}),
     }

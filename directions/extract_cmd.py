@@ -24,18 +24,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-negative", help="system prompts for side B")
     p.add_argument("--name", required=True, help="direction name (what requests ask for)")
     p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--objective", choices=("refusal", "slop"),
-                   help="selection objective (default: slop when system prompts are given, else refusal)")
+    p.add_argument(
+        "--objective",
+        choices=("refusal", "slop"),
+        help="selection objective (default: slop when system prompts are given, else refusal)",
+    )
     p.add_argument("--layers", help="candidate layers, e.g. '8-18', '6-18:2', '10,12' (default: middle 20%%-80%%)")
-    p.add_argument("--variants", default="orth,kernel,perlayer",
-                   help="refinements tried around the best single layer (comma list of orth, kernel, perlayer; '' = none)")
+    p.add_argument(
+        "--variants",
+        default="orth,kernel,perlayer",
+        help="refinements tried around the best single layer (comma list of orth, kernel, perlayer; '' = none)",
+    )
     p.add_argument("--layer", type=int, help="skip selection: use the mean difference of this layer ('single' kind)")
-    p.add_argument("--kl-prompts", help="harmless prompts for first-token KL (default: --val-negative for refusal, "
-                                        "prompts/refusal/harmless_val.txt for slop)")
-    p.add_argument("--capability", default=str(PROMPTS_DIR / "capability" / "questions.jsonl"),
-                   help="capability questions (jsonl) checked in the confirm stage")
+    p.add_argument(
+        "--kl-prompts",
+        help="harmless prompts for first-token KL (default: --val-negative for refusal, "
+        "prompts/refusal/harmless_val.txt for slop)",
+    )
+    p.add_argument(
+        "--capability",
+        default=str(PROMPTS_DIR / "capability" / "questions.jsonl"),
+        help="capability questions (jsonl) checked in the confirm stage",
+    )
     p.add_argument("--kl-budget", type=float, default=0.1, help="max first-token KL for a candidate to be chosen")
-    p.add_argument("--proxy-n", type=int, help="validation prompts per candidate in the fast stages (default 32 / slop 16)")
+    p.add_argument(
+        "--proxy-n", type=int, help="validation prompts per candidate in the fast stages (default 32 / slop 16)"
+    )
     p.add_argument("--proxy-tokens", type=int, help="tokens generated in the fast stages (default 24 / slop 64)")
     p.add_argument("--confirm-top", type=int, default=2, help="candidates re-measured with long generations")
     p.add_argument("--confirm-tokens", type=int, default=100, help="tokens generated in the confirm stage")
@@ -43,7 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-detect", action="store_true", help="do not calibrate a detection vector (conditional mode)")
     p.add_argument("--detect-fpr", type=float, default=0.05, help="max firing rate on side-B validation prompts")
     p.add_argument("--batch-size", type=int, default=16, help="engine batch size and forward batch size")
-    p.add_argument("--quick", action="store_true", help="mechanics check: every 2nd layer, few prompts, short generations")
+    p.add_argument(
+        "--quick", action="store_true", help="mechanics check: every 2nd layer, few prompts, short generations"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
 
@@ -61,27 +77,43 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     objective = args.objective or ("slop" if args.system_positive else "refusal")
-    kl_path = args.kl_prompts or (args.val_negative if objective == "refusal" else
-                                  str(PROMPTS_DIR / "refusal" / "harmless_val.txt"))
-    files = {"positive": args.positive, "negative": args.negative, "val_positive": args.val_positive,
-             "val_negative": args.val_negative, "kl_prompts": kl_path, "capability": args.capability}
+    kl_path = args.kl_prompts or (
+        args.val_negative if objective == "refusal" else str(PROMPTS_DIR / "refusal" / "harmless_val.txt")
+    )
+    files = {
+        "positive": args.positive,
+        "negative": args.negative,
+        "val_positive": args.val_positive,
+        "val_negative": args.val_negative,
+        "kl_prompts": kl_path,
+        "capability": args.capability,
+    }
     if args.system_positive:
         files["system_positive"] = args.system_positive
     if args.system_negative:
         files["system_negative"] = args.system_negative
     data = ExtractData(
-        pos_train=_lines(args.positive), neg_train=_lines(args.negative),
-        pos_val=_lines(args.val_positive), neg_val=_lines(args.val_negative),
-        pos_systems=_lines(args.system_positive), neg_systems=_lines(args.system_negative),
-        kl_prompts=_lines(kl_path), capability=read_capability(args.capability) if args.capability else None,
+        pos_train=_lines(args.positive),
+        neg_train=_lines(args.negative),
+        pos_val=_lines(args.val_positive),
+        neg_val=_lines(args.val_negative),
+        pos_systems=_lines(args.system_positive),
+        neg_systems=_lines(args.system_negative),
+        kl_prompts=_lines(kl_path),
+        capability=read_capability(args.capability) if args.capability else None,
         files=files,
     )
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     n_layers = lm.model.config.num_hidden_layers
     cfg = SelectConfig(
-        objective=objective, kl_budget=args.kl_budget, confirm_top=args.confirm_top,
-        confirm_tokens=args.confirm_tokens, confirm_n=args.confirm_n, detect=not args.no_detect,
-        detect_fpr=args.detect_fpr, batch_size=args.batch_size,
+        objective=objective,
+        kl_budget=args.kl_budget,
+        confirm_top=args.confirm_top,
+        confirm_tokens=args.confirm_tokens,
+        confirm_n=args.confirm_n,
+        detect=not args.no_detect,
+        detect_fpr=args.detect_fpr,
+        batch_size=args.batch_size,
         proxy_n=args.proxy_n or (16 if objective == "slop" else 32),
         proxy_tokens=args.proxy_tokens or (64 if objective == "slop" else 24),
         variants=tuple(v for v in args.variants.split(",") if v.strip()),
@@ -109,9 +141,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {k:>22}  " + "  ".join(f"{m}={v}" for m, v in f.items()))
     if "detection" in sel:
         d = sel["detection"]
-        print(f"\ndetection: layer {d['chosen_layer']} threshold {d['threshold']} "
-              f"val fire A={d['val_fire_pos']} B={d['val_fire_neg']} train fire A={d.get('train_fire_pos')} "
-              f"B={d.get('train_fire_neg')}")
+        print(
+            f"\ndetection: layer {d['chosen_layer']} threshold {d['threshold']} "
+            f"val fire A={d['val_fire_pos']} B={d['val_fire_neg']} train fire A={d.get('train_fire_pos')} "
+            f"B={d.get('train_fire_neg')}"
+        )
     print(f"\nwall time {time.monotonic() - t0:.0f} s")
     log.debug("selection record: %s", json.dumps(sel))
     return 0

@@ -35,8 +35,8 @@ def pad_left(batch: Sequence[Sequence[int]], pad_id: int, device=None):
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), n), dtype=torch.long)
     for i, x in enumerate(batch):
-        ids[i, n - len(x):] = torch.tensor(list(x), dtype=torch.long)
-        mask[i, n - len(x):] = 1
+        ids[i, n - len(x) :] = torch.tensor(list(x), dtype=torch.long)
+        mask[i, n - len(x) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     return ids.to(device), mask.to(device), pos.to(device)
 
@@ -85,12 +85,18 @@ def forward_last(
     logits_out, states_out = [], []
     with edited(model, directions) as hooks:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             if hooks is not None:
                 hooks.set_strengths({n: [s[i] for i in idx] for n, s in (strengths or {}).items()})
             ids, mask, pos = pad_left([prompts[i] for i in idx], _pad_id(tokenizer), device)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=states,
-                        use_cache=False, logits_to_keep=1)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                output_hidden_states=states,
+                use_cache=False,
+                logits_to_keep=1,
+            )
             logits_out.append(out.logits[:, -1, :].float().cpu())
             if states:
                 states_out.append(torch.stack([h[:, -1, :] for h in out.hidden_states[:n_layers]], 1).float().cpu())

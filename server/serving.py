@@ -222,7 +222,7 @@ class OpenAIServing:
                 try:
                     async for out in g:
                         await q.put((i, out))
-                except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+                except BaseException as e:  # forwarded to the consumer
                     await q.put((i, e))
 
             tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
@@ -333,10 +333,8 @@ class OpenAIServing:
                 if not task.done() and await raw.is_disconnected():
                     task.cancel()
                     self.metrics.request_done(kind, "disconnected")
-                    try:
+                    with contextlib.suppress(asyncio.CancelledError):
                         await task
-                    except asyncio.CancelledError:
-                        pass
                     # an error response rather than CancelledError, which uvicorn logs as a crash
                     raise ClientDisconnected("client disconnected before the response was ready")
             task.result()

@@ -20,8 +20,10 @@ def _prompts(lo: int, hi: int, n: int, seed: int) -> list[str]:
 
 def _data(n_train=12, n_val=10) -> extract.ExtractData:
     return extract.ExtractData(
-        pos_train=_prompts(3, 40, n_train, 1), neg_train=_prompts(60, 100, n_train, 2),
-        pos_val=_prompts(3, 40, n_val, 3), neg_val=_prompts(60, 100, n_val, 4),
+        pos_train=_prompts(3, 40, n_train, 1),
+        neg_train=_prompts(60, 100, n_train, 2),
+        pos_val=_prompts(3, 40, n_val, 3),
+        neg_val=_prompts(60, 100, n_val, 4),
     )
 
 
@@ -31,9 +33,13 @@ def test_states_follow_the_file_convention():
     prompts = extract.build_prompts(tok, ["t5 t6 t7 t8 t9", "t10"])
     captured = {}
     layers = decoder_layers(model)
-    handles = [layers[i].register_forward_pre_hook(
-        lambda m, a, k, i=i: captured.__setitem__(i, (a[0] if a else k["hidden_states"])[0, -1].clone()),
-        with_kwargs=True) for i in range(len(layers))]
+    handles = [
+        layers[i].register_forward_pre_hook(
+            lambda m, a, k, i=i: captured.__setitem__(i, (a[0] if a else k["hidden_states"])[0, -1].clone()),
+            with_kwargs=True,
+        )
+        for i in range(len(layers))
+    ]
     try:
         states = extract.collect_states(model, tok, prompts, batch_size=2)  # batch: prompt 1 is left padded
         assert states.shape == (2, len(layers), model.config.hidden_size)
@@ -107,8 +113,17 @@ def test_full_selection_runs_through_the_engine(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     data = _data()
     data.capability = [{"question": "t5 t6", "answer": "t7", "accept": ["t7"]}]
-    cfg = extract.SelectConfig(layers=[1, 2], proxy_n=4, proxy_tokens=3, confirm_top=2, confirm_n=4,
-                               confirm_tokens=4, capability_tokens=2, kl_budget=100.0, batch_size=4)
+    cfg = extract.SelectConfig(
+        layers=[1, 2],
+        proxy_n=4,
+        proxy_tokens=3,
+        confirm_top=2,
+        confirm_n=4,
+        confirm_tokens=4,
+        capability_tokens=2,
+        kl_budget=100.0,
+        batch_size=4,
+    )
     ds = extract.select_and_build(model, tok, data, "refusal", cfg)
     sel = ds.metadata["selection"]
     assert set(sel["stage1_proxy"]) == {"base", "single@1", "single@2"}
@@ -132,10 +147,29 @@ def test_cli_extract_on_a_tiny_model_directory(tmp_path):
     cap = tmp_path / "cap.jsonl"
     cap.write_text('{"question": "t5", "answer": "t6", "accept": ["t6"]}\n')
     out = tmp_path / "out.safetensors"
-    rc = main(["extract", "--model", model_dir, "--positive", str(files["pos_train"]),
-               "--negative", str(files["neg_train"]), "--val-positive", str(files["pos_val"]),
-               "--val-negative", str(files["neg_val"]), "--name", "refusal", "--out", str(out),
-               "--layer", "1", "--capability", str(cap)])
+    rc = main(
+        [
+            "extract",
+            "--model",
+            model_dir,
+            "--positive",
+            str(files["pos_train"]),
+            "--negative",
+            str(files["neg_train"]),
+            "--val-positive",
+            str(files["pos_val"]),
+            "--val-negative",
+            str(files["neg_val"]),
+            "--name",
+            "refusal",
+            "--out",
+            str(out),
+            "--layer",
+            "1",
+            "--capability",
+            str(cap),
+        ]
+    )
     assert rc == 0
     ds = load_direction(out)
     md = ds.public_metadata()
@@ -154,14 +188,37 @@ def test_cli_eval_on_a_tiny_model_directory(tmp_path):
     model = tiny_model("llama")
     model_dir = save_tiny_dir(model, tmp_path / "model")
     tok = tiny_tokenizer()
-    ds = extract.select_and_build(model, tok, _data(), "refusal", extract.SelectConfig(layers=[1], batch_size=4),
-                                  [extract.Candidate("single", 1)])
+    ds = extract.select_and_build(
+        model, tok, _data(), "refusal", extract.SelectConfig(layers=[1], batch_size=4), [extract.Candidate("single", 1)]
+    )
     ds.detect_threshold = -1e9  # always fires: every auto row must equal the always row
     path = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
     out = tmp_path / "eval"
-    rc = main(["eval", "--model", model_dir, "--direction", f"refusal={path}", "--strengths", "0.5,1",
-               "--conditional", "--limit", "3", "--max-tokens", "3", "--long-tokens", "5", "--n-long", "2",
-               "--capability-tokens", "2", "--all-metrics", "--out-dir", str(out)])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            model_dir,
+            "--direction",
+            f"refusal={path}",
+            "--strengths",
+            "0.5,1",
+            "--conditional",
+            "--limit",
+            "3",
+            "--max-tokens",
+            "3",
+            "--long-tokens",
+            "5",
+            "--n-long",
+            "2",
+            "--capability-tokens",
+            "2",
+            "--all-metrics",
+            "--out-dir",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "eval.json").read_text())
     assert (out / "eval.png").stat().st_size > 1000
