@@ -9,6 +9,7 @@ metadata ``detect_layer`` and ``detect_threshold``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -81,10 +82,8 @@ class DirectionSet:
         md = dict(self.metadata)
         for k in ("eval", "prompt_hashes", "fingerprint", "selection"):
             if k in md:
-                try:
+                with contextlib.suppress(TypeError, ValueError):
                     md[k] = json.loads(md[k])
-                except (TypeError, ValueError):
-                    pass
         md["n_layers"] = self.n_layers
         md["d_model"] = self.d_model
         md["conditional"] = self.has_condition

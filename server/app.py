@@ -98,7 +98,9 @@ def document_responses(schema: dict) -> dict:
 
 def max_model_len_for(model, requested: int | None) -> int:
     native = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
-    return min(requested or min(native, 32768), native)
+    # Default cap 8192: prefill is one uninterruptible pass, and a 32k prompt on a CPU
+    # would hold the engine for minutes. --max-model-len raises it.
+    return min(requested or min(native, 8192), native)
 
 
 def build_app(loaded, directions: dict, settings: ServerSettings, model_settings: ModelSettings,

@@ -103,6 +103,25 @@ ERROR_STATUSES = {
 }
 
 
+class RequestTimeout(APIError):
+    status = 408
+    type = "timeout_error"
+    code = "timeout"
+
+
+class ClientDisconnected(APIError):
+    """The client hung up before the answer was ready; nobody reads this (nginx's 499)."""
+
+    status = 499
+    code = "client_closed_request"
+
+
+class EngineFailure(APIError):
+    status = 500
+    type = "server_error"
+    code = "engine_error"
+
+
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 

@@ -18,7 +18,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.engine import Engine, EngineOverloaded, GenerationRequest, SamplingParams, StepOutput
 from server.engine.types import DirectionRequest, EngineStopped
-from server.errors import APIError, InvalidRequest, Overloaded, Unavailable
+from server.errors import (
+    APIError,
+    ClientDisconnected,
+    EngineFailure,
+    InvalidRequest,
+    Overloaded,
+    RequestTimeout,
+    Unavailable,
+)
 from server.metrics import Metrics
 from server.prompting import PromptError, chat_prompt_ids
 from server.protocol import ChatCompletionRequest, CompletionRequest, new_id, now
@@ -34,25 +42,6 @@ MIN_TEMPERATURE = 1e-5
 # A top_p that rounds to 0 in fp32 keeps no token at all (0/0 in sampling); this small a
 # nucleus keeps only the top token, which is what such a request asks for.
 MIN_TOP_P = 1e-6
-
-
-class RequestTimeout(APIError):
-    status = 408
-    type = "timeout_error"
-    code = "timeout"
-
-
-class ClientDisconnected(APIError):
-    """The client hung up before the answer was ready; nobody reads this (nginx's 499)."""
-
-    status = 499
-    code = "client_closed_request"
-
-
-class EngineFailure(APIError):
-    status = 500
-    type = "server_error"
-    code = "engine_error"
 
 
 @dataclass
@@ -343,8 +332,8 @@ class OpenAIServing:
         if errors:
             e = errors[0]
             self.metrics.request_done(kind, "error")
-            if e.error and "timed out" in e.error:
-                raise RequestTimeout(e.error)
+            if e.error_code == "timeout":
+                raise RequestTimeout(e.error or "request timed out")
             if e.finish_reason == "cancelled":
                 raise Unavailable(e.error or "request cancelled")
             raise EngineFailure(e.error or "generation failed")
@@ -438,7 +427,7 @@ class OpenAIServing:
                         if out.text:
                             yield chunk([choice(i, StepOutput(out.request_id, text=out.text))])
                         err = {"message": out.error or "generation cancelled", "type": "server_error",
-                               "param": None, "code": "timeout" if out.error and "timed out" in out.error else "engine_error"}
+                               "param": None, "code": out.error_code or "engine_error"}
                         yield f"data: {json.dumps({'error': err})}\n\n"
                         continue
                     yield chunk([choice(i, out)], steering=reports)

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-from pydantic import Field, field_validator
 from typing import Annotated
 
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 CONFIG_ENV = "FRANKLY_CONFIG"
 
@@ -39,7 +44,7 @@ class ModelSettings(_Base):
     directions: list[str] = Field(default_factory=list, description="NAME=PATH direction files (repeatable)")
     no_default_directions: bool = Field(False, description="do not load the directions shipped for the demo model")
     allow_fingerprint_mismatch: bool = Field(False, description="load directions whose config hash differs (shape must still match)")
-    max_model_len: int | None = Field(None, ge=16, description="context limit (default: the model's max_position_embeddings, capped at 32768)")
+    max_model_len: int | None = Field(None, ge=16, description="context limit (default: the model's max_position_embeddings, capped at 8192)")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
 
 

@@ -60,8 +60,8 @@ def start_server(tmp_dir: Path, *args: str, wait: float = 300, env: dict | None 
     log_path = Path(tmp_dir) / f"server-{port}.log"
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", "demo", "--port", str(port), *args]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    f = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
+    with open(log_path, "wb") as f:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + wait
     while time.time() < deadline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from server.deps import require_api_key, state
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -14,7 +15,8 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=[
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """OpenAI chat completions, streamed or not, with per-request ``steering``."""
     serving = state(request).serving
-    prepared = serving.prepare_chat(body)
+    # templating and tokenising a large body takes real CPU time: keep it off the event loop
+    prepared = await run_in_threadpool(serving.prepare_chat, body)
     return await serving.respond(prepared, request, "chat")
 
 
@@ -22,5 +24,5 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def completions(body: CompletionRequest, request: Request):
     """OpenAI text completions (one prompt per request), with per-request ``steering``."""
     serving = state(request).serving
-    prepared = serving.prepare_completion(body)
+    prepared = await run_in_threadpool(serving.prepare_completion, body)
     return await serving.respond(prepared, request, "completion")

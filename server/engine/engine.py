@@ -29,8 +29,8 @@ from server.engine.types import (
     EngineOverloaded,
     EngineStopped,
     GenerationRequest,
-    StepOutput,
     SteeringReport,
+    StepOutput,
     TokenLogprob,
 )
 from server.hooks import SteeringHooks
@@ -216,12 +216,18 @@ class Engine:
                     self._expire()
                     self._admit()
                     if self.rows:
-                        self._decode_step()
+                        try:
+                            self._decode_step()
+                        except Exception as e:  # one bad step must not take the engine down
+                            log.exception("decode step failed; ending the %d running rows", len(self.rows))
+                            for s in self.rows:
+                                self._finish(s, "error", error=f"generation failed: {type(e).__name__}", code="engine_error")
+                            self._drop_finished()
         except BaseException as e:  # the engine must never die silently
             log.exception("engine thread crashed")
             self.error = e
             for s in list(self.rows) + list(self._waiting):
-                self._finish(s, "error", error=f"engine failure: {type(e).__name__}")
+                self._finish(s, "error", error=f"engine failure: {type(e).__name__}", code="engine_error")
             self.rows = []
         finally:
             self.hooks.remove()
@@ -250,10 +256,10 @@ class Engine:
             elif kind == "stop":
                 for s in list(self._waiting):
                     self._dec_waiting()
-                    self._finish(s, "cancelled", error="server shutting down")
+                    self._finish(s, "cancelled", error="server shutting down", code="shutdown")
                 self._waiting.clear()
                 for s in self.rows:
-                    self._finish(s, "cancelled", error="server shutting down")
+                    self._finish(s, "cancelled", error="server shutting down", code="shutdown")
                 self.rows = []
                 return False
 
@@ -267,10 +273,10 @@ class Engine:
             if s.deadline and now > s.deadline:
                 self._waiting.remove(s)
                 self._dec_waiting()
-                self._finish(s, "error", error="request timed out while waiting")
+                self._finish(s, "error", error="request timed out while waiting", code="timeout")
         for s in self.rows:
             if s.deadline and now > s.deadline and not s.done:
-                self._finish(s, "error", error="request timed out")
+                self._finish(s, "error", error="request timed out", code="timeout")
         self._drop_finished()
 
     # prefill ---------------------------------------------------------------
@@ -283,7 +289,7 @@ class Engine:
                 self._prefill(seq)
             except Exception as e:  # a bad request must not take the engine down
                 log.exception("prefill failed for %s", seq.req.request_id)
-                self._finish(seq, "error", error=f"prefill failed: {type(e).__name__}: {e}")
+                self._finish(seq, "error", error=f"prefill failed: {type(e).__name__}: {e}", code="engine_error")
                 self._strength_dirty = True
 
     def _condition_score(self, seq_ids: torch.Tensor, auto: dict[str, DirectionSet], always: dict[str, float]):
@@ -292,7 +298,7 @@ class Engine:
         handles = []
         layers = self.hooks_layers()
         for L in {ds.detect_layer for ds in auto.values()}:
-            if L >= len(layers):  # detection on the final hidden state: capture the norm's input
+            if len(layers) <= L:  # detection on the final hidden state: capture the norm's input
                 continue
 
             def pre(module, args, kwargs, L=L):
@@ -350,7 +356,7 @@ class Engine:
             if d.when == "auto" and d.strength == 0:
                 seq.report[n].fired = False
         seq.strengths = {n: s for n, s in always.items() if s != 0}
-        for n, s in seq.strengths.items():
+        for n in seq.strengths:
             self.metrics.steering_used(n)
         logits = out.logits[:, -1, :].float()
         tok = sample_rows(logits, [seq.req.sampling], [seq.gen])
@@ -452,7 +458,7 @@ class Engine:
             entry.top = [(self.tok.decode([int(t)]), int(t), float(x)) for x, t in zip(v, i, strict=True)]
         return entry
 
-    def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: _Seq, reason: str, error: str | None = None, code: str | None = None) -> None:
         if seq.done:
             return
         seq.done = True
@@ -462,6 +468,7 @@ class Engine:
             prompt_tokens=len(seq.req.prompt_ids),
             completion_tokens=len(seq.generated),
             error=error,
+            error_code=code or ("engine_error" if error else None),
         )
         if not seq.sent_report:
             out.steering = seq.report

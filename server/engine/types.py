@@ -90,6 +90,7 @@ class StepOutput:
     completion_tokens: int = 0
     steering: dict[str, SteeringReport] | None = None  # sent with the first event
     error: str | None = None
+    error_code: str | None = None  # "timeout" | "engine_error" | "shutdown" when error is set
 
     @property
     def finished(self) -> bool:

@@ -220,7 +220,8 @@ def test_stream_error_chunk_framing(make_client, error, code):
     def script(req):
         n = len(req.prompt_ids)
         return [StepOutput(req.request_id, text="Par", prompt_tokens=n, completion_tokens=1, steering={}),
-                StepOutput(req.request_id, text="tial", finish_reason="error", error=error, prompt_tokens=n, completion_tokens=2)]
+                StepOutput(req.request_id, text="tial", finish_reason="error", error=error, error_code=code,
+                           prompt_tokens=n, completion_tokens=2)]
 
     client, _ = make_client(FakeEngine(script))
     r, raw = stream(client, "/v1/chat/completions", {
@@ -243,7 +244,9 @@ def test_stream_error_chunk_framing(make_client, error, code):
 ])
 def test_non_stream_engine_failures_map_to_the_envelope(make_client, reason, error, status, code):
     def script(req):
-        return [StepOutput(req.request_id, finish_reason=reason, error=error, prompt_tokens=len(req.prompt_ids), steering={})]
+        ecode = {"engine_error": "engine_error", "timeout": "timeout", "unavailable": "shutdown"}[code]
+        return [StepOutput(req.request_id, finish_reason=reason, error=error, error_code=ecode,
+                           prompt_tokens=len(req.prompt_ids), steering={})]
 
     client, _ = make_client(FakeEngine(script))
     r = client.post("/v1/chat/completions", json={"model": BASE, "messages": MSGS})
