@@ -351,6 +351,15 @@ def _rank(figs: dict[str, dict], cfg: SelectConfig, base_cap: float | None = Non
     return sorted(ok, key=lambda k: (figs[k][cfg.objective], figs[k]["first_token_kl"]))
 
 
+def _fallback(figs: dict[str, dict], cfg: SelectConfig, base_cap: float | None) -> list[str]:
+    """Order when nothing passes :func:`_rank`: least capability lost (within the KL budget if any is), else lowest KL."""
+    cands = [k for k in figs if k != "base"]
+    within = [k for k in cands if figs[k]["first_token_kl"] <= cfg.kl_budget]
+    if base_cap is None or not within:
+        return sorted(cands, key=lambda k: figs[k]["first_token_kl"])
+    return sorted(within, key=lambda k: (base_cap - figs[k].get("capability", 0.0), figs[k][cfg.objective]))
+
+
 def select_and_build(
     model, tokenizer, data: ExtractData, name: str, cfg: SelectConfig, candidates: list[Candidate] | None = None
 ) -> DirectionSet:
@@ -432,8 +441,13 @@ def select_and_build(
         base_cap = confirm["base"].get("capability") if cfg.objective == "slop" else None
         final = _rank(confirm, cfg, base_cap)
         if not final:
-            record["warning"] = "no confirmed candidate met the KL budget/capability tolerance; lowest KL taken"
-            final = sorted(top, key=lambda k: confirm[k]["first_token_kl"])
+            final = _fallback(confirm, cfg, base_cap)
+            record["warning"] = (
+                "no confirmed candidate met the KL budget and capability tolerance; took the smallest capability "
+                "drop within the KL budget (then best objective)"
+                if base_cap is not None
+                else "no confirmed candidate met the KL budget; took the lowest KL"
+            )
         chosen = by_label[final[0]]
         bench.close()
     record["chosen"] = chosen.label

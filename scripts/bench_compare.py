@@ -198,7 +198,9 @@ def run_bandwidth(args) -> dict:
 # ---- servers ---------------------------------------------------------------------------
 def frankly_cmd(args, direction: str) -> list[str]:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", "demo", "--host", "127.0.0.1", "--port", "{port}",
-           "--max-batch-size", str(max(8, *args.streams_list, args.rss_streams)), "--direction", f"refusal={direction}"]
+           "--max-batch-size", str(max(8, *args.streams_list, args.rss_streams)), "--direction", f"refusal={direction}",
+           # the default 600 s request timeout cuts the 8 x 512 memory load short on a slow or busy machine
+           "--request-timeout", str(int(args.timeout))]
     if args.num_threads:
         cmd += ["--num-threads", str(args.num_threads)]
     return cmd
@@ -254,13 +256,15 @@ async def measure_server(srv, name: str, args, scenarios: list[tuple[str, list[d
         s = await bench.run_load(srv.url, model, args.rss_streams, args.rss_tokens, requests=args.rss_streams,
                                  label=f"{name} rss {args.rss_streams}x{args.rss_tokens}", timeout=args.timeout)
         mem = {"system": name, "streams": args.rss_streams, "max_tokens": args.rss_tokens,
-               "tokens": s["tokens"], "errors": s["errors"], "wall_s": s["wall_s"], "agg_tok_s": s["agg_tok_s"],
+               "tokens": s["tokens"], "errors": s["errors"], "error_samples": s["error_samples"],
+               "wall_s": s["wall_s"], "agg_tok_s": s["agg_tok_s"], "finish_reasons": s["finish_reasons"],
                "idle_rss_mib": round(srv.idle_rss / 2**20, 1) if srv.idle_rss else None,
                "peak_rss_mib": round(srv.rss.peak / 2**20, 1)}
         if noise:
             mem.update(noise.stop())
         print(f"  peak RSS [{name}] {args.rss_streams}x{args.rss_tokens}: {mem['peak_rss_mib']} MiB "
-              f"(idle {mem['idle_rss_mib']} MiB, {s['tokens']} tokens)", flush=True)
+              f"(idle {mem['idle_rss_mib']} MiB, {s['tokens']} tokens, {s['errors']} errors "
+              f"{s['error_samples'][:1]})", flush=True)
     return rows, jl, mem
 
 
@@ -321,12 +325,13 @@ def report(res: dict) -> str:
                     f"{j.get('join_penalty_s')} | {ls.get('max_gap_near_join_s')} | {ls.get('itl_p50_s')} | "
                     f"{j.get('other_cores')} |\n")
     if res.get("memory") and wb:
-        out += f"\nMemory (weights {wb['weight_bytes'] / 2**20:.0f} MiB on disk, {', '.join(wb['dtypes'])}; "
+        out += f"\n\nMemory (weights {wb['weight_bytes'] / 2**20:.0f} MiB on disk, {', '.join(wb['dtypes'])}; "
         out += f"KV cache {wb['kv_cache_bytes_per_token_fp32'] / 1024:.1f} KiB per token):\n\n"
-        out += "| system | load | tokens | idle RSS MiB | peak RSS MiB | peak / weights |\n|---|---|---|---|---|---|\n"
+        out += ("| system | load | tokens | errors | idle RSS MiB | peak RSS MiB | peak / weights |\n"
+                "|---|---|---|---|---|---|---|\n")
         for m in res["memory"]:
-            out += (f"| {m['system']} | {m['streams']} x {m['max_tokens']} | {m['tokens']} | {m['idle_rss_mib']} | "
-                    f"{m['peak_rss_mib']} | {m['peak_rss_mib'] * 2**20 / wb['weight_bytes']:.2f} |\n")
+            out += (f"| {m['system']} | {m['streams']} x {m['max_tokens']} | {m['tokens']} | {m['errors']} | "
+                    f"{m['idle_rss_mib']} | {m['peak_rss_mib']} | {m['peak_rss_mib'] * 2**20 / wb['weight_bytes']:.2f} |\n")
     return out
 
 
@@ -341,7 +346,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", help=f"comma list of sections to run, from {','.join(SECTIONS)}")
     p.add_argument("--skip", help="comma list of sections to leave out")
     p.add_argument("--join-long-tokens", type=int, help="length of the long generation (default 256; quick 48)")
-    p.add_argument("--join-delay", type=float, help="seconds after the long request's first token before the short one is sent (default 2; quick 1)")
+    p.add_argument("--join-delay", type=float,
+                   help="seconds after the long request's first token before the short one is sent (default 2; quick 1)")
     p.add_argument("--join-repeats", type=int, default=1)
     p.add_argument("--rss-streams", type=int, help="streams for the peak-RSS load (default 8; quick 2)")
     p.add_argument("--rss-tokens", type=int, help="max_tokens for the peak-RSS load (default 512; quick 32)")
@@ -352,7 +358,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--direction", help="refusal direction file (default: shipped, else a random one)")
     p.add_argument("--cb-num-blocks", type=int, default=64, help="transformers serve CB cache blocks (x256 tokens)")
     p.add_argument("--cb-max-batch-tokens", type=int, default=2048)
-    p.add_argument("--timeout", type=float, default=1800, help="per-request timeout s")
+    p.add_argument("--timeout", type=float, default=3600,
+                   help="per-request timeout s, client side and frankly's --request-timeout (default 3600)")
     p.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for a server to load")
     p.add_argument("--out", default="bench-results", help="output folder (JSON, markdown, server logs)")
     # internal: the generate baseline runs in a child process so its memory and threads are its own
@@ -457,7 +464,8 @@ def main(argv=None) -> int:
     (out_dir / "bench_compare.json").write_text(json.dumps(res, indent=2, default=str))
     (out_dir / "bench_compare.md").write_text(md + "\n")
     print(f"wrote {out_dir / 'bench_compare.json'} and {out_dir / 'bench_compare.md'}")
-    return 1 if any(r["errors"] for r in res["runs"]) else 0
+    failed = any(r["errors"] for r in res["runs"]) or any(m["errors"] for m in res["memory"])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
