@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +29,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_direction(path, name: str) -> str:
+    """A random unit direction for the demo model (24 layers x 896), saved as a direction file."""
+    from transformers import AutoConfig
+
+    from directions.fileformat import DirectionSet, save_direction
+    from server.modelio import locate
+
+    g = torch.Generator().manual_seed(0)
+    ds = DirectionSet(name, torch.nn.functional.normalize(torch.randn(24, 896, generator=g), dim=-1), torch.ones(24))
+    save_direction(ds, path, config=AutoConfig.from_pretrained(locate("demo")[0]))
+    return str(path)
 
 
 @dataclass

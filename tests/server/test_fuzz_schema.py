@@ -11,7 +11,6 @@ import zlib
 
 import pytest
 import schemathesis
-import torch
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import (
     content_type_conformance,
@@ -20,21 +19,11 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from tests.conftest import make_direction
+
 FUZZED = r"^/v1/(chat/completions|completions|models|directions)$"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
-
-def make_direction(path, name: str) -> str:
-    """A random unit direction for the demo model (24 layers x 896), saved as a direction file."""
-    from transformers import AutoConfig
-
-    from directions.fileformat import DirectionSet, save_direction
-    from server.modelio import locate
-
-    g = torch.Generator().manual_seed(0)
-    ds = DirectionSet(name, torch.nn.functional.normalize(torch.randn(24, 896, generator=g), dim=-1), torch.ones(24))
-    save_direction(ds, path, config=AutoConfig.from_pretrained(locate("demo")[0]))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

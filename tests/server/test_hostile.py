@@ -14,7 +14,8 @@ import time
 
 import httpx
 import pytest
-import torch
+
+from tests.conftest import make_direction
 
 BASE = "qwen-demo"
 MSGS = [{"role": "user", "content": "Hi"}]
@@ -22,18 +23,6 @@ CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
 # greedy counting never reaches EOS before max_tokens (a sampled chat answer may end early)
 COUNTING = {"model": BASE, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "temperature": 0}
 
-
-def make_direction(path, name: str) -> str:
-    """A random unit direction for the demo model (24 layers x 896), saved as a direction file."""
-    from transformers import AutoConfig
-
-    from directions.fileformat import DirectionSet, save_direction
-    from server.modelio import locate
-
-    g = torch.Generator().manual_seed(0)
-    ds = DirectionSet(name, torch.nn.functional.normalize(torch.randn(24, 896, generator=g), dim=-1), torch.ones(24))
-    save_direction(ds, path, config=AutoConfig.from_pretrained(locate("demo")[0]))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
