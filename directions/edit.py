@@ -34,7 +34,7 @@ def project_out(y: torch.Tensor, r: torch.Tensor, coef: torch.Tensor | float) ->
 
 
 def project_out_(y: torch.Tensor, r: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """In-place variant of :func:`project_out` (used by the hooks)."""
+    """In-place variant of :func:`project_out` (for callers that own ``y``)."""
     r = r.to(dtype=y.dtype, device=y.device)
     proj = (y @ r).unsqueeze(-1)
     y.sub_((coef * proj) * r)

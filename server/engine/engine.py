@@ -44,6 +44,7 @@ class EngineConfig:
     max_queue: int = 64  # waiting requests beyond the running batch
     max_model_len: int = 4096
     num_threads: int | None = None  # torch intra-op threads; None = torch default
+    prefill_token_budget: int = 256  # prompt tokens prefilled per step while other rows decode
 
 
 class _NullMetrics:
@@ -281,8 +282,15 @@ class Engine:
 
     # prefill ---------------------------------------------------------------
     def _admit(self) -> None:
+        # While rows are decoding, prefill at most ``prefill_token_budget`` prompt tokens per
+        # step, so a burst of arrivals does not stall the running streams for many prefills.
+        budget = self.config.prefill_token_budget if self.rows else None
+        spent = 0
         while self._waiting and len(self.rows) < self.config.max_batch_size:
+            if budget is not None and spent and spent + len(self._waiting[0].req.prompt_ids) > budget:
+                break
             seq = self._waiting.popleft()
+            spent += len(seq.req.prompt_ids)
             self._dec_waiting()
             self.metrics.queue_time(time.monotonic() - seq.t_arrival)
             try:
