@@ -112,9 +112,10 @@ class EvalSets:
 
     harmful: list[str]
     harmless: list[str]
-    long: list[str]
+    long: list[str]  # pool of long-answer prompts (see ``n_long``)
     creative: list[str]
     capability: list[dict]
+    n_long: int = 8
 
     @classmethod
     def load(cls, limit: int | None = None, n_long: int = 8, root: Path = PROMPTS_DIR) -> EvalSets:
@@ -122,13 +123,16 @@ class EvalSets:
         return cls(
             harmful=cut(read_lines(root / "refusal" / "harmful_val.txt")),
             harmless=cut(read_lines(root / "refusal" / "harmless_val.txt")),
-            long=read_lines(root / "refusal" / "harmless_long.txt")[: min(n_long, limit or n_long)],
+            # a pool twice the size: the first n_long whose unedited continuation reaches full length are used
+            long=read_lines(root / "refusal" / "harmless_long.txt")[: 2 * min(n_long, limit or n_long)],
+            n_long=min(n_long, limit or n_long),
             creative=cut(read_lines(root / "slop" / "creative_val.txt")),
             capability=cut(read_capability(root / "capability" / "questions.jsonl")),
         )
 
     def counts(self) -> dict[str, int]:
-        return {k: len(getattr(self, k)) for k in ("harmful", "harmless", "long", "creative", "capability")}
+        out = {k: len(getattr(self, k)) for k in ("harmful", "harmless", "creative", "capability")}
+        return {**out, "long": min(self.n_long, len(self.long)), "long_pool": len(self.long)}
 
 
 @dataclass
@@ -341,7 +345,15 @@ def evaluate(bench: Bench, sets: EvalSets, names: Sequence[str], cfg: EvalConfig
                         )
                     )
     out = bench.generate(jobs, desc="eval generations")
-    conts = [r.token_ids for r in out[("base", "long")]]
+    # Long KL wants long continuations: keep the first n_long that reached long_tokens (then the longest others).
+    long_res = out[("base", "long")]
+    full = [i for i, r in enumerate(long_res) if len(r.token_ids) >= cfg.long_tokens]
+    rest = sorted((i for i in range(len(long_res)) if i not in full), key=lambda i: -len(long_res[i].token_ids))
+    keep = sorted((full + rest)[: sets.n_long])
+    P["long"] = [P["long"][i] for i in keep]
+    conts = [long_res[i].token_ids for i in keep]
+    for n in fired:
+        fired[n]["long"] = [fired[n]["long"][i] for i in keep]
 
     def texts(n, mode, s, m) -> tuple[list[GenResult], int]:
         base = out[("base", m)]
@@ -405,6 +417,7 @@ def evaluate(bench: Bench, sets: EvalSets, names: Sequence[str], cfg: EvalConfig
             "long_tokens": cfg.long_tokens,
             "capability_tokens": cfg.capability_tokens,
             "long_continuation_tokens": [len(c) for c in conts],
+            "long_prompts": [sets.long[i] for i in keep],
             "greedy": True,
         },
         "directions": {
