@@ -9,14 +9,69 @@ text-generation-inference Python server.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class GrowableLayer(DynamicLayer):
+    """A full-attention cache layer with spare capacity: a decode step writes one
+    position in place instead of concatenating (copying) the whole cache.
+
+    ``keys``/``values`` are views of the first ``length`` positions of larger
+    buffers. Code that assigns ``keys``/``values`` directly (row joins and
+    leaves in this module) is detected on the next update and the new tensors
+    are adopted into fresh buffers, so the layer stays a drop-in DynamicLayer.
+    """
+
+    headroom = 128  # positions of spare room allocated when a buffer (re)grows
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._kbuf = self._vbuf = None
+        self._view = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[2]
+        old_k, old_v = (self.keys, self.values) if self.keys.dim() == 4 else (None, None)
+        length = old_k.shape[2] if old_k is not None else 0
+        kb = self._kbuf
+        if self.keys is not self._view or kb is None or kb.shape[0] != key_states.shape[0] or length + q > kb.shape[2]:
+            cap = length + q + max(self.headroom, (length + q) // 4)
+            b, h, _, d = key_states.shape
+            kb = key_states.new_empty((b, h, cap, d))
+            vb = value_states.new_empty((b, h, cap, value_states.shape[3]))
+            if length:
+                kb[:, :, :length].copy_(old_k)
+                vb[:, :, :length].copy_(old_v)
+            self._kbuf, self._vbuf = kb, vb
+        self._kbuf[:, :, length : length + q].copy_(key_states)
+        self._vbuf[:, :, length : length + q].copy_(value_states)
+        self.keys = self._kbuf[:, :, : length + q]
+        self.values = self._vbuf[:, :, : length + q]
+        self._view = self.keys
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._view = None
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._view = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._view = None
 
 
 def new_cache() -> DynamicCache:
-    # No config: every layer is a plain full-attention DynamicLayer, so rows of
+    # No config: every layer is a plain full-attention layer, so rows of
     # different lengths can be padded and concatenated. Sliding-window models
     # still get the right result, because their masks come from the 2D mask.
-    return DynamicCache()
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = GrowableLayer
+    return cache
 
 
 def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
