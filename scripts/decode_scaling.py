@@ -92,20 +92,29 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("batch  ms/step concat  ms/step in-place  in-place gain  tok/s in-place  x b=1")
         for b, dyn, gro in rows:
-            print(f"{b:>5}  {dyn:>14.1f}  {gro:>16.1f}  {100 * (dyn - gro) / dyn:>12.1f}%  {1000 * b / gro:>14.1f}  {base * b / gro:>5.2f}")
+            print(
+                f"{b:>5}  {dyn:>14.1f}  {gro:>16.1f}  {100 * (dyn - gro) / dyn:>12.1f}%  {1000 * b / gro:>14.1f}  {base * b / gro:>5.2f}"
+            )
 
         ids = torch.randint(100, 1000, (args.streams, args.prompt_len))
 
         def one_by_one():
             for i in range(args.streams):
-                model(input_ids=ids[i : i + 1], attention_mask=torch.ones_like(ids[i : i + 1]), use_cache=True, logits_to_keep=1)
+                model(
+                    input_ids=ids[i : i + 1],
+                    attention_mask=torch.ones_like(ids[i : i + 1]),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
 
         def batched():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
 
         t1, t2 = _time(one_by_one, 3), _time(batched, 3)
         print()
-        print(f"prefill of {args.streams} x {args.prompt_len} tokens: one by one {1000 * t1:.0f} ms, batched {1000 * t2:.0f} ms ({t1 / t2:.2f}x)")
+        print(
+            f"prefill of {args.streams} x {args.prompt_len} tokens: one by one {1000 * t1:.0f} ms, batched {1000 * t2:.0f} ms ({t1 / t2:.2f}x)"
+        )
     return 0
 
 

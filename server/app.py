@@ -120,7 +120,7 @@ def build_app(loaded, directions: dict, settings: ServerSettings, model_settings
     serving = OpenAIServing(engine, loaded.tokenizer, policy, settings, metrics, mml)
     bake_jobs = None
     try:
-        from directions.bake import BakeJobs
+        from directions.bake_jobs import BakeJobs
 
         bake_jobs = BakeJobs(loaded, directions, settings.bake_dir)
     except ImportError:  # bake module not available

@@ -16,7 +16,6 @@ from directions import bake as bake_mod
 from directions.bake import (
     BAKE_FILE,
     BakeExistsError,
-    BakeJobs,
     BakeNameError,
     BakeStorageError,
     BakeStrengthError,
@@ -25,6 +24,7 @@ from directions.bake import (
     bake_to_dir,
     validate_name,
 )
+from directions.bake_jobs import BakeJobs
 from server.hooks import SteeringHooks
 from tests.tiny_models import PRE_NORM_ARCHS, random_direction_set, save_tiny_dir, tiny_model, tokens
 

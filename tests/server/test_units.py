@@ -160,7 +160,7 @@ def test_settings_source_order(tmp_path, monkeypatch):
     from server.settings import CONFIG_ENV, ServerSettings
 
     cfg = tmp_path / "f.toml"
-    cfg.write_text('port = 7001\nmax_n = 3\nmax_queue = 5\n')
+    cfg.write_text("port = 7001\nmax_n = 3\nmax_queue = 5\n")
     monkeypatch.setenv(CONFIG_ENV, str(cfg))
     monkeypatch.setenv("FRANKLY_MAX_N", "2")
     monkeypatch.setenv("FRANKLY_API_KEYS", "a,b")
