@@ -209,43 +209,76 @@ class Detection:
     record: dict  # firing rates per layer tried, chosen layer
 
 
+def lda_vector(pos: torch.Tensor, neg: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """Shrinkage LDA direction ``(S + lambda * tr(S)/d * I)^-1 (mu_pos - mu_neg)``, unit, float32.
+
+    ``pos``/``neg`` are (N, d) states of one layer; S is the pooled within-class
+    covariance (float64). Where the mean difference points along directions of
+    large within-class spread (topic, length, phrasing), LDA discounts them, so
+    the two sets separate with a much smaller overlap.
+    """
+    p, n = pos.to(torch.float64), neg.to(torch.float64)
+    x = torch.cat([p - p.mean(0), n - n.mean(0)])
+    cov = x.T @ x / max(1, x.shape[0] - 2)
+    d = cov.shape[0]
+    ridge = shrinkage * float(cov.trace()) / d
+    w = torch.linalg.solve(cov + ridge * torch.eye(d, dtype=cov.dtype), p.mean(0) - n.mean(0))
+    return normalize(w).float()
+
+
+DETECT_SHRINKAGES = (0.03, 0.1, 0.3)
+
+
 def calibrate_detection(
     vector: torch.Tensor,
     pos_states: torch.Tensor,
     neg_states: torch.Tensor,
     layers: Sequence[int],
-    fpr: float = 0.05,
+    fpr: float = 0.02,
     prefer: int | None = None,
     check: tuple[torch.Tensor, torch.Tensor] | None = None,
+    shrinkages: Sequence[float] = DETECT_SHRINKAGES,
 ) -> Detection:
-    """Pick detect layer and threshold on validation states so negatives fire <= ``fpr``.
+    """Pick a detection vector, layer and threshold so validation negatives fire <= ``fpr``.
 
     Score = hidden_states[layer][last token] . vector (what the engine's
-    pre-hook on decoder layer ``layer`` computes). Among ``layers``, the one
-    where the most positives fire wins (ties: closest to ``prefer``).
-    ``check`` = (pos, neg) states of another split, reported at the chosen
-    threshold as an out-of-calibration figure.
+    pre-hook on decoder layer ``layer`` computes). Candidates at each layer of
+    ``layers``: ``vector`` itself (the direction's mean difference), and, when
+    ``check`` (the train states) is given, shrinkage-LDA vectors fitted on the
+    train states of that layer. The threshold of each comes from the validation
+    negatives; the candidate where the most validation positives fire wins
+    (ties: fewer negatives, then closest to ``prefer``). ``check`` figures at
+    the chosen threshold are reported as the out-of-calibration check (for LDA
+    the train split is its fitting data, so they are optimistic there).
     """
-    v = normalize(vector).float()
-    tried = []
+    v0 = normalize(vector).float()
+    tried, vectors = [], {}
     for L in layers:
-        ps, ns = pos_states[:, L] @ v, neg_states[:, L] @ v
-        thr = threshold_at_fpr(ns.tolist(), fpr)
-        tried.append(
-            {
-                "layer": int(L),
-                "threshold": round(thr, 5),
-                "fire_pos": round(float((ps > thr).float().mean()), 4),
-                "fire_neg": round(float((ns > thr).float().mean()), 4),
-            }
-        )
+        cands = {"mean-diff": v0}
+        if check is not None:
+            for lam in shrinkages:
+                cands[f"lda/{lam:g}"] = lda_vector(check[0][:, L], check[1][:, L], lam)
+        for kind, v in cands.items():
+            ps, ns = pos_states[:, L] @ v, neg_states[:, L] @ v
+            thr = threshold_at_fpr(ns.tolist(), fpr)
+            vectors[(kind, int(L))] = v
+            tried.append(
+                {
+                    "kind": kind,
+                    "layer": int(L),
+                    "threshold": round(thr, 5),
+                    "fire_pos": round(float((ps > thr).float().mean()), 4),
+                    "fire_neg": round(float((ns > thr).float().mean()), 4),
+                }
+            )
     best = max(tried, key=lambda t: (t["fire_pos"], -t["fire_neg"], -abs(t["layer"] - (prefer or 0))))
-    L = best["layer"]
+    L, v = best["layer"], vectors[(best["kind"], best["layer"])]
     # the stored threshold is the exact midpoint; the record holds it rounded
     thr = threshold_at_fpr((neg_states[:, L] @ v).tolist(), fpr)
     record = {
         "fpr_target": fpr,
-        "layers": tried,
+        "candidates": tried,
+        "chosen_kind": best["kind"],
         "chosen_layer": L,
         "threshold": round(thr, 5),
         "val_fire_pos": best["fire_pos"],
@@ -290,7 +323,7 @@ class SelectConfig:
     capability_tokens: int = 48
     capability_tolerance: float = 0.02  # slop: accuracy may not fall more than this below the baseline
     detect: bool = True
-    detect_fpr: float = 0.05
+    detect_fpr: float = 0.02
     batch_size: int = 16
 
 

@@ -55,7 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confirm-tokens", type=int, default=100, help="tokens generated in the confirm stage")
     p.add_argument("--confirm-n", type=int, help="validation prompts in the confirm stage (default: all)")
     p.add_argument("--no-detect", action="store_true", help="do not calibrate a detection vector (conditional mode)")
-    p.add_argument("--detect-fpr", type=float, default=0.05, help="max firing rate on side-B validation prompts")
+    p.add_argument(
+        "--detect-fpr",
+        type=float,
+        default=0.02,
+        help="max firing rate of the condition on side-B validation prompts (default 0.02)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="engine batch size and forward batch size")
     p.add_argument(
         "--quick", action="store_true", help="mechanics check: every 2nd layer, few prompts, short generations"
@@ -142,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     if "detection" in sel:
         d = sel["detection"]
         print(
-            f"\ndetection: layer {d['chosen_layer']} threshold {d['threshold']} "
+            f"\ndetection: {d.get('chosen_kind', 'mean-diff')} at layer {d['chosen_layer']} threshold {d['threshold']} "
             f"val fire A={d['val_fire_pos']} B={d['val_fire_neg']} train fire A={d.get('train_fire_pos')} "
             f"B={d.get('train_fire_neg')}"
         )

@@ -26,8 +26,16 @@ OPERATION = "project_out"
 # hidden_states[i] is the residual stream entering decoder layer i (index 0 = embeddings).
 CONVENTION = "hidden_states[i] = input of decoder layer i; position = last prompt token after chat template"
 FINGERPRINT_KEYS = (
-    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "rope_theta",
+    "tie_word_embeddings",
 )
 
 

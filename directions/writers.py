@@ -64,7 +64,9 @@ def find_writers(model: nn.Module) -> list[Writer]:
         a = _child(attn, ATTN_OUT_NAMES) if attn is not None else None
         m = _child(mlp, MLP_OUT_NAMES) if mlp is not None else None
         if a is None or m is None:
-            raise UnsupportedModelError(f"layer {i} of {type(model).__name__}: attention or MLP output projection not found")
+            raise UnsupportedModelError(
+                f"layer {i} of {type(model).__name__}: attention or MLP output projection not found"
+            )
         out.append(Writer(f"{prefix}layers.{i}.self_attn.{a[0]}", i, "attn", a[1]))
         out.append(Writer(f"{prefix}layers.{i}.mlp.{m[0]}", i, "mlp", m[1]))
     return out

@@ -65,9 +65,15 @@ STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions")
 SSE_EVENT_SCHEMA = {
     "type": "object",
     "required": ["data"],
-    "properties": {"data": {"type": "string", "description": (
-        "a JSON chunk (chat.completion.chunk or text_completion), an error envelope {\"error\": {...}}, "
-        "or [DONE] as the last event")}},
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": (
+                'a JSON chunk (chat.completion.chunk or text_completion), an error envelope {"error": {...}}, '
+                "or [DONE] as the last event"
+            ),
+        }
+    },
 }
 
 
@@ -92,7 +98,9 @@ def document_responses(schema: dict) -> dict:
             if path == "/metrics":
                 responses["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
             if path == "/health":
-                responses.setdefault("503", {"description": "the engine is not running", "content": {"application/json": {}}})
+                responses.setdefault(
+                    "503", {"description": "the engine is not running", "content": {"application/json": {}}}
+                )
     return schema
 
 
@@ -103,16 +111,28 @@ def max_model_len_for(model, requested: int | None) -> int:
     return min(requested or min(native, 8192), native)
 
 
-def build_app(loaded, directions: dict, settings: ServerSettings, model_settings: ModelSettings,
-              base_id: str, engine: Engine | None = None) -> FastAPI:
+def build_app(
+    loaded,
+    directions: dict,
+    settings: ServerSettings,
+    model_settings: ModelSettings,
+    base_id: str,
+    engine: Engine | None = None,
+) -> FastAPI:
     """Build the FastAPI app around a loaded model. The engine starts in the lifespan."""
     metrics = Metrics()
     mml = max_model_len_for(loaded.model, model_settings.max_model_len)
     if engine is None:
         engine = Engine(
-            loaded.model, loaded.tokenizer, directions,
-            EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                         max_model_len=mml, num_threads=model_settings.num_threads),
+            loaded.model,
+            loaded.tokenizer,
+            directions,
+            EngineConfig(
+                max_batch_size=settings.max_batch_size,
+                max_queue=settings.max_queue,
+                max_model_len=mml,
+                num_threads=model_settings.num_threads,
+            ),
             metrics=metrics,
         )
     metrics.bind_engine(engine)
@@ -125,9 +145,19 @@ def build_app(loaded, directions: dict, settings: ServerSettings, model_settings
         bake_jobs = BakeJobs(loaded, directions, settings.bake_dir)
     except ImportError:  # bake module not available
         pass
-    st = AppState(engine=engine, serving=serving, policy=policy, settings=settings, model_settings=model_settings,
-                  metrics=metrics, directions=directions, loaded=loaded, bake_jobs=bake_jobs,
-                  api_keys=settings.all_api_keys(), started=time.time())
+    st = AppState(
+        engine=engine,
+        serving=serving,
+        policy=policy,
+        settings=settings,
+        model_settings=model_settings,
+        metrics=metrics,
+        directions=directions,
+        loaded=loaded,
+        bake_jobs=bake_jobs,
+        api_keys=settings.all_api_keys(),
+        started=time.time(),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -138,8 +168,12 @@ def build_app(loaded, directions: dict, settings: ServerSettings, model_settings
         log.info("shutting down: finishing in-flight requests (up to %.0fs)", settings.shutdown_grace_s)
         engine.shutdown(timeout=settings.shutdown_grace_s)
 
-    app = FastAPI(title="frankly", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible server with per-request direction ablation.")
+    app = FastAPI(
+        title="frankly",
+        version=__version__,
+        lifespan=lifespan,
+        description="OpenAI-compatible server with per-request direction ablation.",
+    )
     app.state.frankly = st
     _plain_openapi = app.openapi
 
@@ -153,7 +187,12 @@ def build_app(loaded, directions: dict, settings: ServerSettings, model_settings
     for r in (openai_routes.router, models_routes.router, admin_routes.router, system_routes.router):
         app.include_router(r)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Steering", "X-Request-Id"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["X-Steering", "X-Request-Id"],
+        )
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

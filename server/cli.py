@@ -1,4 +1,4 @@
-"""The ``frankly`` command: serve, extract, eval, bake, fetch-demo.
+"""The ``frankly`` command: serve, extract, calibrate, eval, bake, fetch-demo.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)``
 and ``run(args) -> int``; this file only dispatches.
@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "serve": ("server.serve_cmd", "run the OpenAI-compatible server"),
     "extract": ("directions.extract_cmd", "compute a direction file from two prompt sets"),
+    "calibrate": ("directions.calibrate_cmd", "(re)calibrate the condition (conditional ablation) of a direction file"),
     "eval": ("directions.eval_cmd", "measure refusal rate, KL, slop score and capability over strengths"),
     "bake": ("directions.bake_cmd", "write the edit into a copy of the weights"),
     "fetch-demo": ("server.demo_cmd", "install, verify and convert the demo model"),

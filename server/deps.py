@@ -68,7 +68,9 @@ async def require_admin(request: Request) -> None:
     st = state(request)
     admin = st.settings.admin_key
     if not admin:
-        raise PermissionDenied("admin routes are disabled: start the server with --admin-key to enable them", code="admin_disabled")
+        raise PermissionDenied(
+            "admin routes are disabled: start the server with --admin-key to enable them", code="admin_disabled"
+        )
     key = _bearer(request)
     if key is None:
         raise AuthError("missing admin key: send 'Authorization: Bearer <admin key>'", headers=_CHALLENGE)

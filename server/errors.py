@@ -129,7 +129,11 @@ def error_response(err: APIError) -> JSONResponse:
 def _loc_to_param(loc) -> str | None:
     parts = [str(p) for p in loc if p not in ("body",)]
     # drop pydantic's union-branch labels such as 'str' or 'list[str]'
-    parts = [p for p in parts if not any(c in p for c in "[]") and p not in ("str", "int", "float", "list", "dict", "function-after")]
+    parts = [
+        p
+        for p in parts
+        if not any(c in p for c in "[]") and p not in ("str", "int", "float", "list", "dict", "function-after")
+    ]
     if not parts:
         return None
     out = parts[0]
@@ -148,7 +152,9 @@ def install_error_handlers(app: FastAPI) -> None:
         errs = exc.errors()
         first = errs[0] if errs else {}
         if first.get("type") == "json_invalid":
-            return error_response(InvalidRequest(f"request body is not valid JSON: {first.get('msg', '')}", code="invalid_json"))
+            return error_response(
+                InvalidRequest(f"request body is not valid JSON: {first.get('msg', '')}", code="invalid_json")
+            )
         param = _loc_to_param(first.get("loc", ()))
         msg = first.get("msg", "invalid request")
         if first.get("type") == "missing":

@@ -13,19 +13,37 @@ class Metrics:
 
     def __init__(self, engine_stats=None):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("frankly_requests", "Finished requests by endpoint and outcome", ["endpoint", "outcome"], registry=r)
-        self.rejected = Counter("frankly_requests_rejected", "Requests refused before running, by reason", ["reason"], registry=r)
+        self.requests = Counter(
+            "frankly_requests", "Finished requests by endpoint and outcome", ["endpoint", "outcome"], registry=r
+        )
+        self.rejected = Counter(
+            "frankly_requests_rejected", "Requests refused before running, by reason", ["reason"], registry=r
+        )
         self.prompt_tokens = Counter("frankly_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("frankly_generation_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram("frankly_time_to_first_token_seconds", "Arrival to first token", buckets=LAT_BUCKETS, registry=r)
-        self.itl = Histogram("frankly_inter_token_latency_seconds", "Time between tokens of one request", buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("frankly_e2e_request_latency_seconds", "Arrival to last token", buckets=LAT_BUCKETS, registry=r)
-        self.queue_wait = Histogram("frankly_queue_time_seconds", "Arrival to start of prefill", buckets=LAT_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "frankly_time_to_first_token_seconds", "Arrival to first token", buckets=LAT_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "frankly_inter_token_latency_seconds", "Time between tokens of one request", buckets=ITL_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "frankly_e2e_request_latency_seconds", "Arrival to last token", buckets=LAT_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "frankly_queue_time_seconds", "Arrival to start of prefill", buckets=LAT_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("frankly_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.running = Gauge("frankly_running_batch_size", "Rows in the running batch", registry=r)
-        self.batch_hist = Histogram("frankly_decode_batch_size", "Rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-        self.steering = Counter("frankly_steering_requests", "Requests that ran with a direction applied", ["direction"], registry=r)
-        self.conditional = Counter("frankly_conditional_decisions", "Conditional ablation decisions", ["direction", "fired"], registry=r)
+        self.batch_hist = Histogram(
+            "frankly_decode_batch_size", "Rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
+        self.steering = Counter(
+            "frankly_steering_requests", "Requests that ran with a direction applied", ["direction"], registry=r
+        )
+        self.conditional = Counter(
+            "frankly_conditional_decisions", "Conditional ablation decisions", ["direction", "fired"], registry=r
+        )
         self._engine_stats = engine_stats
 
     def bind_engine(self, engine) -> None:

@@ -41,8 +41,14 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     """``auto`` is fp32 on CPUs (no fast bf16 on most), bf16 on CUDA with bf16 support, fp16 else."""
     if name != "auto":
-        table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        table = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }
         if name not in table:
             raise ModelLoadError(f"unknown dtype {name!r}; choose one of auto, {', '.join(table)}")
         return table[name]
@@ -86,9 +92,7 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     try:
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-            )
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         except Exception as e:  # transformers raises many types for a bad file
             raise ModelLoadError(f"could not read GGUF file {gguf}: {e}") from e
         sd = {k: v.contiguous() for k, v in model.state_dict().items()}

@@ -91,6 +91,7 @@ class BakeRequest(OpenAIBase):
 
 # ---- responses (plain dicts are built by the serving layer; helpers here) ----
 
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

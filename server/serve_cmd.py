@@ -24,17 +24,27 @@ MODEL_FLAGS = [
     ("--device", "device", {"help": "auto | cpu | cuda | cuda:N | mps"}),
     ("--dtype", "dtype", {"help": "auto | float32 | bfloat16 | float16"}),
     ("--direction", "directions", {"action": "append", "help": "NAME=PATH direction file (repeatable)"}),
-    ("--no-default-directions", "no_default_directions", {"action": "store_true", "default": None,
-                                                          "help": "skip the directions shipped for the demo model"}),
-    ("--allow-fingerprint-mismatch", "allow_fingerprint_mismatch", {"action": "store_true", "default": None,
-                                                                    "help": "load directions whose config hash differs"}),
+    (
+        "--no-default-directions",
+        "no_default_directions",
+        {"action": "store_true", "default": None, "help": "skip the directions shipped for the demo model"},
+    ),
+    (
+        "--allow-fingerprint-mismatch",
+        "allow_fingerprint_mismatch",
+        {"action": "store_true", "default": None, "help": "load directions whose config hash differs"},
+    ),
     ("--max-model-len", "max_model_len", {"type": int, "help": "context limit in tokens"}),
     ("--num-threads", "num_threads", {"type": int, "help": "torch CPU threads"}),
 ]
 SERVER_FLAGS = [
     ("--host", "host", {"help": "bind address (default 127.0.0.1)"}),
     ("--port", "port", {"type": int, "help": "port (default 8000)"}),
-    ("--api-key", "api_keys", {"action": "append", "help": "accepted bearer key (repeatable; env FRANKLY_API_KEYS=a,b)"}),
+    (
+        "--api-key",
+        "api_keys",
+        {"action": "append", "help": "accepted bearer key (repeatable; env FRANKLY_API_KEYS=a,b)"},
+    ),
     ("--api-key-file", "api_key_file", {"help": "file with one key per line"}),
     ("--admin-key", "admin_key", {"help": "key for /v1/bake; admin routes are off without it"}),
     ("--cors-origin", "cors_origins", {"action": "append", "help": "allowed CORS origin (repeatable)"}),
@@ -46,8 +56,16 @@ SERVER_FLAGS = [
     ("--max-tokens-cap", "max_tokens_cap", {"type": int, "help": "largest max_tokens allowed (default 4096)"}),
     ("--max-n", "max_n", {"type": int, "help": "largest n (default 4)"}),
     ("--max-abs-strength", "max_abs_strength", {"type": float, "help": "|strength| bound (default 4)"}),
-    ("--request-timeout", "request_timeout_s", {"type": float, "help": "seconds before a request is ended (default 600)"}),
-    ("--shutdown-grace", "shutdown_grace_s", {"type": float, "help": "seconds in-flight requests get on SIGTERM (default 30)"}),
+    (
+        "--request-timeout",
+        "request_timeout_s",
+        {"type": float, "help": "seconds before a request is ended (default 600)"},
+    ),
+    (
+        "--shutdown-grace",
+        "shutdown_grace_s",
+        {"type": float, "help": "seconds in-flight requests get on SIGTERM (default 30)"},
+    ),
 ]
 
 
@@ -101,10 +119,18 @@ def run(args) -> int:
         print(f"frankly: cannot start: {e}", file=sys.stderr)
         return 2
     if not _is_loopback(ss.host) and not ss.all_api_keys():
-        log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
-                    "(set --api-key or FRANKLY_API_KEYS)", ss.host)
-    config = uvicorn.Config(app, host=ss.host, port=ss.port, log_level=args.log_level.lower(),
-                            timeout_graceful_shutdown=int(ss.shutdown_grace_s) + 5)
+        log.warning(
+            "listening on %s without an API key: anyone who can reach this port can use the model "
+            "(set --api-key or FRANKLY_API_KEYS)",
+            ss.host,
+        )
+    config = uvicorn.Config(
+        app,
+        host=ss.host,
+        port=ss.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=int(ss.shutdown_grace_s) + 5,
+    )
     _draining_server(config, app.state.frankly.engine, ss.shutdown_grace_s).run()
     return 0
 

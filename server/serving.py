@@ -60,8 +60,15 @@ class Prepared:
 class OpenAIServing:
     """Chat and text completions over an :class:`Engine`."""
 
-    def __init__(self, engine: Engine, tokenizer, policy: SteeringPolicy, settings: ServerSettings,
-                 metrics: Metrics, max_model_len: int):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer,
+        policy: SteeringPolicy,
+        settings: ServerSettings,
+        metrics: Metrics,
+        max_model_len: int,
+    ):
         self.engine = engine
         self.tok = tokenizer
         self.policy = policy
@@ -102,12 +109,23 @@ class OpenAIServing:
             raise InvalidRequest(f"at most {self.settings.max_stop} stop sequences", param="stop")
         for s in stops:
             if len(s) > self.settings.max_stop_len:
-                raise InvalidRequest(f"stop sequences are limited to {self.settings.max_stop_len} characters", param="stop")
+                raise InvalidRequest(
+                    f"stop sequences are limited to {self.settings.max_stop_len} characters", param="stop"
+                )
         return [s for s in stops if s]
 
-    def _prepare(self, req, prompt_ids: list[int], max_tokens: int | None, logprobs: bool, top_logprobs: int,
-                 prefix: str, prompt_param: str, max_tokens_param: str = "max_tokens",
-                 logprobs_param: str = "top_logprobs") -> Prepared:
+    def _prepare(
+        self,
+        req,
+        prompt_ids: list[int],
+        max_tokens: int | None,
+        logprobs: bool,
+        top_logprobs: int,
+        prefix: str,
+        prompt_param: str,
+        max_tokens_param: str = "max_tokens",
+        logprobs_param: str = "top_logprobs",
+    ) -> Prepared:
         s = self.settings
         steering = self.policy.resolve(req.model, req.steering)
         if req.n > s.max_n:
@@ -121,7 +139,8 @@ class OpenAIServing:
         if room < 1:
             raise InvalidRequest(
                 f"the prompt has {n_prompt} tokens; this model's context is {self.max_model_len}",
-                param=prompt_param, code="context_length_exceeded",
+                param=prompt_param,
+                code="context_length_exceeded",
             )
         # Clamp to the room left in the context (frontends send large defaults); the
         # answer then ends with finish_reason 'length'.
@@ -129,10 +148,13 @@ class OpenAIServing:
         stop = self._stop(req.stop)
         sampling = [
             SamplingParams(
-                max_tokens=mt, temperature=req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0,
+                max_tokens=mt,
+                temperature=req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0,
                 top_p=max(req.top_p, MIN_TOP_P),
-                seed=None if req.seed is None else req.seed + i, stop=stop,
-                logprobs=logprobs, top_logprobs=top_logprobs,
+                seed=None if req.seed is None else req.seed + i,
+                stop=stop,
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
             )
             for i in range(req.n)
         ]
@@ -176,14 +198,19 @@ class OpenAIServing:
         if req.suffix:
             raise InvalidRequest("suffix is not supported", param="suffix")
         lp = req.logprobs is not None
-        return self._prepare(req, ids, req.max_tokens, lp, req.logprobs or 0, "cmpl", "prompt", logprobs_param="logprobs")
+        return self._prepare(
+            req, ids, req.max_tokens, lp, req.logprobs or 0, "cmpl", "prompt", logprobs_param="logprobs"
+        )
 
     # ---- running ------------------------------------------------------------------
     def _engine_requests(self, p: Prepared) -> list[GenerationRequest]:
         return [
             GenerationRequest(
-                request_id=f"{p.request_id}-{i}", prompt_ids=p.prompt_ids, sampling=sp,
-                steering=p.steering, timeout_s=self.settings.request_timeout_s,
+                request_id=f"{p.request_id}-{i}",
+                prompt_ids=p.prompt_ids,
+                sampling=sp,
+                steering=p.steering,
+                timeout_s=self.settings.request_timeout_s,
             )
             for i, sp in enumerate(p.sampling)
         ]
@@ -239,7 +266,9 @@ class OpenAIServing:
     def _check_submit(self, exc: BaseException) -> APIError:
         if isinstance(exc, EngineOverloaded):
             self.metrics.rejected.labels(reason="queue_full").inc()
-            return Overloaded("the server is at capacity; retry later", headers={"Retry-After": str(int(exc.retry_after) or 1)})
+            return Overloaded(
+                "the server is at capacity; retry later", headers={"Retry-After": str(int(exc.retry_after) or 1)}
+            )
         if isinstance(exc, EngineStopped):
             self.metrics.rejected.labels(reason="shutting_down").inc()
             return Unavailable("the server is shutting down", headers={"Retry-After": "5"})
@@ -255,7 +284,8 @@ class OpenAIServing:
             raise self._check_submit(e) from None
         if p.stream:
             return StreamingResponse(
-                self._sse(p, kind, first, stream), media_type="text/event-stream",
+                self._sse(p, kind, first, stream),
+                media_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         body = await self._collect(p, kind, first, stream, raw)
@@ -343,7 +373,12 @@ class OpenAIServing:
         for i in range(n):
             text = "".join(texts[i])
             if kind == "chat":
-                c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish[i]}
+                c = {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish[i],
+                }
                 if p.sampling[i].logprobs:
                     c["logprobs"] = {"content": [self._chat_lp(x) for x in lps[i]]}
             else:
@@ -364,7 +399,9 @@ class OpenAIServing:
     @staticmethod
     def _chat_lp(x) -> dict:
         return {
-            "token": x.token, "logprob": x.logprob, "bytes": list(x.token.encode()),
+            "token": x.token,
+            "logprob": x.logprob,
+            "bytes": list(x.token.encode()),
             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, _, lp in x.top],
         }
 
@@ -426,8 +463,12 @@ class OpenAIServing:
                         outcome = "error"
                         if out.text:
                             yield chunk([choice(i, StepOutput(out.request_id, text=out.text))])
-                        err = {"message": out.error or "generation cancelled", "type": "server_error",
-                               "param": None, "code": out.error_code or "engine_error"}
+                        err = {
+                            "message": out.error or "generation cancelled",
+                            "type": "server_error",
+                            "param": None,
+                            "code": out.error_code or "engine_error",
+                        }
                         yield f"data: {json.dumps({'error': err})}\n\n"
                         continue
                     yield chunk([choice(i, out)], steering=reports)

@@ -38,13 +38,19 @@ class ModelSettings(_Base):
     model_config = SettingsConfigDict(env_prefix="FRANKLY_", extra="ignore")
 
     model: str = Field("demo", description="hub id, local model directory, .gguf file, or 'demo'")
-    served_model_name: str | None = Field(None, description="model id clients use (default: 'qwen-demo' for demo, else the directory/file name)")
+    served_model_name: str | None = Field(
+        None, description="model id clients use (default: 'qwen-demo' for demo, else the directory/file name)"
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16/fp16 on GPUs), float32, bfloat16, float16")
     directions: list[str] = Field(default_factory=list, description="NAME=PATH direction files (repeatable)")
     no_default_directions: bool = Field(False, description="do not load the directions shipped for the demo model")
-    allow_fingerprint_mismatch: bool = Field(False, description="load directions whose config hash differs (shape must still match)")
-    max_model_len: int | None = Field(None, ge=16, description="context limit (default: the model's max_position_embeddings, capped at 8192)")
+    allow_fingerprint_mismatch: bool = Field(
+        False, description="load directions whose config hash differs (shape must still match)"
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="context limit (default: the model's max_position_embeddings, capped at 8192)"
+    )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
 
 
@@ -53,10 +59,16 @@ class ServerSettings(_Base):
 
     host: str = Field("127.0.0.1", description="bind address; loopback unless told otherwise")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted bearer keys for /v1/* (none: open)")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted bearer keys for /v1/* (none: open)"
+    )
     api_key_file: str | None = Field(None, description="file with one API key per line")
-    admin_key: str | None = Field(None, description="key for state-changing routes (/v1/bake); those routes are off when unset")
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="allowed CORS origins (closed by default)")
+    admin_key: str | None = Field(
+        None, description="key for state-changing routes (/v1/bake); those routes are off when unset"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="allowed CORS origins (closed by default)"
+    )
     bake_dir: str = Field("./baked", description="directory baked models are written under, by name")
     max_batch_size: int = Field(8, ge=1, le=256, description="rows in the running batch")
     max_queue: int = Field(64, ge=0, description="waiting requests beyond the batch; over it: 429 with Retry-After")
@@ -83,5 +95,9 @@ class ServerSettings(_Base):
     def all_api_keys(self) -> list[str]:
         keys = list(self.api_keys)
         if self.api_key_file:
-            keys += [ln.strip() for ln in Path(self.api_key_file).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            keys += [
+                ln.strip()
+                for ln in Path(self.api_key_file).read_text().splitlines()
+                if ln.strip() and not ln.startswith("#")
+            ]
         return keys

@@ -79,7 +79,8 @@ class SteeringPolicy:
             if name not in self.directions:
                 raise InvalidRequest(
                     f"unknown direction '{name}' (loaded: {', '.join(self.directions) or 'none'})",
-                    param=param, code="unknown_direction",
+                    param=param,
+                    code="unknown_direction",
                 )
             when = "always"
             if isinstance(spec, dict):
@@ -114,5 +115,7 @@ class SteeringPolicy:
 
 def steering_header(steering: dict[str, DirectionRequest]) -> str:
     """``X-Steering`` value: ``refusal=1.0,slop=0.5@auto`` (requested strengths), or ``none``."""
-    parts = [f"{n}={d.strength:g}" + ("@auto" if d.when == "auto" else "") for n, d in steering.items() if d.strength != 0]
+    parts = [
+        f"{n}={d.strength:g}" + ("@auto" if d.when == "auto" else "") for n, d in steering.items() if d.strength != 0
+    ]
     return ",".join(parts) or "none"

@@ -222,7 +222,9 @@ class Engine:
                         except Exception as e:  # one bad step must not take the engine down
                             log.exception("decode step failed; ending the %d running rows", len(self.rows))
                             for s in self.rows:
-                                self._finish(s, "error", error=f"generation failed: {type(e).__name__}", code="engine_error")
+                                self._finish(
+                                    s, "error", error=f"generation failed: {type(e).__name__}", code="engine_error"
+                                )
                             self._drop_finished()
         except BaseException as e:  # the engine must never die silently
             log.exception("engine thread crashed")
@@ -334,7 +336,9 @@ class Engine:
         self.hooks.set_strengths({n: [s] for n, s in strengths.items()})
         self._strength_dirty = True
         cache = kvcache.new_cache()
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True, logits_to_keep=1
+        )
         return out, cache
 
     def _prefill(self, seq: _Seq) -> None:
@@ -342,7 +346,9 @@ class Engine:
         always = {n: d.strength for n, d in seq.req.steering.items() if d.when != "auto"}
         auto = {n: self.directions[n] for n, d in seq.req.steering.items() if d.when == "auto" and d.strength != 0}
         for n, d in seq.req.steering.items():
-            seq.report[n] = SteeringReport(strength=d.strength, when=d.when, applied=d.strength if d.when != "auto" else 0.0)
+            seq.report[n] = SteeringReport(
+                strength=d.strength, when=d.when, applied=d.strength if d.when != "auto" else 0.0
+            )
         if auto:
             out, cache, scores = self._condition_score(ids, auto, always)
             fired = {}
@@ -437,7 +443,10 @@ class Engine:
         finish = None
         if is_eos or seq.detok.stopped:
             finish = "stop"
-        elif len(seq.generated) >= sp.max_tokens or len(seq.req.prompt_ids) + len(seq.generated) >= self.config.max_model_len:
+        elif (
+            len(seq.generated) >= sp.max_tokens
+            or len(seq.req.prompt_ids) + len(seq.generated) >= self.config.max_model_len
+        ):
             finish = "length"
         if finish:
             text += seq.detok.flush()

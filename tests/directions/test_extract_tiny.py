@@ -90,6 +90,38 @@ def test_threshold_at_fpr():
         extract.parse_layers("12", 12)
 
 
+def test_lda_detection_beats_the_mean_difference_when_spread_hides_the_gap():
+    """Constructed data with a known answer: the classes differ by 1 on axes 0 and 1, but axis 1
+    carries a within-class spread of sd 5. LDA must find ~axis 0 (Sigma^-1 dmu) and separate the
+    classes; the mean difference, half on the noisy axis, cannot."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 6, 400
+
+    def sample(mu):
+        x = torch.randn(n, d, generator=g) * 0.2
+        x[:, 1] *= 25.0
+        return x + torch.tensor(mu)
+
+    pos, neg = sample([1.0, 1.0, 0, 0, 0, 0]), sample([0.0] * d)
+    w = extract.lda_vector(pos, neg, shrinkage=1e-3)
+    assert abs(float(w[0])) > 0.99 and float(w[0]) > 0  # the clean axis, pointing to the positives
+    states = lambda x: x.unsqueeze(1)  # noqa: E731  (N, 1 layer, d)
+    half = n // 2
+    det = extract.calibrate_detection(
+        pos.mean(0) - neg.mean(0),
+        states(pos[half:]),
+        states(neg[half:]),
+        [0],
+        fpr=0.02,
+        check=(states(pos[:half]), states(neg[:half])),
+        shrinkages=(1e-3,),
+    )
+    kinds = {c["kind"]: c for c in det.record["candidates"]}
+    assert kinds["mean-diff"]["fire_pos"] < 0.5 < 0.95 < kinds["lda/0.001"]["fire_pos"]
+    assert det.record["chosen_kind"] == "lda/0.001" and det.record["val_fire_neg"] <= 0.02
+    assert det.record["train_fire_pos"] > 0.95
+
+
 def test_extract_given_layer_writes_a_loadable_file(tmp_path):
     model, tok = tiny_model("qwen2"), tiny_tokenizer()
     cfg = extract.SelectConfig(layers=[1, 2], batch_size=4)
@@ -233,3 +265,40 @@ def test_cli_eval_on_a_tiny_model_directory(tmp_path):
         assert b["refusal_rate"] == a["refusal_rate"] and b["capability"] == a["capability"]
     for k in ("refusal_rate", "slop_score", "capability", "long_kl"):
         assert k in rows[("always", 1.0)]
+
+
+def test_cli_calibrate_rewrites_only_the_condition(tmp_path):
+    from server.cli import main
+
+    model = tiny_model("llama")
+    model_dir = save_tiny_dir(model, tmp_path / "model")
+    tok = tiny_tokenizer()
+    data = _data(n_train=16, n_val=12)
+    ds = extract.select_and_build(
+        model,
+        tok,
+        data,
+        "refusal",
+        extract.SelectConfig(layers=[1], batch_size=4, detect=False),
+        [extract.Candidate("single", 1)],
+    )
+    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+    assert not load_direction(src).has_condition
+    files = {}
+    for k in ("pos_train", "neg_train", "pos_val", "neg_val"):
+        files[k] = tmp_path / f"{k}.txt"
+        files[k].write_text("\n".join(getattr(data, k)) + "\n")
+    out = tmp_path / "calibrated.safetensors"
+    args = ["calibrate", "--model", model_dir, "--direction", str(src), "--out", str(out), "--layers", "1-2"]
+    args += ["--positive", str(files["pos_train"]), "--negative", str(files["neg_train"])]
+    args += ["--val-positive", str(files["pos_val"]), "--val-negative", str(files["neg_val"]), "--fpr", "0.1"]
+    assert main(args) == 0
+    back = load_direction(out)
+    assert back.has_condition and back.detect_layer in (1, 2)
+    torch.testing.assert_close(back.directions, load_direction(src).directions)
+    det = back.public_metadata()["selection"]["detection"]
+    assert det["calibrated_by"] == "frankly calibrate" and det["fpr_target"] == 0.1
+    assert {c["kind"] for c in det["candidates"]} >= {"mean-diff", "lda/0.1"}
+    states = extract.collect_states(model, tok, extract.build_prompts(tok, data.neg_val))
+    fired = (states[:, back.detect_layer] @ back.detect_vector) > back.detect_threshold
+    assert float(fired.float().mean()) <= 0.1
