@@ -167,3 +167,24 @@ def test_settings_source_order(tmp_path, monkeypatch):
     s = ServerSettings(max_queue=9)
     assert (s.port, s.max_n, s.max_queue) == (7001, 2, 9)  # file < env < init (CLI)
     assert s.api_keys == ["a", "b"]
+
+
+def test_detok_window_matches_full_decode_on_the_demo_tokenizer():
+    """The windowed detokenizer releases exactly the full decode (multi-byte, CJK, emoji, spaces)."""
+    from transformers import AutoTokenizer
+
+    from server.modelio import locate
+
+    tok = AutoTokenizer.from_pretrained(locate("demo")[0])
+    text = "Naïve café — 東京タワー 🚀🔥 and \u2019quotes\u2019,\n\n  indented  code: x = 1 # ok 😀"
+    ids = tok.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, [])
+    out = "".join(d.add(i) for i in ids) + d.flush()
+    assert out == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) == text
+    d = IncrementalDetokenizer(tok, ["タワー"])
+    out = ""
+    for i in ids:
+        out += d.add(i)
+        if d.stopped:
+            break
+    assert out == "Naïve café — 東京"
