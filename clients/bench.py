@@ -130,8 +130,9 @@ def chat_body(model: str | None, prompt: str, max_tokens: int, include_usage: bo
     return body
 
 
-async def stream_request(client: httpx.AsyncClient, base_url: str, body: dict, res: RequestResult,
-                         timeout: float | None = None) -> RequestResult:
+async def stream_request(
+    client: httpx.AsyncClient, base_url: str, body: dict, res: RequestResult, timeout: float | None = None
+) -> RequestResult:
     """Send one streaming chat request and fill ``res`` with timings as SSE events arrive."""
     url = base_url.rstrip("/") + "/v1/chat/completions"
     res.t_start = time.perf_counter()
@@ -234,7 +235,9 @@ def summarize(results: list[RequestResult], wall: float, **meta) -> dict:
         "tokens_source": "+".join(sorted(sources)) or "none",
         "tokens_per_request_mean": _r(tokens / len(results), 1) if results else None,
         "content_chunks": sum(r.content_chunks for r in results),
-        "prompt_tokens_mean": _r(statistics.mean(pt), 1) if (pt := [r.prompt_tokens for r in ok if r.prompt_tokens]) else None,
+        "prompt_tokens_mean": _r(statistics.mean(pt), 1)
+        if (pt := [r.prompt_tokens for r in ok if r.prompt_tokens])
+        else None,
         "finish_reasons": finish,
         "wall_s": _r(wall),
         "agg_tok_s": _r(tokens / wall if wall > 0 else None, 2),
@@ -248,18 +251,35 @@ def summarize(results: list[RequestResult], wall: float, **meta) -> dict:
         "e2e_p50_s": _r(pct([r.t_end - r.t_start for r in ok if r.t_end], 50)),
         "by_body": by_body,
         "per_request": [
-            {"prompt": r.prompt_index, "body": r.body_index, "tokens": r.tokens, "finish": r.finish_reason,
-             "ttft_s": _r(r.ttft), "e2e_s": _r(r.t_end - r.t_start if r.t_end else None), "error": r.error}
+            {
+                "prompt": r.prompt_index,
+                "body": r.body_index,
+                "tokens": r.tokens,
+                "finish": r.finish_reason,
+                "ttft_s": _r(r.ttft),
+                "e2e_s": _r(r.t_end - r.t_start if r.t_end else None),
+                "error": r.error,
+            }
             for r in results
         ],
     }
 
 
 # ---- a load run -----------------------------------------------------------------------
-async def run_load(base_url: str, model: str | None, streams: int, max_tokens: int, *,
-                   requests: int | None = None, duration: float | None = None,
-                   bodies: list[dict] | None = None, prompts: list[str] | None = None,
-                   include_usage: bool = True, timeout: float | None = 900, label: str = "") -> dict:
+async def run_load(
+    base_url: str,
+    model: str | None,
+    streams: int,
+    max_tokens: int,
+    *,
+    requests: int | None = None,
+    duration: float | None = None,
+    bodies: list[dict] | None = None,
+    prompts: list[str] | None = None,
+    include_usage: bool = True,
+    timeout: float | None = 900,
+    label: str = "",
+) -> dict:
     """Run ``streams`` concurrent clients until ``requests`` are done (or ``duration`` s passed)."""
     prompts = prompts or PROMPTS
     bodies = bodies or [{}]
@@ -290,22 +310,39 @@ async def run_load(base_url: str, model: str | None, streams: int, max_tokens: i
 
         await asyncio.gather(*(worker(i) for i in range(streams)))
         wall = time.perf_counter() - t0
-    return summarize(results, wall, label=label, url=base_url, model=model, streams=streams, max_tokens=max_tokens,
-                     bodies=bodies)
+    return summarize(
+        results, wall, label=label, url=base_url, model=model, streams=streams, max_tokens=max_tokens, bodies=bodies
+    )
 
 
-async def single_request(base_url: str, model: str | None, prompt: str, max_tokens: int,
-                         extra: dict | None = None, include_usage: bool = True,
-                         timeout: float | None = 900) -> RequestResult:
+async def single_request(
+    base_url: str,
+    model: str | None,
+    prompt: str,
+    max_tokens: int,
+    extra: dict | None = None,
+    include_usage: bool = True,
+    timeout: float | None = 900,
+) -> RequestResult:
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30)) as client:
         res = RequestResult(index=0, client=0, body_index=0, prompt_index=-1, t_start=0.0)
-        return await stream_request(client, base_url, chat_body(model, prompt, max_tokens, include_usage, extra),
-                                    res, timeout)
+        return await stream_request(
+            client, base_url, chat_body(model, prompt, max_tokens, include_usage, extra), res, timeout
+        )
 
 
-async def join_latency(base_url: str, model: str | None, *, long_tokens: int = 256, delay: float = 2.0,
-                       short_tokens: int = 8, repeats: int = 1, extra: dict | None = None,
-                       short_prompt: str = "Say hello.", long_prompt: str = PROMPTS[0]) -> dict:
+async def join_latency(
+    base_url: str,
+    model: str | None,
+    *,
+    long_tokens: int = 256,
+    delay: float = 2.0,
+    short_tokens: int = 8,
+    repeats: int = 1,
+    extra: dict | None = None,
+    short_prompt: str = "Say hello.",
+    long_prompt: str = PROMPTS[0],
+) -> dict:
     """TTFT of a short request alone vs. arriving ``delay`` s after a long generation's first token.
 
     With continuous batching the joined TTFT should be about the short request's
@@ -336,15 +373,16 @@ async def join_latency(base_url: str, model: str | None, *, long_tokens: int = 2
             continue
         joined.append(short.ttft)
         # The long stream's largest gap around the join is what it pays for the newcomer's prefill.
-        near = [b - a for a, b in pairwise(long.chunk_times)
-                if short.t_start <= b <= short.t_first + 1.0]
-        long_info.append({
-            "ttft_s": _r(long.ttft),
-            "tokens": long.tokens,
-            "still_running_at_short_first_token": bool(long.chunk_times and long.chunk_times[-1] > short.t_first),
-            "itl_p50_s": _r(pct(long.itls, 50), 4),
-            "max_gap_near_join_s": _r(max(near) if near else None, 4),
-        })
+        near = [b - a for a, b in pairwise(long.chunk_times) if short.t_start <= b <= short.t_first + 1.0]
+        long_info.append(
+            {
+                "ttft_s": _r(long.ttft),
+                "tokens": long.tokens,
+                "still_running_at_short_first_token": bool(long.chunk_times and long.chunk_times[-1] > short.t_first),
+                "itl_p50_s": _r(pct(long.itls, 50), 4),
+                "max_gap_near_join_s": _r(max(near) if near else None, 4),
+            }
+        )
     out = {
         "short_ttft_alone_s": _r(statistics.median(alone)),
         "short_ttft_alone_all_s": [_r(x) for x in alone],
@@ -459,8 +497,14 @@ class CpuNoise:
 
     def _system(self) -> tuple[float, float]:
         t = self._psutil.cpu_times()
-        busy = sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "steal", 0.0) - getattr(t, "guest", 0.0) \
+        busy = (
+            sum(t)
+            - t.idle
+            - getattr(t, "iowait", 0.0)
+            - getattr(t, "steal", 0.0)
+            - getattr(t, "guest", 0.0)
             - getattr(t, "guest_nice", 0.0)
+        )
         return busy, getattr(t, "steal", 0.0)
 
     def start(self) -> CpuNoise:
@@ -474,15 +518,27 @@ class CpuNoise:
         busy, steal = self._system()
         ours = self._ours() - self._ours0
         other = max(0.0, busy - self._sys0 - ours)
-        return {"other_cores": round(other / wall, 2), "steal_cores": round((steal - self._steal0) / wall, 2),
-                "ours_cores": round(ours / wall, 2), "load_avg_1m": round(os.getloadavg()[0], 2)}
+        return {
+            "other_cores": round(other / wall, 2),
+            "steal_cores": round((steal - self._steal0) / wall, 2),
+            "ours_cores": round(ours / wall, 2),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        }
 
 
 class ServerProcess:
     """A server started for the benchmark: ``cmd`` may contain ``{port}``; ready when ``/v1/models`` answers 200."""
 
-    def __init__(self, label: str, cmd: list[str] | str, *, env: dict | None = None, log_dir: str | Path | None = None,
-                 ready_timeout: float = 900, cwd: str | Path | None = None):
+    def __init__(
+        self,
+        label: str,
+        cmd: list[str] | str,
+        *,
+        env: dict | None = None,
+        log_dir: str | Path | None = None,
+        ready_timeout: float = 900,
+        cwd: str | Path | None = None,
+    ):
         self.label = label
         self.port = free_port()
         cmd = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
@@ -505,13 +561,16 @@ class ServerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         t0 = time.perf_counter()
         # A new session, so stop() can signal the whole process group and nothing else.
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd, start_new_session=True
+        )
         deadline = time.time() + self.ready_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server {self.label!r} exited with {self.proc.returncode}; log {self.log_path}:\n"
-                                   + self.log_path.read_text(errors="replace")[-3000:])
+                raise RuntimeError(
+                    f"server {self.label!r} exited with {self.proc.returncode}; log {self.log_path}:\n"
+                    + self.log_path.read_text(errors="replace")[-3000:]
+                )
             try:
                 if httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
                     self.load_s = time.perf_counter() - t0
@@ -557,10 +616,20 @@ class ServerProcess:
 
 # ---- output --------------------------------------------------------------------------
 COLUMNS = [
-    ("label", "run"), ("streams", "streams"), ("requests", "reqs"), ("errors", "err"), ("tokens", "gen tokens"),
-    ("wall_s", "wall s"), ("agg_tok_s", "agg tok/s"), ("per_stream_tok_s", "per-stream tok/s"),
-    ("ttft_p50_s", "TTFT p50 s"), ("ttft_p95_s", "TTFT p95 s"), ("itl_p50_s", "ITL p50 s"), ("itl_p95_s", "ITL p95 s"),
-    ("peak_rss_mib", "peak RSS MiB"), ("other_cores", "other CPU"),
+    ("label", "run"),
+    ("streams", "streams"),
+    ("requests", "reqs"),
+    ("errors", "err"),
+    ("tokens", "gen tokens"),
+    ("wall_s", "wall s"),
+    ("agg_tok_s", "agg tok/s"),
+    ("per_stream_tok_s", "per-stream tok/s"),
+    ("ttft_p50_s", "TTFT p50 s"),
+    ("ttft_p95_s", "TTFT p95 s"),
+    ("itl_p50_s", "ITL p50 s"),
+    ("itl_p95_s", "ITL p95 s"),
+    ("peak_rss_mib", "peak RSS MiB"),
+    ("other_cores", "other CPU"),
 ]
 
 
@@ -582,12 +651,17 @@ def table_row(s: dict) -> str:
 
 # ---- CLI -------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="base URL of a running server (without /v1)")
-    target.add_argument("--serve", action="append", metavar="LABEL=CMD",
-                        help="start this server command ({port} is substituted), measure it, stop it (repeatable)")
+    target.add_argument(
+        "--serve",
+        action="append",
+        metavar="LABEL=CMD",
+        help="start this server command ({port} is substituted), measure it, stop it (repeatable)",
+    )
     p.add_argument("--model", help="model id to send (default: the first id of /v1/models)")
     p.add_argument("--streams", default="1", help="comma list of concurrent client counts, one run each (default 1)")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -603,7 +677,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label", default="", help="label for the table rows")
     p.add_argument("--server-pid", type=int, help="pid of the --url server, for the 'other CPU' column")
     p.add_argument("--json-out", help="write all run summaries here")
-    p.add_argument("--log-dir", default="bench-results/logs", help="server logs for --serve (default bench-results/logs)")
+    p.add_argument(
+        "--log-dir", default="bench-results/logs", help="server logs for --serve (default bench-results/logs)"
+    )
     return p.parse_args(argv)
 
 
@@ -621,8 +697,18 @@ async def bench_target(url: str, label: str, args, server: ServerProcess | None 
         pid = server.proc.pid if server and server.proc else args.server_pid
         noise = _noise([pid]) if pid else None  # without the server's pid its own CPU would count as "other"
         requests = args.requests if args.requests else (None if args.duration else n * args.requests_per_stream)
-        s = await run_load(url, model, n, args.max_tokens, requests=requests, duration=args.duration, bodies=bodies,
-                           include_usage=not args.no_usage, timeout=args.timeout, label=label)
+        s = await run_load(
+            url,
+            model,
+            n,
+            args.max_tokens,
+            requests=requests,
+            duration=args.duration,
+            bodies=bodies,
+            include_usage=not args.no_usage,
+            timeout=args.timeout,
+            label=label,
+        )
         if server and server.rss:
             s["peak_rss_mib"] = round(server.rss.peak / 2**20, 1)
         if noise:
@@ -652,10 +738,21 @@ def main(argv=None) -> int:
             label, _, cmd = spec.partition("=")
             with ServerProcess(label, cmd, log_dir=args.log_dir) as srv:
                 runs += asyncio.run(bench_target(srv.url, (args.label + " " + label).strip(), args, srv))
-                servers.append({"label": label, "cmd": srv.cmd, "load_s": _r(srv.load_s),
-                                "idle_rss_mib": round(srv.idle_rss / 2**20, 1) if srv.idle_rss else None})
-    result = {"argv": sys.argv, "max_tokens": args.max_tokens, "runs": runs, "servers": servers,
-              "prompts": len(PROMPTS)}
+                servers.append(
+                    {
+                        "label": label,
+                        "cmd": srv.cmd,
+                        "load_s": _r(srv.load_s),
+                        "idle_rss_mib": round(srv.idle_rss / 2**20, 1) if srv.idle_rss else None,
+                    }
+                )
+    result = {
+        "argv": sys.argv,
+        "max_tokens": args.max_tokens,
+        "runs": runs,
+        "servers": servers,
+        "prompts": len(PROMPTS),
+    }
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(result, indent=2))

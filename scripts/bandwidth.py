@@ -47,7 +47,10 @@ def _torch_copy_read(torch, n: int, repeats: int) -> dict:
     y = torch.empty_like(x)
     t_copy = _best(lambda: y.copy_(x), repeats)
     t_read = _best(lambda: x.sum(), repeats)
-    return {"torch_copy_gbs": round(2 * x.nbytes / t_copy / 1e9, 2), "torch_read_gbs": round(x.nbytes / t_read / 1e9, 2)}
+    return {
+        "torch_copy_gbs": round(2 * x.nbytes / t_copy / 1e9, 2),
+        "torch_read_gbs": round(x.nbytes / t_read / 1e9, 2),
+    }
 
 
 def measure(mib: int = 512, repeats: int = 5, threads: int | None = None) -> dict:

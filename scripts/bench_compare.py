@@ -160,8 +160,16 @@ def generate_worker(max_tokens: int, batch: int, n_prompts: int, threads: int | 
         m = torch.ones_like(x)
         t1, _ = timed(x, m, 1)
         tn, n = timed(x, m, max_tokens)
-        rows.append({"prompt_tokens": len(p), "prefill_s": round(t1, 4), "total_s": round(tn, 3), "tokens": n,
-                     "decode_tok_s": round((n - 1) / (tn - t1), 3), "e2e_tok_s": round(n / tn, 3)})
+        rows.append(
+            {
+                "prompt_tokens": len(p),
+                "prefill_s": round(t1, 4),
+                "total_s": round(tn, 3),
+                "tokens": n,
+                "decode_tok_s": round((n - 1) / (tn - t1), 3),
+                "e2e_tok_s": round(n / tn, 3),
+            }
+        )
     res["batch1"] = rows
     res["batch1_decode_tok_s"] = round(sum(r["decode_tok_s"] for r in rows) / len(rows), 3)
     res["batch1_e2e_tok_s"] = round(sum(r["e2e_tok_s"] for r in rows) / len(rows), 3)
@@ -170,16 +178,31 @@ def generate_worker(max_tokens: int, batch: int, n_prompts: int, threads: int | 
         enc = tok.pad({"input_ids": [ids[i % len(ids)] for i in range(batch)]}, return_tensors="pt")
         t1, _ = timed(enc["input_ids"], enc["attention_mask"], 1)
         tn, n = timed(enc["input_ids"], enc["attention_mask"], max_tokens)
-        res["batchN"] = {"batch": batch, "prefill_s": round(t1, 3), "total_s": round(tn, 3), "tokens_per_row": n,
-                         "agg_tok_s": round(batch * n / tn, 3),
-                         "decode_agg_tok_s": round(batch * (n - 1) / (tn - t1), 3)}
+        res["batchN"] = {
+            "batch": batch,
+            "prefill_s": round(t1, 3),
+            "total_s": round(tn, 3),
+            "tokens_per_row": n,
+            "agg_tok_s": round(batch * n / tn, 3),
+            "decode_agg_tok_s": round(batch * (n - 1) / (tn - t1), 3),
+        }
     return res
 
 
 def run_generate(args, out_dir: Path) -> dict:
     dest = out_dir / "generate.json"
-    cmd = [sys.executable, __file__, "--worker-generate", str(dest), "--max-tokens", str(args.max_tokens),
-           "--gen-batch", str(max(args.streams_list)), "--gen-prompts", str(args.gen_prompts)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker-generate",
+        str(dest),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--gen-batch",
+        str(max(args.streams_list)),
+        "--gen-prompts",
+        str(args.gen_prompts),
+    ]
     if args.num_threads:
         cmd += ["--num-threads", str(args.num_threads)]
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -187,8 +210,15 @@ def run_generate(args, out_dir: Path) -> dict:
 
 
 def run_bandwidth(args) -> dict:
-    cmd = [sys.executable, str(ROOT / "scripts" / "bandwidth.py"), "--json", "--mib", str(args.bw_mib),
-           "--repeats", str(args.bw_repeats)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "bandwidth.py"),
+        "--json",
+        "--mib",
+        str(args.bw_mib),
+        "--repeats",
+        str(args.bw_repeats),
+    ]
     if args.num_threads:
         cmd += ["--threads", str(args.num_threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
@@ -197,10 +227,25 @@ def run_bandwidth(args) -> dict:
 
 # ---- servers ---------------------------------------------------------------------------
 def frankly_cmd(args, direction: str) -> list[str]:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", "demo", "--host", "127.0.0.1", "--port", "{port}",
-           "--max-batch-size", str(max(8, *args.streams_list, args.rss_streams)), "--direction", f"refusal={direction}",
-           # the default 600 s request timeout cuts the 8 x 512 memory load short on a slow or busy machine
-           "--request-timeout", str(int(args.timeout))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--model",
+        "demo",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--max-batch-size",
+        str(max(8, *args.streams_list, args.rss_streams)),
+        "--direction",
+        f"refusal={direction}",
+        # the default 600 s request timeout cuts the 8 x 512 memory load short on a slow or busy machine
+        "--request-timeout",
+        str(int(args.timeout)),
+    ]
     if args.num_threads:
         cmd += ["--num-threads", str(args.num_threads)]
     return cmd
@@ -209,18 +254,35 @@ def frankly_cmd(args, direction: str) -> list[str]:
 def hf_cmd(args, cb: bool) -> list[str]:
     exe = shutil.which("transformers")
     base = [exe] if exe else [sys.executable, "-m", "transformers.cli.transformers"]
-    cmd = [*base, "serve", model_dir(), "--host", "127.0.0.1", "--port", "{port}", "--device", "cpu",
-           "--dtype", "float32"]
+    cmd = [
+        *base,
+        "serve",
+        model_dir(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
     if cb:
         # On CPU, transformers sizes the paged KV cache as 60% of free RAM unless told otherwise; cap it so the
         # benchmark does not take a shared machine's memory (blocks of 256 tokens, 64 blocks = 16k tokens).
-        cmd += ["--continuous-batching", "--cb-num-blocks", str(args.cb_num_blocks),
-                "--cb-max-batch-tokens", str(args.cb_max_batch_tokens)]
+        cmd += [
+            "--continuous-batching",
+            "--cb-num-blocks",
+            str(args.cb_num_blocks),
+            "--cb-max-batch-tokens",
+            str(args.cb_max_batch_tokens),
+        ]
     return cmd
 
 
-async def measure_server(srv, name: str, args, scenarios: list[tuple[str, list[dict], list[int]]],
-                         join: bool, rss: bool) -> tuple[list[dict], dict | None, dict | None]:
+async def measure_server(
+    srv, name: str, args, scenarios: list[tuple[str, list[dict], list[int]]], join: bool, rss: bool
+) -> tuple[list[dict], dict | None, dict | None]:
     """Run the load scenarios (label, bodies, stream counts) against a started server."""
     model = bench.first_model_id(srv.url)
     await bench.warmup(srv.url, model, n=2, max_tokens=4)
@@ -230,8 +292,16 @@ async def measure_server(srv, name: str, args, scenarios: list[tuple[str, list[d
             if srv.rss:
                 srv.rss.reset()
             noise = bench._noise([srv.proc.pid])
-            s = await bench.run_load(srv.url, model, n, args.max_tokens, requests=n * args.requests_per_stream,
-                                     bodies=bodies, label=f"{name} {label}".strip(), timeout=args.timeout)
+            s = await bench.run_load(
+                srv.url,
+                model,
+                n,
+                args.max_tokens,
+                requests=n * args.requests_per_stream,
+                bodies=bodies,
+                label=f"{name} {label}".strip(),
+                timeout=args.timeout,
+            )
             s["system"], s["scenario"] = name, label
             if srv.rss:
                 s["peak_rss_mib"] = round(srv.rss.peak / 2**20, 1)
@@ -242,29 +312,51 @@ async def measure_server(srv, name: str, args, scenarios: list[tuple[str, list[d
     jl = None
     if join:
         noise = bench._noise([srv.proc.pid])
-        jl = await bench.join_latency(srv.url, model, long_tokens=args.join_long_tokens, delay=args.join_delay,
-                                      repeats=args.join_repeats)
+        jl = await bench.join_latency(
+            srv.url, model, long_tokens=args.join_long_tokens, delay=args.join_delay, repeats=args.join_repeats
+        )
         jl["system"] = name
         if noise:
             jl.update(noise.stop())
-        print(f"  join latency [{name}]: alone {jl.get('short_ttft_alone_s')} s, "
-              f"during a long generation {jl.get('short_ttft_joined_s')} s", flush=True)
+        print(
+            f"  join latency [{name}]: alone {jl.get('short_ttft_alone_s')} s, "
+            f"during a long generation {jl.get('short_ttft_joined_s')} s",
+            flush=True,
+        )
     mem = None
     if rss and srv.rss:
         srv.rss.reset()
         noise = bench._noise([srv.proc.pid])
-        s = await bench.run_load(srv.url, model, args.rss_streams, args.rss_tokens, requests=args.rss_streams,
-                                 label=f"{name} rss {args.rss_streams}x{args.rss_tokens}", timeout=args.timeout)
-        mem = {"system": name, "streams": args.rss_streams, "max_tokens": args.rss_tokens,
-               "tokens": s["tokens"], "errors": s["errors"], "error_samples": s["error_samples"],
-               "wall_s": s["wall_s"], "agg_tok_s": s["agg_tok_s"], "finish_reasons": s["finish_reasons"],
-               "idle_rss_mib": round(srv.idle_rss / 2**20, 1) if srv.idle_rss else None,
-               "peak_rss_mib": round(srv.rss.peak / 2**20, 1)}
+        s = await bench.run_load(
+            srv.url,
+            model,
+            args.rss_streams,
+            args.rss_tokens,
+            requests=args.rss_streams,
+            label=f"{name} rss {args.rss_streams}x{args.rss_tokens}",
+            timeout=args.timeout,
+        )
+        mem = {
+            "system": name,
+            "streams": args.rss_streams,
+            "max_tokens": args.rss_tokens,
+            "tokens": s["tokens"],
+            "errors": s["errors"],
+            "error_samples": s["error_samples"],
+            "wall_s": s["wall_s"],
+            "agg_tok_s": s["agg_tok_s"],
+            "finish_reasons": s["finish_reasons"],
+            "idle_rss_mib": round(srv.idle_rss / 2**20, 1) if srv.idle_rss else None,
+            "peak_rss_mib": round(srv.rss.peak / 2**20, 1),
+        }
         if noise:
             mem.update(noise.stop())
-        print(f"  peak RSS [{name}] {args.rss_streams}x{args.rss_tokens}: {mem['peak_rss_mib']} MiB "
-              f"(idle {mem['idle_rss_mib']} MiB, {s['tokens']} tokens, {s['errors']} errors "
-              f"{s['error_samples'][:1]})", flush=True)
+        print(
+            f"  peak RSS [{name}] {args.rss_streams}x{args.rss_tokens}: {mem['peak_rss_mib']} MiB "
+            f"(idle {mem['idle_rss_mib']} MiB, {s['tokens']} tokens, {s['errors']} errors "
+            f"{s['error_samples'][:1]})",
+            flush=True,
+        )
     return rows, jl, mem
 
 
@@ -274,8 +366,13 @@ def serve_and_measure(label: str, cmd: list[str], args, out_dir: Path, scenarios
     try:
         print(f"  [{label}] ready in {srv.load_s:.1f} s, idle RSS {srv.idle_rss / 2**20:.0f} MiB", flush=True)
         rows, jl, mem = asyncio.run(measure_server(srv, label, args, scenarios, join, rss))
-        info = {"label": label, "cmd": srv.cmd, "load_s": round(srv.load_s, 2),
-                "idle_rss_mib": round(srv.idle_rss / 2**20, 1) if srv.idle_rss else None, "log": str(srv.log_path)}
+        info = {
+            "label": label,
+            "cmd": srv.cmd,
+            "load_s": round(srv.load_s, 2),
+            "idle_rss_mib": round(srv.idle_rss / 2**20, 1) if srv.idle_rss else None,
+            "log": str(srv.log_path),
+        }
         return rows, jl, mem, info
     finally:
         srv.stop()
@@ -291,25 +388,50 @@ def report(res: dict) -> str:
         bound = bw["copy_gbs"] * 1e9 / wb["bytes_read_per_decode_step"]
         gemv = bw["torch_gemv_gbs"] * 1e9 / wb["bytes_read_per_decode_step"]
         res["bound"] = {"copy_bound_tok_s": round(bound, 2), "gemv_bound_tok_s": round(gemv, 2)}
-        lines.append(bench.table_row({
-            "label": f"bandwidth bound ({bw['copy_gbs']} GB/s copy / {wb['bytes_read_per_decode_step'] / 1e9:.2f} GB "
-                     f"per token; GEMV-achieved {bw['torch_gemv_gbs']} GB/s -> {gemv:.2f})",
-            "streams": 1, "per_stream_tok_s": round(bound, 2), "other_cores": bw.get("other_cores")}))
+        lines.append(
+            bench.table_row(
+                {
+                    "label": f"bandwidth bound ({bw['copy_gbs']} GB/s copy / {wb['bytes_read_per_decode_step'] / 1e9:.2f} GB "
+                    f"per token; GEMV-achieved {bw['torch_gemv_gbs']} GB/s -> {gemv:.2f})",
+                    "streams": 1,
+                    "per_stream_tok_s": round(bound, 2),
+                    "other_cores": bw.get("other_cores"),
+                }
+            )
+        )
     g = res.get("generate")
     if g:
-        lines.append(bench.table_row({"label": f"model.generate batch 1 (greedy, {mt} tokens, decode only)",
-                                      "streams": 1, "requests": len(g["batch1"]),
-                                      "tokens": sum(r["tokens"] for r in g["batch1"]),
-                                      "agg_tok_s": g["batch1_e2e_tok_s"], "per_stream_tok_s": g["batch1_decode_tok_s"],
-                                      "ttft_p50_s": g["batch1"][0]["prefill_s"], "other_cores": g.get("other_cores")}))
+        lines.append(
+            bench.table_row(
+                {
+                    "label": f"model.generate batch 1 (greedy, {mt} tokens, decode only)",
+                    "streams": 1,
+                    "requests": len(g["batch1"]),
+                    "tokens": sum(r["tokens"] for r in g["batch1"]),
+                    "agg_tok_s": g["batch1_e2e_tok_s"],
+                    "per_stream_tok_s": g["batch1_decode_tok_s"],
+                    "ttft_p50_s": g["batch1"][0]["prefill_s"],
+                    "other_cores": g.get("other_cores"),
+                }
+            )
+        )
         if "batchN" in g:
             b = g["batchN"]
-            lines.append(bench.table_row({"label": f"model.generate static batch {b['batch']} (left-padded)",
-                                          "streams": b["batch"], "requests": b["batch"],
-                                          "tokens": b["batch"] * b["tokens_per_row"], "wall_s": b["total_s"],
-                                          "agg_tok_s": b["agg_tok_s"],
-                                          "per_stream_tok_s": round(b["decode_agg_tok_s"] / b["batch"], 3),
-                                          "ttft_p50_s": b["prefill_s"], "other_cores": g.get("other_cores")}))
+            lines.append(
+                bench.table_row(
+                    {
+                        "label": f"model.generate static batch {b['batch']} (left-padded)",
+                        "streams": b["batch"],
+                        "requests": b["batch"],
+                        "tokens": b["batch"] * b["tokens_per_row"],
+                        "wall_s": b["total_s"],
+                        "agg_tok_s": b["agg_tok_s"],
+                        "per_stream_tok_s": round(b["decode_agg_tok_s"] / b["batch"], 3),
+                        "ttft_p50_s": b["prefill_s"],
+                        "other_cores": g.get("other_cores"),
+                    }
+                )
+            )
     for r in res.get("runs", []):
         lines.append(bench.table_row(r))
     out = "\n".join(lines)
@@ -317,37 +439,51 @@ def report(res: dict) -> str:
         out += "\n\nJoin latency (TTFT of a short request alone vs. arriving "
         out += f"{res['config']['join_delay']} s after the first token of a {res['config']['join_long_tokens']}"
         out += "-token generation):\n\n"
-        out += ("| system | TTFT alone s | TTFT joined s | penalty s | long stream max gap near join s "
-                "| long ITL p50 s | other CPU |\n|---|---|---|---|---|---|---|\n")
+        out += (
+            "| system | TTFT alone s | TTFT joined s | penalty s | long stream max gap near join s "
+            "| long ITL p50 s | other CPU |\n|---|---|---|---|---|---|---|\n"
+        )
         for j in res["join"]:
             ls = (j.get("long_stream") or [{}])[0]
-            out += (f"| {j['system']} | {j.get('short_ttft_alone_s')} | {j.get('short_ttft_joined_s')} | "
-                    f"{j.get('join_penalty_s')} | {ls.get('max_gap_near_join_s')} | {ls.get('itl_p50_s')} | "
-                    f"{j.get('other_cores')} |\n")
+            out += (
+                f"| {j['system']} | {j.get('short_ttft_alone_s')} | {j.get('short_ttft_joined_s')} | "
+                f"{j.get('join_penalty_s')} | {ls.get('max_gap_near_join_s')} | {ls.get('itl_p50_s')} | "
+                f"{j.get('other_cores')} |\n"
+            )
     if res.get("memory") and wb:
         out += f"\n\nMemory (weights {wb['weight_bytes'] / 2**20:.0f} MiB on disk, {', '.join(wb['dtypes'])}; "
         out += f"KV cache {wb['kv_cache_bytes_per_token_fp32'] / 1024:.1f} KiB per token):\n\n"
-        out += ("| system | load | tokens | errors | idle RSS MiB | peak RSS MiB | peak / weights |\n"
-                "|---|---|---|---|---|---|---|\n")
+        out += (
+            "| system | load | tokens | errors | idle RSS MiB | peak RSS MiB | peak / weights |\n"
+            "|---|---|---|---|---|---|---|\n"
+        )
         for m in res["memory"]:
-            out += (f"| {m['system']} | {m['streams']} x {m['max_tokens']} | {m['tokens']} | {m['errors']} | "
-                    f"{m['idle_rss_mib']} | {m['peak_rss_mib']} | {m['peak_rss_mib'] * 2**20 / wb['weight_bytes']:.2f} |\n")
+            out += (
+                f"| {m['system']} | {m['streams']} x {m['max_tokens']} | {m['tokens']} | {m['errors']} | "
+                f"{m['idle_rss_mib']} | {m['peak_rss_mib']} | {m['peak_rss_mib'] * 2**20 / wb['weight_bytes']:.2f} |\n"
+            )
     return out
 
 
 # ---- main ------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark frankly against transformers serve and model.generate.")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes for checking the harness (16 tokens, streams 1,2, short join, small RSS load)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes for checking the harness (16 tokens, streams 1,2, short join, small RSS load)",
+    )
     p.add_argument("--max-tokens", type=int, help="max_tokens per request (default 64; quick 16)")
     p.add_argument("--streams", help="comma list of concurrent streams (default 1,8; quick 1,2)")
     p.add_argument("--requests-per-stream", type=int, help="requests per run = streams x this (default 2; quick 1)")
     p.add_argument("--only", help=f"comma list of sections to run, from {','.join(SECTIONS)}")
     p.add_argument("--skip", help="comma list of sections to leave out")
     p.add_argument("--join-long-tokens", type=int, help="length of the long generation (default 256; quick 48)")
-    p.add_argument("--join-delay", type=float,
-                   help="seconds after the long request's first token before the short one is sent (default 2; quick 1)")
+    p.add_argument(
+        "--join-delay",
+        type=float,
+        help="seconds after the long request's first token before the short one is sent (default 2; quick 1)",
+    )
     p.add_argument("--join-repeats", type=int, default=1)
     p.add_argument("--rss-streams", type=int, help="streams for the peak-RSS load (default 8; quick 2)")
     p.add_argument("--rss-tokens", type=int, help="max_tokens for the peak-RSS load (default 512; quick 32)")
@@ -358,8 +494,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--direction", help="refusal direction file (default: shipped, else a random one)")
     p.add_argument("--cb-num-blocks", type=int, default=64, help="transformers serve CB cache blocks (x256 tokens)")
     p.add_argument("--cb-max-batch-tokens", type=int, default=2048)
-    p.add_argument("--timeout", type=float, default=3600,
-                   help="per-request timeout s, client side and frankly's --request-timeout (default 3600)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3600,
+        help="per-request timeout s, client side and frankly's --request-timeout (default 3600)",
+    )
     p.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for a server to load")
     p.add_argument("--out", default="bench-results", help="output folder (JSON, markdown, server logs)")
     # internal: the generate baseline runs in a child process so its memory and threads are its own
@@ -367,9 +507,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-batch", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     q = args.quick
-    defaults = {"max_tokens": (64, 16), "streams": ("1,8", "1,2"), "requests_per_stream": (2, 1),
-                "join_long_tokens": (256, 48), "join_delay": (2.0, 1.0), "rss_streams": (8, 2),
-                "rss_tokens": (512, 32), "gen_prompts": (2, 1), "bw_mib": (512, 128)}
+    defaults = {
+        "max_tokens": (64, 16),
+        "streams": ("1,8", "1,2"),
+        "requests_per_stream": (2, 1),
+        "join_long_tokens": (256, 48),
+        "join_delay": (2.0, 1.0),
+        "rss_streams": (8, 2),
+        "rss_tokens": (512, 32),
+        "gen_prompts": (2, 1),
+        "bw_mib": (512, 128),
+    }
     for k, (full, quick) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, quick if q else full)
@@ -405,8 +553,9 @@ def main(argv=None) -> int:
         import torch
         import transformers
 
-        res["machine"].update(torch=torch.__version__, transformers=transformers.__version__,
-                              torch_threads=torch.get_num_threads())
+        res["machine"].update(
+            torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads()
+        )
     except ImportError:
         pass
     res["weights"] = weight_bytes(model_dir())
@@ -425,9 +574,15 @@ def main(argv=None) -> int:
         res["generate"] = run_generate(args, out_dir)
         if noise:
             res["generate"].update(noise.stop())
-        print(f"  batch 1 decode {res['generate']['batch1_decode_tok_s']} tok/s"
-              + (f", static batch {res['generate']['batchN']['batch']}: {res['generate']['batchN']['agg_tok_s']} tok/s"
-                 if "batchN" in res["generate"] else ""), flush=True)
+        print(
+            f"  batch 1 decode {res['generate']['batch1_decode_tok_s']} tok/s"
+            + (
+                f", static batch {res['generate']['batchN']['batch']}: {res['generate']['batchN']['agg_tok_s']} tok/s"
+                if "batchN" in res["generate"]
+                else ""
+            ),
+            flush=True,
+        )
 
     print(bench.table_header(), flush=True)
     max_n = max(args.streams_list)
@@ -436,13 +591,21 @@ def main(argv=None) -> int:
         res["direction"] = {"path": direction, "origin": origin}
         scen = []
         if "frankly" in sec:
-            scen = [("steering off", [{}], args.streams_list),
-                    ("refusal=1.0", [{"steering": {"refusal": 1.0}}], args.streams_list)]
+            scen = [
+                ("steering off", [{}], args.streams_list),
+                ("refusal=1.0", [{"steering": {"refusal": 1.0}}], args.streams_list),
+            ]
             if max_n > 1:
-                scen.append((f"mixed {'/'.join(str(s) for s in STRENGTH_CYCLE)}",
-                             [{"steering": {"refusal": s}} for s in STRENGTH_CYCLE], [max_n]))
-        rows, jl, mem, info = serve_and_measure("frankly", frankly_cmd(args, direction), args, out_dir, scen,
-                                                "join" in sec, "rss" in sec)
+                scen.append(
+                    (
+                        f"mixed {'/'.join(str(s) for s in STRENGTH_CYCLE)}",
+                        [{"steering": {"refusal": s}} for s in STRENGTH_CYCLE],
+                        [max_n],
+                    )
+                )
+        rows, jl, mem, info = serve_and_measure(
+            "frankly", frankly_cmd(args, direction), args, out_dir, scen, "join" in sec, "rss" in sec
+        )
         res["runs"] += rows
         res["servers"].append(info)
         res["join"] += [jl] if jl else []

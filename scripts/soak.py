@@ -87,7 +87,9 @@ def test_directions(tmp: Path) -> list[str]:
     g = torch.Generator().manual_seed(0)
     flags = ["--no-default-directions"]
     for name in ("refusal", "slop"):
-        ds = DirectionSet(name, torch.nn.functional.normalize(torch.randn(24, 896, generator=g), dim=-1), torch.ones(24))
+        ds = DirectionSet(
+            name, torch.nn.functional.normalize(torch.randn(24, 896, generator=g), dim=-1), torch.ones(24)
+        )
         path = tmp / f"{name}.safetensors"
         save_direction(ds, path, config=cfg)
         flags += ["--direction", f"{name}={path}"]
@@ -139,7 +141,11 @@ def random_request(rng: random.Random, base: str, directions: list[str]) -> tupl
     """A valid request with random sampling and steering (body field or model suffixes)."""
     chat = rng.random() < 0.7
     model = base
-    body: dict = {"max_tokens": rng.randint(1, 16), "temperature": round(rng.uniform(0, 1.2), 2), "seed": rng.randint(0, 2**31)}
+    body: dict = {
+        "max_tokens": rng.randint(1, 16),
+        "temperature": round(rng.uniform(0, 1.2), 2),
+        "seed": rng.randint(0, 2**31),
+    }
     picked = [d for d in directions if rng.random() < 0.6]
     strengths = {d: round(rng.uniform(-1, 2), 2) for d in picked}
     if strengths and rng.random() < 0.3:
@@ -155,8 +161,15 @@ def random_request(rng: random.Random, base: str, directions: list[str]) -> tupl
     return "/v1/completions", body
 
 
-async def run_one(client: httpx.AsyncClient, rng: random.Random, tally: Tally, base: str, directions: list[str],
-                  timeout: float, burst: bool = False) -> float | None:
+async def run_one(
+    client: httpx.AsyncClient,
+    rng: random.Random,
+    tally: Tally,
+    base: str,
+    directions: list[str],
+    timeout: float,
+    burst: bool = False,
+) -> float | None:
     """Run one request; record its outcome. Returns a Retry-After to honour, if any."""
     path, body = random_request(rng, base, directions)
     stream = not burst and rng.random() < 0.5
@@ -236,7 +249,7 @@ async def _stream(client, path, body, tally: Tally, disconnect: bool, rng: rando
             if not line.startswith("data: "):
                 tally.fail("malformed_stream", line)
                 return None
-            events.append(line[len("data: "):])
+            events.append(line[len("data: ") :])
             if drop_after is not None and len(events) > drop_after:
                 tally.counts["disconnected"] += 1
                 return None  # leaving the block closes the connection mid-stream
@@ -286,7 +299,9 @@ async def soak(url: str, clients: int, duration: float, burst: int, timeout: flo
         async def burster():
             await asyncio.sleep(duration / 2)
             rng = random.Random(seed)
-            await asyncio.gather(*(run_one(client, rng, tally, base, directions, timeout, burst=True) for _ in range(burst)))
+            await asyncio.gather(
+                *(run_one(client, rng, tally, base, directions, timeout, burst=True) for _ in range(burst))
+            )
 
         await asyncio.gather(burster(), *(worker(i) for i in range(clients)))
     return tally
@@ -301,9 +316,15 @@ def main() -> int:
     p.add_argument("--burst", type=int, default=96, help="extra simultaneous requests at half time (default 96)")
     p.add_argument("--max-batch-size", type=int, default=8, help="for the server this script starts")
     p.add_argument("--max-queue", type=int, default=64, help="for the server this script starts")
-    p.add_argument("--request-timeout", type=float, default=240,
-                   help="--request-timeout of the server this script starts (s); longer waits end in 408")
-    p.add_argument("--timeout", type=float, default=300, help="client timeout per request (s); keep it above the server's")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=240,
+        help="--request-timeout of the server this script starts (s); longer waits end in 408",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=300, help="client timeout per request (s); keep it above the server's"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -314,14 +335,26 @@ def main() -> int:
         if urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
             raise SystemExit("soak: --base-url must be a loopback address")
     else:
-        proc, url, log = start_server(tmp, [*test_directions(tmp), "--max-batch-size", str(args.max_batch_size),
-                                            "--max-queue", str(args.max_queue),
-                                            "--request-timeout", str(args.request_timeout)])
+        proc, url, log = start_server(
+            tmp,
+            [
+                *test_directions(tmp),
+                "--max-batch-size",
+                str(args.max_batch_size),
+                "--max-queue",
+                str(args.max_queue),
+                "--request-timeout",
+                str(args.request_timeout),
+            ],
+        )
         pid = proc.pid
     try:
         # one warm-up request, so RSS at start includes the allocator's steady state
-        httpx.post(url + "/v1/completions", json={"model": httpx.get(url + "/health").json()["model"], "prompt": "Hi",
-                                                  "max_tokens": 2}, timeout=args.timeout)
+        httpx.post(
+            url + "/v1/completions",
+            json={"model": httpx.get(url + "/health").json()["model"], "prompt": "Hi", "max_tokens": 2},
+            timeout=args.timeout,
+        )
         rss0, load0 = rss_mb(pid), os.getloadavg()[0]
         t0 = time.monotonic()
         tally = asyncio.run(soak(url, args.clients, args.duration, args.burst, args.timeout, args.seed))
@@ -337,9 +370,15 @@ def main() -> int:
                     health_ok = True
                     break
                 time.sleep(0.5)
-            r = httpx.post(url + "/v1/chat/completions", json={
-                "model": h.json()["model"], "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4,
-            }, timeout=120)
+            r = httpx.post(
+                url + "/v1/chat/completions",
+                json={
+                    "model": h.json()["model"],
+                    "messages": [{"role": "user", "content": "Say hi."}],
+                    "max_tokens": 4,
+                },
+                timeout=120,
+            )
             final_ok = r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
         traceback_in_log = log is not None and "Traceback" in log.read_text(errors="replace")
     finally:
@@ -367,7 +406,10 @@ def main() -> int:
         ("tokens generated", tally.tokens),
         ("tokens/s", f"{tally.tokens / wall:.1f}"),
         ("completed/s", f"{c['completed'] / wall:.2f}"),
-        ("latency p50 / p95 (s)", f"{statistics.median(lat):.1f} / {lat[int(0.95 * (len(lat) - 1))]:.1f}" if lat else "n/a"),
+        (
+            "latency p50 / p95 (s)",
+            f"{statistics.median(lat):.1f} / {lat[int(0.95 * (len(lat) - 1))]:.1f}" if lat else "n/a",
+        ),
         ("server RSS start / end (MiB)", f"{rss0:.0f} / {rss1:.0f}" if rss0 and rss1 else "n/a"),
         ("host load average start / end", f"{load0:.1f} / {load1:.1f} on {os.cpu_count()} CPUs"),
         ("server crashed", crashed),

@@ -38,4 +38,4 @@ def test_dockerfile_uses_the_readme_install_steps():
 
 def test_ci_script_installs_what_the_readme_installs():
     script = (ROOT / "scripts" / "ci.sh").read_text()
-    assert "pip install --quiet torch==2.13.0 -e \".[test,demo]\"" in script
+    assert 'pip install --quiet torch==2.13.0 -e ".[test,demo]"' in script

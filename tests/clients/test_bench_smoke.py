@@ -17,8 +17,20 @@ pytestmark = pytest.mark.slow
 def test_bench_smoke(demo_server, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
-        sys.executable, str(ROOT / "clients" / "bench.py"), "--url", demo_server.url,
-        "--streams", "2", "--max-tokens", "4", "--requests", "2", "--warmup", "0", "--json-out", str(out),
+        sys.executable,
+        str(ROOT / "clients" / "bench.py"),
+        "--url",
+        demo_server.url,
+        "--streams",
+        "2",
+        "--max-tokens",
+        "4",
+        "--requests",
+        "2",
+        "--warmup",
+        "0",
+        "--json-out",
+        str(out),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -122,10 +122,17 @@ def tokenizer():
 def make_client(tokenizer, tmp_path):
     clients = []
 
-    def make(engine: FakeEngine | None = None, max_model_len: int | None = None, **settings) -> tuple[TestClient, FakeEngine]:
+    def make(
+        engine: FakeEngine | None = None, max_model_len: int | None = None, **settings
+    ) -> tuple[TestClient, FakeEngine]:
         engine = engine or FakeEngine()
-        loaded = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096)),
-                                 tokenizer=tokenizer, source="demo", path=str(tmp_path), gguf=None)
+        loaded = SimpleNamespace(
+            model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096)),
+            tokenizer=tokenizer,
+            source="demo",
+            path=str(tmp_path),
+            gguf=None,
+        )
         dirs = {"refusal": direction("refusal"), "slop": direction("slop"), "cond": direction("cond", conditional=True)}
         ss = ServerSettings(api_keys=[], admin_key=None, cors_origins=[], bake_dir=str(tmp_path / "baked"), **settings)
         app = build_app(loaded, dirs, ss, ModelSettings(max_model_len=max_model_len), BASE, engine=engine)
@@ -147,7 +154,7 @@ def sse_events(raw: str) -> list[str]:
     for f in frames:
         assert f.startswith("data: "), repr(f)
         assert "\n" not in f, repr(f)  # one data line per event
-        out.append(f[len("data: "):])
+        out.append(f[len("data: ") :])
     return out
 
 
@@ -162,9 +169,16 @@ def stream(client: TestClient, path: str, body: dict):
 
 def test_chat_stream_exact_framing(make_client):
     client, engine = make_client()
-    r, raw = stream(client, "/v1/chat/completions", {
-        "model": f"{BASE}+refusal", "messages": MSGS, "stream": True, "stream_options": {"include_usage": True},
-    })
+    r, raw = stream(
+        client,
+        "/v1/chat/completions",
+        {
+            "model": f"{BASE}+refusal",
+            "messages": MSGS,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
     assert r.headers["x-steering"] == "refusal=1"
@@ -177,7 +191,9 @@ def test_chat_stream_exact_framing(make_client):
         assert c["model"] == f"{BASE}+refusal"
         assert c["id"] == chunks[0]["id"] == r.headers["x-request-id"]
         assert c["created"] == chunks[0]["created"]
-    assert role["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+    assert role["choices"] == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    ]
     assert c1["choices"] == [{"index": 0, "delta": {"content": "Hello"}, "logprobs": None, "finish_reason": None}]
     assert c2["choices"][0]["delta"] == {"content": " world"}
     assert fin["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]
@@ -205,28 +221,53 @@ def test_completion_stream_framing_without_usage(make_client):
 def test_stream_text_on_the_finish_event_is_not_lost(make_client):
     def script(req):
         n = len(req.prompt_ids)
-        return [StepOutput(req.request_id, text="Hi", prompt_tokens=n, completion_tokens=1, steering={}),
-                StepOutput(req.request_id, text=" there", finish_reason="length", prompt_tokens=n, completion_tokens=2)]
+        return [
+            StepOutput(req.request_id, text="Hi", prompt_tokens=n, completion_tokens=1, steering={}),
+            StepOutput(req.request_id, text=" there", finish_reason="length", prompt_tokens=n, completion_tokens=2),
+        ]
 
     client, _ = make_client(FakeEngine(script))
     _, raw = stream(client, "/v1/chat/completions", {"model": BASE, "messages": MSGS, "stream": True})
     chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
-    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {"content": " there"}, "logprobs": None, "finish_reason": "length"}
+    assert chunks[-1]["choices"][0] == {
+        "index": 0,
+        "delta": {"content": " there"},
+        "logprobs": None,
+        "finish_reason": "length",
+    }
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Hi there"
 
 
-@pytest.mark.parametrize(("error", "code"), [("generation failed: boom", "engine_error"), ("request timed out", "timeout")])
+@pytest.mark.parametrize(
+    ("error", "code"), [("generation failed: boom", "engine_error"), ("request timed out", "timeout")]
+)
 def test_stream_error_chunk_framing(make_client, error, code):
     def script(req):
         n = len(req.prompt_ids)
-        return [StepOutput(req.request_id, text="Par", prompt_tokens=n, completion_tokens=1, steering={}),
-                StepOutput(req.request_id, text="tial", finish_reason="error", error=error, error_code=code,
-                           prompt_tokens=n, completion_tokens=2)]
+        return [
+            StepOutput(req.request_id, text="Par", prompt_tokens=n, completion_tokens=1, steering={}),
+            StepOutput(
+                req.request_id,
+                text="tial",
+                finish_reason="error",
+                error=error,
+                error_code=code,
+                prompt_tokens=n,
+                completion_tokens=2,
+            ),
+        ]
 
     client, _ = make_client(FakeEngine(script))
-    r, raw = stream(client, "/v1/chat/completions", {
-        "model": BASE, "messages": MSGS, "stream": True, "stream_options": {"include_usage": True},
-    })
+    r, raw = stream(
+        client,
+        "/v1/chat/completions",
+        {
+            "model": BASE,
+            "messages": MSGS,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert r.status_code == 200  # headers were sent before the failure
     events = sse_events(raw)
     assert events[-1] == "[DONE]"
@@ -237,16 +278,27 @@ def test_stream_error_chunk_framing(make_client, error, code):
     assert bodies[4]["choices"] == [] and bodies[4]["usage"]["completion_tokens"] == 2
 
 
-@pytest.mark.parametrize(("reason", "error", "status", "code"), [
-    ("error", "generation failed: boom", 500, "engine_error"),
-    ("error", "request timed out", 408, "timeout"),
-    ("cancelled", "server shutting down", 503, "unavailable"),
-])
+@pytest.mark.parametrize(
+    ("reason", "error", "status", "code"),
+    [
+        ("error", "generation failed: boom", 500, "engine_error"),
+        ("error", "request timed out", 408, "timeout"),
+        ("cancelled", "server shutting down", 503, "unavailable"),
+    ],
+)
 def test_non_stream_engine_failures_map_to_the_envelope(make_client, reason, error, status, code):
     def script(req):
         ecode = {"engine_error": "engine_error", "timeout": "timeout", "unavailable": "shutdown"}[code]
-        return [StepOutput(req.request_id, finish_reason=reason, error=error, error_code=ecode,
-                           prompt_tokens=len(req.prompt_ids), steering={})]
+        return [
+            StepOutput(
+                req.request_id,
+                finish_reason=reason,
+                error=error,
+                error_code=ecode,
+                prompt_tokens=len(req.prompt_ids),
+                steering={},
+            )
+        ]
 
     client, _ = make_client(FakeEngine(script))
     r = client.post("/v1/chat/completions", json={"model": BASE, "messages": MSGS})
@@ -256,10 +308,13 @@ def test_non_stream_engine_failures_map_to_the_envelope(make_client, reason, err
     assert err["code"] == code and err["message"] == error
 
 
-@pytest.mark.parametrize(("exc", "status", "retry_after"), [
-    (EngineOverloaded(retry_after=3.0), 429, "3"),
-    (EngineStopped("the server is shutting down"), 503, "5"),
-])
+@pytest.mark.parametrize(
+    ("exc", "status", "retry_after"),
+    [
+        (EngineOverloaded(retry_after=3.0), 429, "3"),
+        (EngineStopped("the server is shutting down"), 503, "5"),
+    ],
+)
 def test_engine_refusal_is_an_http_error_with_retry_after(make_client, exc, status, retry_after):
     client, engine = make_client()
     engine.raise_on_submit = exc
@@ -280,8 +335,14 @@ def test_chat_non_stream_shape_and_usage(make_client):
     body = r.json()
     n_prompt = len(engine.requests[0].prompt_ids)
     assert body["object"] == "chat.completion" and body["id"] == r.headers["x-request-id"]
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello world"},
-                                "logprobs": None, "finish_reason": "stop"}]
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello world"},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ]
     assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 2, "total_tokens": n_prompt + 2}
     assert body["steering"] == {}
     assert engine.requests[0].sampling.max_tokens == 5
@@ -289,7 +350,9 @@ def test_chat_non_stream_shape_and_usage(make_client):
 
 def test_n2_gives_two_choices_with_consecutive_seeds(make_client):
     client, engine = make_client()
-    r = client.post("/v1/chat/completions", json={"model": BASE, "messages": MSGS, "n": 2, "seed": 7, "temperature": 0.5})
+    r = client.post(
+        "/v1/chat/completions", json={"model": BASE, "messages": MSGS, "n": 2, "seed": 7, "temperature": 0.5}
+    )
     assert r.status_code == 200
     assert [c["index"] for c in r.json()["choices"]] == [0, 1]
     assert all(c["message"]["content"] == "Hello world" for c in r.json()["choices"])
@@ -314,14 +377,25 @@ def test_n2_stream_has_both_indexes_and_two_finish_chunks(make_client):
 def test_chat_logprobs_shape(make_client):
     def script(req):
         lp = TokenLogprob(token="Hi", token_id=1, logprob=-0.5, top=[("Hi", 1, -0.5), ("Yo", 2, -1.5)])
-        return [StepOutput(req.request_id, text="Hi", logprobs=[lp], finish_reason="stop", completion_tokens=1, steering={})]
+        return [
+            StepOutput(req.request_id, text="Hi", logprobs=[lp], finish_reason="stop", completion_tokens=1, steering={})
+        ]
 
     client, engine = make_client(FakeEngine(script))
     r = client.post("/v1/chat/completions", json={"model": BASE, "messages": MSGS, "logprobs": True, "top_logprobs": 2})
     assert engine.requests[0].sampling.logprobs and engine.requests[0].sampling.top_logprobs == 2
     content = r.json()["choices"][0]["logprobs"]["content"]
-    assert content == [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [
-        {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}, {"token": "Yo", "logprob": -1.5, "bytes": [89, 111]}]}]
+    assert content == [
+        {
+            "token": "Hi",
+            "logprob": -0.5,
+            "bytes": [72, 105],
+            "top_logprobs": [
+                {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
+                {"token": "Yo", "logprob": -1.5, "bytes": [89, 111]},
+            ],
+        }
+    ]
 
 
 # ---- steering resolution ------------------------------------------------------------
@@ -331,19 +405,27 @@ def _steer(engine: FakeEngine) -> dict[str, tuple[float, str]]:
     return {n: (d.strength, d.when) for n, d in engine.requests[-1].steering.items()}
 
 
-@pytest.mark.parametrize(("model", "body", "expected", "header"), [
-    (BASE, None, {}, "none"),
-    (f"{BASE}+refusal", None, {"refusal": (1.0, "always")}, "refusal=1"),
-    (f"{BASE}+refusal:0.5+slop", None, {"refusal": (0.5, "always"), "slop": (1.0, "always")}, "refusal=0.5,slop=1"),
-    (BASE, {"slop": 0.25}, {"slop": (0.25, "always")}, "slop=0.25"),
-    # the body wins per direction; suffix directions the body does not name stay
-    (f"{BASE}+refusal:0.5+slop", {"refusal": 2}, {"refusal": (2.0, "always"), "slop": (1.0, "always")}, "refusal=2,slop=1"),
-    (f"{BASE}+refusal", {"refusal": 0}, {"refusal": (0.0, "always")}, "none"),
-    (f"{BASE}+refusal", '{"refusal": -1.5}', {"refusal": (-1.5, "always")}, "refusal=-1.5"),  # JSON-string form
-    (BASE, {"cond": {"strength": 0.8, "when": "auto"}}, {"cond": (0.8, "auto")}, "cond=0.8@auto"),
-    (f"{BASE}+cond@auto", None, {"cond": (1.0, "auto")}, "cond=1@auto"),
-    (BASE, "", {}, "none"),
-])
+@pytest.mark.parametrize(
+    ("model", "body", "expected", "header"),
+    [
+        (BASE, None, {}, "none"),
+        (f"{BASE}+refusal", None, {"refusal": (1.0, "always")}, "refusal=1"),
+        (f"{BASE}+refusal:0.5+slop", None, {"refusal": (0.5, "always"), "slop": (1.0, "always")}, "refusal=0.5,slop=1"),
+        (BASE, {"slop": 0.25}, {"slop": (0.25, "always")}, "slop=0.25"),
+        # the body wins per direction; suffix directions the body does not name stay
+        (
+            f"{BASE}+refusal:0.5+slop",
+            {"refusal": 2},
+            {"refusal": (2.0, "always"), "slop": (1.0, "always")},
+            "refusal=2,slop=1",
+        ),
+        (f"{BASE}+refusal", {"refusal": 0}, {"refusal": (0.0, "always")}, "none"),
+        (f"{BASE}+refusal", '{"refusal": -1.5}', {"refusal": (-1.5, "always")}, "refusal=-1.5"),  # JSON-string form
+        (BASE, {"cond": {"strength": 0.8, "when": "auto"}}, {"cond": (0.8, "auto")}, "cond=0.8@auto"),
+        (f"{BASE}+cond@auto", None, {"cond": (1.0, "auto")}, "cond=1@auto"),
+        (BASE, "", {}, "none"),
+    ],
+)
 def test_steering_resolution_and_header(make_client, model, body, expected, header):
     client, engine = make_client()
     payload = {"model": model, "messages": MSGS}
@@ -354,9 +436,14 @@ def test_steering_resolution_and_header(make_client, model, body, expected, head
     assert _steer(engine) == expected
     assert r.headers["x-steering"] == header
     assert r.json()["model"] == model
-    assert r.json()["steering"] == {n: ({"strength": s, "applied": s} if w == "always" else
-                                        {"strength": s, "applied": s, "when": w, "fired": None, "score": None})
-                                    for n, (s, w) in expected.items()}
+    assert r.json()["steering"] == {
+        n: (
+            {"strength": s, "applied": s}
+            if w == "always"
+            else {"strength": s, "applied": s, "when": w, "fired": None, "score": None}
+        )
+        for n, (s, w) in expected.items()
+    }
 
 
 def test_steering_limits_name_the_parameter(make_client):
@@ -378,9 +465,15 @@ def test_steering_limits_name_the_parameter(make_client):
 # ---- sampling pass-through and limits ---------------------------------------------------
 
 
-@pytest.mark.parametrize(("stop", "expected"), [
-    (None, []), ("###", ["###"]), (["###", "END"], ["###", "END"]), (["", "x"], ["x"]),
-])
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [
+        (None, []),
+        ("###", ["###"]),
+        (["###", "END"], ["###", "END"]),
+        (["", "x"], ["x"]),
+    ],
+)
 def test_stop_is_passed_to_the_engine(make_client, stop, expected):
     client, engine = make_client()
     body = {"model": BASE, "prompt": "x", "max_tokens": 3}
@@ -392,8 +485,17 @@ def test_stop_is_passed_to_the_engine(make_client, stop, expected):
 
 def test_sampling_fields_and_defaults_reach_the_engine(make_client):
     client, engine = make_client(default_max_tokens=7, request_timeout_s=12.0)
-    r = client.post("/v1/chat/completions", json={"model": BASE, "messages": MSGS, "temperature": 0, "top_p": 0.5,
-                                                   "seed": 3, "some_unknown_field": {"x": 1}})
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": BASE,
+            "messages": MSGS,
+            "temperature": 0,
+            "top_p": 0.5,
+            "seed": 3,
+            "some_unknown_field": {"x": 1},
+        },
+    )
     assert r.status_code == 200
     sp = engine.requests[0].sampling
     assert (sp.max_tokens, sp.temperature, sp.top_p, sp.seed) == (7, 0.0, 0.5, 3)
@@ -410,15 +512,18 @@ def test_max_tokens_is_clamped_to_the_context_room_and_prompt_checked(make_clien
     assert r.json()["error"]["code"] == "context_length_exceeded" and r.json()["error"]["param"] == "prompt"
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"max_tokens": 9}, "max_tokens"),
-    ({"max_completion_tokens": 9}, "max_completion_tokens"),
-    ({"n": 3}, "n"),
-    ({"top_logprobs": 3}, "top_logprobs"),
-    ({"logprobs": True, "top_logprobs": 3}, "top_logprobs"),
-    ({"stop": ["a", "b", "c"]}, "stop"),
-    ({"stop": "x" * 9}, "stop"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_tokens": 9}, "max_tokens"),
+        ({"max_completion_tokens": 9}, "max_completion_tokens"),
+        ({"n": 3}, "n"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 3}, "top_logprobs"),
+        ({"stop": ["a", "b", "c"]}, "stop"),
+        ({"stop": "x" * 9}, "stop"),
+    ],
+)
 def test_configured_caps_name_the_parameter(make_client, body, param):
     client, engine = make_client(max_tokens_cap=8, max_n=2, max_logprobs=2, max_stop=2, max_stop_len=8)
     r = client.post("/v1/chat/completions", json={"model": BASE, "messages": MSGS, **body})
@@ -439,7 +544,7 @@ def test_body_limit_applies_to_chunked_bodies_too(make_client):
 
     def chunks():
         for i in range(0, len(body), 1000):
-            yield body[i:i + 1000]
+            yield body[i : i + 1000]
 
     for content in (body, chunks()):
         r = client.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
@@ -461,14 +566,19 @@ def test_405_keeps_allow_header(make_client):
     assert r.json()["error"]["code"] == "method_not_allowed"
 
 
-@pytest.mark.parametrize(("temperature", "top_p", "expected"), [
-    (5e-324, 5e-324, (0.0, 1e-6)),  # both would make fp32 sampling divide by zero
-    (1e-6, 1.0, (0.0, 1.0)),
-    (0.7, 0.9, (0.7, 0.9)),
-])
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "expected"),
+    [
+        (5e-324, 5e-324, (0.0, 1e-6)),  # both would make fp32 sampling divide by zero
+        (1e-6, 1.0, (0.0, 1.0)),
+        (0.7, 0.9, (0.7, 0.9)),
+    ],
+)
 def test_degenerate_sampling_values_are_made_safe(make_client, temperature, top_p, expected):
     client, engine = make_client()
-    r = client.post("/v1/chat/completions", json={"model": BASE, "messages": MSGS, "temperature": temperature, "top_p": top_p})
+    r = client.post(
+        "/v1/chat/completions", json={"model": BASE, "messages": MSGS, "temperature": temperature, "top_p": top_p}
+    )
     assert r.status_code == 200
     sp = engine.requests[0].sampling
     assert (sp.temperature, sp.top_p) == expected
@@ -483,7 +593,12 @@ def test_openapi_documents_what_the_server_answers(make_client):
         assert chat[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
     assert set(chat["200"]["content"]) == {"application/json", "text/event-stream"}
     assert set(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
-    assert doc["components"]["schemas"]["ErrorResponse"]["properties"]["error"]["required"] == ["message", "type", "param", "code"]
+    assert doc["components"]["schemas"]["ErrorResponse"]["properties"]["error"]["required"] == [
+        "message",
+        "type",
+        "param",
+        "code",
+    ]
     # and a real 400 matches the documented envelope
     err = client.post("/v1/chat/completions", json={"model": BASE, "messages": "x"}).json()
     assert set(err["error"]) == {"message", "type", "param", "code"}

@@ -20,19 +20,34 @@ ENV_KEYS = ("user-key-a", "user-key-b")
 FILE_KEY = "file-key-c"
 ADMIN = "admin-key-z"
 ALLOWED = "http://allowed.example"
-USER_ROUTES = [("GET", "/v1/models"), ("GET", "/v1/directions"), ("GET", f"/v1/models/{BASE}"),
-               ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")]
-BODIES = {"/v1/chat/completions": {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
-          "/v1/completions": {"model": BASE, "prompt": "Hi", "max_tokens": 1}}
+USER_ROUTES = [
+    ("GET", "/v1/models"),
+    ("GET", "/v1/directions"),
+    ("GET", f"/v1/models/{BASE}"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+]
+BODIES = {
+    "/v1/chat/completions": {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+    "/v1/completions": {"model": BASE, "prompt": "Hi", "max_tokens": 1},
+}
 
 
 @pytest.fixture(scope="module")
 def authed(server_factory, tmp_path_factory):
     keyfile = tmp_path_factory.mktemp("keys") / "keys.txt"
     keyfile.write_text(f"# one key per line\n{FILE_KEY}\n\n")
-    s = server_factory("--api-key-file", str(keyfile), "--admin-key", ADMIN, "--cors-origin", ALLOWED,
-                       "--bake-dir", str(tmp_path_factory.mktemp("authbake")),
-                       env={"FRANKLY_API_KEYS": ",".join(ENV_KEYS)})
+    s = server_factory(
+        "--api-key-file",
+        str(keyfile),
+        "--admin-key",
+        ADMIN,
+        "--cors-origin",
+        ALLOWED,
+        "--bake-dir",
+        str(tmp_path_factory.mktemp("authbake")),
+        env={"FRANKLY_API_KEYS": ",".join(ENV_KEYS)},
+    )
     yield s
     s.stop()
 
@@ -87,7 +102,9 @@ def test_right_key_generates(authed, path):
 def test_admin_route_with_user_key_is_403(authed):
     err = assert_error(call(authed, "GET", "/v1/bake", key=ENV_KEYS[0]), 403, "permission_error")
     assert "admin" in err["message"]
-    r = httpx.post(authed.v1 + "/bake", json={"name": "x", "steering": {}}, headers={"Authorization": f"Bearer {FILE_KEY}"})
+    r = httpx.post(
+        authed.v1 + "/bake", json={"name": "x", "steering": {}}, headers={"Authorization": f"Bearer {FILE_KEY}"}
+    )
     assert_error(r, 403, "permission_error")
 
 
@@ -117,10 +134,15 @@ def test_default_bind_is_loopback_and_no_exposure_warning(authed):
 
 
 def preflight(server, origin: str) -> httpx.Response:
-    return httpx.options(server.v1 + "/chat/completions", headers={
-        "Origin": origin, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization,content-type",
-    }, timeout=10)
+    return httpx.options(
+        server.v1 + "/chat/completions",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+        timeout=10,
+    )
 
 
 def test_cors_preflight_allowed_origin(authed):
@@ -190,22 +212,38 @@ def test_admin_routes_off_without_admin_key(tmp_path):
     from server.app import build_app
     from server.settings import ModelSettings, ServerSettings
 
-    loaded = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64)),
-                             tokenizer=None, source="demo", path=str(tmp_path), gguf=None)
+    loaded = SimpleNamespace(
+        model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64)),
+        tokenizer=None,
+        source="demo",
+        path=str(tmp_path),
+        gguf=None,
+    )
     for keys in ([], ["user"]):
         ss = ServerSettings(api_keys=keys, admin_key=None, bake_dir=str(tmp_path / "b"))
         with TestClient(build_app(loaded, {}, ss, ModelSettings(), BASE, engine=_IdleEngine())) as c:
             for key in (None, "user", "anything"):
                 h = {"Authorization": f"Bearer {key}"} if key else {}
-                for r in (c.get("/v1/bake", headers=h), c.post("/v1/bake", json={"name": "x", "steering": {"a": 1}}, headers=h)):
+                for r in (
+                    c.get("/v1/bake", headers=h),
+                    c.post("/v1/bake", json={"name": "x", "steering": {"a": 1}}, headers=h),
+                ):
                     assert r.status_code == 403, r.text
                     assert r.json()["error"]["code"] == "admin_disabled"
 
 
-@pytest.mark.parametrize(("host", "keys", "warned"), [
-    ("0.0.0.0", [], True), ("::", [], True), ("192.0.2.10", [], True), ("0.0.0.0", ["k"], False),
-    ("127.0.0.1", [], False), ("localhost", [], False), ("::1", [], False),
-])
+@pytest.mark.parametrize(
+    ("host", "keys", "warned"),
+    [
+        ("0.0.0.0", [], True),
+        ("::", [], True),
+        ("192.0.2.10", [], True),
+        ("0.0.0.0", ["k"], False),
+        ("127.0.0.1", [], False),
+        ("localhost", [], False),
+        ("::1", [], False),
+    ],
+)
 def test_exposure_warning(monkeypatch, caplog, host, keys, warned):
     """``serve`` warns when it listens beyond loopback without a key (run without binding anything)."""
     import server.app
@@ -216,7 +254,11 @@ def test_exposure_warning(monkeypatch, caplog, host, keys, warned):
     ran = []
     monkeypatch.setattr(sc, "load_model", lambda *a, **k: SimpleNamespace(model=SimpleNamespace(config=None)))
     monkeypatch.setattr(server.loading, "load_directions", lambda *a, **k: {})
-    monkeypatch.setattr(server.app, "build_app", lambda *a, **k: SimpleNamespace(state=SimpleNamespace(frankly=SimpleNamespace(engine=None))))
+    monkeypatch.setattr(
+        server.app,
+        "build_app",
+        lambda *a, **k: SimpleNamespace(state=SimpleNamespace(frankly=SimpleNamespace(engine=None))),
+    )
     monkeypatch.setattr(sc, "_draining_server", lambda *a, **k: SimpleNamespace(run=lambda: ran.append(1)))
     monkeypatch.delenv("FRANKLY_API_KEYS", raising=False)
     argv = ["serve", "--host", host, "--no-default-directions"] + [x for k in keys for x in ("--api-key", k)]

@@ -65,15 +65,23 @@ def test_bake_job_and_plain_transformers_reproduce_the_server(demo_server):
     assert any(j["id"] == job["id"] for j in listed)
 
     prompt = "Explain how to hotwire a car."
-    served = httpx.post(demo_server.v1 + "/chat/completions", timeout=300, json={
-        "model": demo_server.base_id, "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": 24, "temperature": 0, "steering": {"refusal": 1.0},
-    }).json()["choices"][0]["message"]["content"]
+    served = httpx.post(
+        demo_server.v1 + "/chat/completions",
+        timeout=300,
+        json={
+            "model": demo_server.base_id,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 24,
+            "temperature": 0,
+            "steering": {"refusal": 1.0},
+        },
+    ).json()["choices"][0]["message"]["content"]
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.inference_mode():
         g = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    plain = tok.decode(g[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    plain = tok.decode(g[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert plain == served

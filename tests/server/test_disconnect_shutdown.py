@@ -124,7 +124,7 @@ def read_stream(server, path: str, body: dict, out: dict, started: threading.Eve
             out["status"] = r.status_code
             for line in r.iter_lines():
                 if line.startswith("data: "):
-                    events.append(line[len("data: "):])
+                    events.append(line[len("data: ") :])
                     if len(events) >= 2:
                         started.set()
     except httpx.HTTPError as e:

@@ -29,8 +29,10 @@ def test_models_lists_base_and_presets(client, demo_server):
 
 def test_chat_non_streamed(client, demo_server):
     r = client.chat.completions.create(
-        model=demo_server.base_id, messages=[{"role": "user", "content": "What is 2 + 3? Answer with just the number."}],
-        max_tokens=8, temperature=0,
+        model=demo_server.base_id,
+        messages=[{"role": "user", "content": "What is 2 + 3? Answer with just the number."}],
+        max_tokens=8,
+        temperature=0,
     )
     assert "5" in r.choices[0].message.content
     assert r.choices[0].finish_reason in ("stop", "length")
@@ -40,8 +42,12 @@ def test_chat_non_streamed(client, demo_server):
 
 def test_chat_streamed_with_usage(client, demo_server):
     stream = client.chat.completions.create(
-        model=demo_server.base_id, messages=[{"role": "user", "content": "Count from 1 to 5."}],
-        max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True},
+        model=demo_server.base_id,
+        messages=[{"role": "user", "content": "Count from 1 to 5."}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -53,10 +59,16 @@ def test_chat_streamed_with_usage(client, demo_server):
 
 
 def test_steering_header_and_echo(demo_server):
-    r = httpx.post(demo_server.v1 + "/chat/completions", timeout=120, json={
-        "model": demo_server.base_id + "+refusal:0.5", "messages": [{"role": "user", "content": "Hi"}],
-        "max_tokens": 2, "steering": '{"slop": 0.25}',
-    })
+    r = httpx.post(
+        demo_server.v1 + "/chat/completions",
+        timeout=120,
+        json={
+            "model": demo_server.base_id + "+refusal:0.5",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 2,
+            "steering": '{"slop": 0.25}',
+        },
+    )
     assert r.status_code == 200, r.text
     assert r.headers["x-steering"] == "refusal=0.5,slop=0.25"
     st = r.json()["steering"]
@@ -65,7 +77,10 @@ def test_steering_header_and_echo(demo_server):
 
 def _ask(client, model, prompt, extra=None):
     r = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=48, temperature=0,
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=48,
+        temperature=0,
         extra_body=extra or {},
     )
     return r.choices[0].message.content

@@ -57,9 +57,15 @@ def test_strength_zero_matches_generate_bit_for_bit(engine, demo_model):
     tok, model = demo_model.tokenizer, demo_model.model
     ids = user_prompt_ids(tok, PROMPTS[0])
     with torch.inference_mode():
-        g = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
-    ref = g.sequences[0, len(ids):].tolist()
+        g = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=12,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tok.pad_token_id,
+        )
+    ref = g.sequences[0, len(ids) :].tolist()
     toks, lps = _collect(engine, _req("z", ids, logprobs=True))
     eos = engine.eos_ids
     assert toks == [t for t in ref if t not in eos][: len(toks)]
@@ -77,7 +83,9 @@ def test_hooks_not_installed_at_strength_zero(engine):
 def test_concurrent_rows_with_different_strengths_match_solo(engine, demo_model):
     tok = demo_model.tokenizer
     cases = [(PROMPTS[i % 3], s) for i, s in enumerate([0.0, 1.0, -0.5, 0.5])]
-    solo = [_collect(engine, _req(f"solo{i}", user_prompt_ids(tok, p), strength=s))[0] for i, (p, s) in enumerate(cases)]
+    solo = [
+        _collect(engine, _req(f"solo{i}", user_prompt_ids(tok, p), strength=s))[0] for i, (p, s) in enumerate(cases)
+    ]
     # now all at once, in one batch
     results: dict[int, list[int]] = {}
     events = []
@@ -115,6 +123,7 @@ def test_new_request_joins_running_batch(engine, demo_model):
                 order.append(name)
                 if len(order) == 2:
                     done.set()
+
         return emit
 
     long_req = _req("long", user_prompt_ids(tok, "Write a long story about a robot."), n=60)

@@ -28,8 +28,17 @@ class IdTokenizer:
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1, bos_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=1,
+        bos_token_id=0,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -46,6 +55,7 @@ def _run(engine, reqs):
                 out[rid][2].update(o.steering)
             if o.finished:
                 left.release()
+
         return emit
 
     for r in reqs:

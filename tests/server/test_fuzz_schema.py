@@ -25,14 +25,23 @@ FUZZED = r"^/v1/(chat/completions|completions|models|directions)$"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
-
 @pytest.fixture(scope="module")
 def fuzz_server(server_factory, tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzzdirs")
     s = server_factory(
-        "--no-default-directions", "--direction", f"refusal={make_direction(d / 'refusal.safetensors', 'refusal')}",
-        "--max-tokens-cap", "4", "--default-max-tokens", "2", "--max-n", "2", "--max-queue", "16",
-        "--request-timeout", "120",
+        "--no-default-directions",
+        "--direction",
+        f"refusal={make_direction(d / 'refusal.safetensors', 'refusal')}",
+        "--max-tokens-cap",
+        "4",
+        "--default-max-tokens",
+        "2",
+        "--max-n",
+        "2",
+        "--max-queue",
+        "16",
+        "--request-timeout",
+        "120",
     )
     yield s
     s.stop()
@@ -91,8 +100,13 @@ def repair(case) -> None:
 
 
 @schema.parametrize()
-@settings(max_examples=20, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+@settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+)
 def test_openapi_operations_conform(case, fuzz_server):
     repair(case)
     case.call_and_validate(checks=CHECKS, timeout=120)

@@ -24,7 +24,6 @@ CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
 COUNTING = {"model": BASE, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "temperature": 0}
 
 
-
 @pytest.fixture(scope="module")
 def live(demo_server, server_factory, tmp_path_factory):
     """The session demo server when it has the 'refusal' direction; else one with a test direction."""
@@ -32,7 +31,9 @@ def live(demo_server, server_factory, tmp_path_factory):
         yield demo_server
         return
     d = tmp_path_factory.mktemp("hostile")
-    s = server_factory("--no-default-directions", "--direction", f"refusal={make_direction(d / 'r.safetensors', 'refusal')}")
+    s = server_factory(
+        "--no-default-directions", "--direction", f"refusal={make_direction(d / 'r.safetensors', 'refusal')}"
+    )
     yield s
     s.stop()
 
@@ -53,7 +54,9 @@ def cmpl(**kw) -> dict:
 
 def raw_chat(fragment: str) -> bytes:
     """A chat body with a raw JSON fragment (for NaN/Infinity literals that json.dumps would refuse)."""
-    return ('{"model": "qwen-demo", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}], ' + fragment + "}").encode()
+    return (
+        '{"model": "qwen-demo", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}], ' + fragment + "}"
+    ).encode()
 
 
 # (id, method, path, body: dict | bytes | None, expected status, expected error.param)
@@ -61,7 +64,14 @@ HOSTILE = [
     ("malformed-json", "POST", CHAT, b'{"model": "qwen-demo", "messages": [', 400, None),
     ("json-array-body", "POST", CHAT, b"[1, 2, 3]", 400, None),
     ("json-string-body", "POST", CHAT, b'"hello"', 400, None),
-    ("non-utf8-bytes", "POST", CHAT, b'{"model": "qwen-demo", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None),
+    (
+        "non-utf8-bytes",
+        "POST",
+        CHAT,
+        b'{"model": "qwen-demo", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        400,
+        None,
+    ),
     ("empty-body", "POST", CHAT, b"", 400, None),
     ("missing-model", "POST", CHAT, {"messages": MSGS}, 400, "model"),
     ("missing-messages", "POST", CHAT, {"model": BASE}, 400, "messages"),
@@ -74,9 +84,18 @@ HOSTILE = [
     ("role-tool", "POST", CHAT, chat(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role"),
     ("role-wizard", "POST", CHAT, chat(messages=[*MSGS, {"role": "wizard", "content": "x"}]), 400, "messages[1].role"),
     ("role-oversized", "POST", CHAT, chat(messages=[{"role": "u" * 100, "content": "x"}]), 400, "messages[0].role"),
-    ("content-image-url", "POST", CHAT,
-     chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}]),
-     400, "messages[0].content[0]"),
+    (
+        "content-image-url",
+        "POST",
+        CHAT,
+        chat(
+            messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}
+            ]
+        ),
+        400,
+        "messages[0].content[0]",
+    ),
     ("content-a-number", "POST", CHAT, chat(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content"),
     ("system-only", "POST", CHAT, chat(messages=[{"role": "system", "content": "x"}]), 400, "messages"),
     ("unknown-model", "POST", CHAT, chat(model="gpt-4o"), 404, "model"),
@@ -89,16 +108,44 @@ HOSTILE = [
     ("suffix-strength-nan", "POST", CHAT, chat(model=f"{BASE}+refusal:nan"), 400, "model"),
     ("strength-NaN-literal", "POST", CHAT, raw_chat('"steering": {"refusal": NaN}'), 400, "steering.refusal"),
     ("strength-Infinity-literal", "POST", CHAT, raw_chat('"steering": {"refusal": Infinity}'), 400, "steering.refusal"),
-    ("strength--Infinity-literal", "POST", CHAT, raw_chat('"steering": {"refusal": -Infinity}'), 400, "steering.refusal"),
+    (
+        "strength--Infinity-literal",
+        "POST",
+        CHAT,
+        raw_chat('"steering": {"refusal": -Infinity}'),
+        400,
+        "steering.refusal",
+    ),
     ("strength-1e9", "POST", CHAT, chat(steering={"refusal": 1e9}), 400, "steering.refusal"),
     ("strength-bool", "POST", CHAT, chat(steering={"refusal": True}), 400, "steering.refusal"),
     ("strength-string", "POST", CHAT, chat(steering={"refusal": "1"}), 400, "steering.refusal"),
     ("steering-non-json-string", "POST", CHAT, chat(steering="refusal=1"), 400, "steering"),
     ("steering-a-list", "POST", CHAT, chat(steering=["refusal"]), 400, "steering"),
     ("steering-json-string-list", "POST", CHAT, chat(steering="[1, 2]"), 400, "steering"),
-    ("steering-nested-bad-when", "POST", CHAT, chat(steering={"refusal": {"strength": 1, "when": "sometimes"}}), 400, "steering.refusal"),
-    ("steering-nested-unknown-key", "POST", CHAT, chat(steering={"refusal": {"strength": 1, "layer": 3}}), 400, "steering.refusal"),
-    ("steering-nested-nan", "POST", CHAT, raw_chat('"steering": {"refusal": {"strength": NaN}}'), 400, "steering.refusal"),
+    (
+        "steering-nested-bad-when",
+        "POST",
+        CHAT,
+        chat(steering={"refusal": {"strength": 1, "when": "sometimes"}}),
+        400,
+        "steering.refusal",
+    ),
+    (
+        "steering-nested-unknown-key",
+        "POST",
+        CHAT,
+        chat(steering={"refusal": {"strength": 1, "layer": 3}}),
+        400,
+        "steering.refusal",
+    ),
+    (
+        "steering-nested-nan",
+        "POST",
+        CHAT,
+        raw_chat('"steering": {"refusal": {"strength": NaN}}'),
+        400,
+        "steering.refusal",
+    ),
     ("too-many-stop-sequences", "POST", CHAT, chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     ("oversized-stop", "POST", CHAT, chat(stop="x" * 65), 400, "stop"),
     ("stop-not-strings", "POST", CHAT, chat(stop=[1, 2]), 400, "stop"),
@@ -122,8 +169,14 @@ HOSTILE = [
     ("completion-nested-token-lists", "POST", CMPL, cmpl(prompt=[[1, 2], [3]]), 400, "prompt"),
     ("completion-suffix", "POST", CMPL, cmpl(suffix="end"), 400, "suffix"),
     ("completion-logprobs-too-big", "POST", CMPL, cmpl(logprobs=1000), 400, "logprobs"),
-    ("oversized-body", "POST", CHAT, b'{"model": "qwen-demo", "messages": [{"role": "user", "content": "' + b"x" * 2_100_000 + b'"}]}',
-     413, None),
+    (
+        "oversized-body",
+        "POST",
+        CHAT,
+        b'{"model": "qwen-demo", "messages": [{"role": "user", "content": "' + b"x" * 2_100_000 + b'"}]}',
+        413,
+        None,
+    ),
     ("get-on-post-route", "GET", CHAT, None, 405, None),
     ("post-on-get-route", "POST", "/v1/models", {}, 405, None),
     ("unknown-route", "GET", "/v1/engines", None, 404, None),
@@ -169,7 +222,7 @@ def test_oversized_chunked_body_is_413(client):
 
     def chunks():
         for i in range(0, len(body), 64 * 1024):
-            yield body[i:i + 64 * 1024]
+            yield body[i : i + 64 * 1024]
 
     r = client.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
@@ -177,10 +230,20 @@ def test_oversized_chunked_body_is_413(client):
 
 
 ACCEPTED = [
-    ("unknown-extra-fields", CHAT, chat(tools=[], response_format={"type": "text"}, parallel_tool_calls=False, foo={"bar": 1}), "none"),
+    (
+        "unknown-extra-fields",
+        CHAT,
+        chat(tools=[], response_format={"type": "text"}, parallel_tool_calls=False, foo={"bar": 1}),
+        "none",
+    ),
     ("steering-as-json-string", CHAT, chat(steering='{"refusal": 0.5}'), "refusal=0.5"),
     ("developer-role", CHAT, chat(messages=[{"role": "developer", "content": "Be brief."}, *MSGS]), "none"),
-    ("text-content-parts", CHAT, chat(messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]), "none"),
+    (
+        "text-content-parts",
+        CHAT,
+        chat(messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]),
+        "none",
+    ),
     ("suffix-and-body", CHAT, chat(model=f"{BASE}+refusal:0.25", steering={"refusal": -1}), "refusal=-1"),
     ("tiny-temperature-and-top-p", CHAT, chat(temperature=5e-324, top_p=5e-324), "none"),
     ("completion-one-prompt-in-a-list", CMPL, cmpl(prompt=["Hi"], logprobs=2), "none"),
@@ -255,7 +318,7 @@ def test_request_timeout_stream_ends_with_error_chunk_and_done(tight):
     body = {**COUNTING, "max_tokens": 2000, "stream": True}
     with httpx.stream("POST", tight.v1 + "/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
-        events = [ln[len("data: "):] for ln in r.iter_lines() if ln.startswith("data: ")]
+        events = [ln[len("data: ") :] for ln in r.iter_lines() if ln.startswith("data: ")]
     assert events[-1] == "[DONE]"
     err = json.loads(events[-2])["error"]
     assert err["code"] == "timeout" and set(err) == {"message", "type", "param", "code"}

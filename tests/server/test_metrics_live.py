@@ -24,23 +24,44 @@ def _get(samples, name, **labels):
 
 def test_metrics_count_real_traffic(demo_server):
     before = _samples(demo_server.url)
-    body = {"model": demo_server.base_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
-            "temperature": 0, "steering": {"refusal": 1.0}}
+    body = {
+        "model": demo_server.base_id,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 3,
+        "temperature": 0,
+        "steering": {"refusal": 1.0},
+    }
     r = httpx.post(demo_server.v1 + "/chat/completions", json=body, timeout=120)
     assert r.status_code == 200
     r = httpx.post(demo_server.v1 + "/chat/completions", json={**body, "stream": True}, timeout=120)
     assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
     after = _samples(demo_server.url)
 
-    assert _get(after, "frankly_requests_total", endpoint="chat", outcome="ok") - _get(
-        before, "frankly_requests_total", endpoint="chat", outcome="ok") == 2
-    assert _get(after, "frankly_steering_requests_total", direction="refusal") - _get(
-        before, "frankly_steering_requests_total", direction="refusal") == 2
+    assert (
+        _get(after, "frankly_requests_total", endpoint="chat", outcome="ok")
+        - _get(before, "frankly_requests_total", endpoint="chat", outcome="ok")
+        == 2
+    )
+    assert (
+        _get(after, "frankly_steering_requests_total", direction="refusal")
+        - _get(before, "frankly_steering_requests_total", direction="refusal")
+        == 2
+    )
     gen = _get(after, "frankly_generation_tokens_total") - _get(before, "frankly_generation_tokens_total")
     assert 2 <= gen <= 6
     assert _get(after, "frankly_prompt_tokens_total") > _get(before, "frankly_prompt_tokens_total")
-    assert _get(after, "frankly_time_to_first_token_seconds_count") - _get(before, "frankly_time_to_first_token_seconds_count") == 2
-    assert _get(after, "frankly_e2e_request_latency_seconds_count") - _get(before, "frankly_e2e_request_latency_seconds_count") == 2
-    assert _get(after, "frankly_inter_token_latency_seconds_count") > _get(before, "frankly_inter_token_latency_seconds_count")
+    assert (
+        _get(after, "frankly_time_to_first_token_seconds_count")
+        - _get(before, "frankly_time_to_first_token_seconds_count")
+        == 2
+    )
+    assert (
+        _get(after, "frankly_e2e_request_latency_seconds_count")
+        - _get(before, "frankly_e2e_request_latency_seconds_count")
+        == 2
+    )
+    assert _get(after, "frankly_inter_token_latency_seconds_count") > _get(
+        before, "frankly_inter_token_latency_seconds_count"
+    )
     assert ("frankly_queue_depth", ()) in after and ("frankly_running_batch_size", ()) in after
     assert _get(after, "frankly_running_batch_size") == 0
