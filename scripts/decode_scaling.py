@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default="float32", help="float32 (the demo figures), bfloat16, float16")
     args = ap.parse_args(argv)
 
     import torch
@@ -78,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, device="cpu", dtype="float32").model
-    print(f"torch threads: {torch.get_num_threads()}  context: {args.context} tokens", flush=True)
+    model = load_model(args.model, device="cpu", dtype=args.dtype).model
+    print(f"torch threads: {torch.get_num_threads()}  dtype: {args.dtype}  context: {args.context} tokens", flush=True)
     rows = []
     with torch.inference_mode():
         decode_ms(model, GrowableLayer, 1, args.context, 4)  # warm-up: allocator, kernels

@@ -38,6 +38,12 @@ class Metrics:
         self.batch_hist = Histogram(
             "frankly_decode_batch_size", "Rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
+        self.prefill_hist = Histogram(
+            "frankly_prefill_batch_size",
+            "Requests prefilled together in one forward",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.steering = Counter(
             "frankly_steering_requests", "Requests that ran with a direction applied", ["direction"], registry=r
         )
@@ -62,6 +68,9 @@ class Metrics:
 
     def batch_size(self, n: int) -> None:
         self.batch_hist.observe(n)
+
+    def prefill_batch(self, n: int) -> None:
+        self.prefill_hist.observe(n)
 
     def steering_used(self, name: str) -> None:
         self.steering.labels(direction=name).inc()

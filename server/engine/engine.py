@@ -1,8 +1,10 @@
 """Continuous batching on top of a transformers model.
 
 One inference thread owns the model. Requests arrive through an inbox
-queue; each is prefilled alone (batch 1, no padding, so its logits are
-exactly the plain model's) and then joins the running batch at the next
+queue; requests waiting together are prefilled together (one left-padded
+forward; conditional requests alone, since the decision needs their own
+pass; a request arriving alone is prefilled alone, so its logits are
+exactly the plain model's) and then join the running batch at the next
 decode step. Finished and cancelled rows leave the batch at the next step.
 Every row carries its own sampling parameters, stop strings and steering
 strengths; the hooks read a per-row strength tensor set for each pass.
@@ -45,6 +47,7 @@ class EngineConfig:
     max_model_len: int = 4096
     num_threads: int | None = None  # torch intra-op threads; None = torch default
     prefill_token_budget: int = 256  # prompt tokens prefilled per step while other rows decode
+    prefill_batch: int = 8  # waiting requests prefilled together in one left-padded forward (1 = one by one)
 
 
 class _NullMetrics:
@@ -97,6 +100,7 @@ class Engine:
         self._accepting = True
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.batched_prefills = 0  # left-padded prefills of more than one request
         self.error: BaseException | None = None
 
     # ---- public, any thread -------------------------------------------------
@@ -288,19 +292,80 @@ class Engine:
         # step, so a burst of arrivals does not stall the running streams for many prefills.
         budget = self.config.prefill_token_budget if self.rows else None
         spent = 0
-        while self._waiting and len(self.rows) < self.config.max_batch_size:
+        group: list[_Seq] = []
+        while self._waiting and len(self.rows) + len(group) < self.config.max_batch_size:
             if budget is not None and spent and spent + len(self._waiting[0].req.prompt_ids) > budget:
                 break
             seq = self._waiting.popleft()
             spent += len(seq.req.prompt_ids)
             self._dec_waiting()
             self.metrics.queue_time(time.monotonic() - seq.t_arrival)
-            try:
-                self._prefill(seq)
-            except Exception as e:  # a bad request must not take the engine down
-                log.exception("prefill failed for %s", seq.req.request_id)
-                self._finish(seq, "error", error=f"prefill failed: {type(e).__name__}: {e}", code="engine_error")
-                self._strength_dirty = True
+            if any(d.when == "auto" and d.strength != 0 for d in seq.req.steering.values()):
+                # conditional rows are prefilled alone: the decision needs their own pass
+                self._prefill_one(seq)
+            else:
+                group.append(seq)
+            if len(group) >= max(1, self.config.prefill_batch):
+                self._prefill_group(group)
+                group = []
+        if group:
+            self._prefill_group(group)
+
+    def _prefill_one(self, seq: _Seq) -> None:
+        try:
+            self._prefill(seq)
+        except Exception as e:  # a bad request must not take the engine down
+            log.exception("prefill failed for %s", seq.req.request_id)
+            self._finish(seq, "error", error=f"prefill failed: {type(e).__name__}: {e}", code="engine_error")
+            self._strength_dirty = True
+
+    def _prefill_group(self, group: list[_Seq]) -> None:
+        """Prefill several plain (non-conditional) requests in one left-padded forward."""
+        if len(group) == 1:
+            self._prefill_one(group[0])
+            return
+        try:
+            self._prefill_batched(group)
+        except Exception:
+            log.exception("batched prefill of %d requests failed; prefilling them one by one", len(group))
+            self._strength_dirty = True
+            for seq in group:
+                if not seq.done and seq not in self.rows:
+                    self._prefill_one(seq)
+
+    def _prefill_batched(self, group: list[_Seq]) -> None:
+        lens = [len(s.req.prompt_ids) for s in group]
+        width = max(lens)
+        ids = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
+        for i, s in enumerate(group):
+            ids[i, width - lens[i] :] = torch.tensor(s.req.prompt_ids, dtype=torch.long)
+            mask[i, width - lens[i] :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        strengths: dict[str, list[float]] = {}
+        for i, s in enumerate(group):
+            for n, d in s.req.steering.items():
+                s.report[n] = SteeringReport(strength=d.strength, when=d.when, applied=d.strength)
+                if d.strength != 0:
+                    strengths.setdefault(n, [0.0] * len(group))[i] = d.strength
+            s.strengths = {n: d.strength for n, d in s.req.steering.items() if d.strength != 0}
+            if any(d.when == "auto" for d in s.req.steering.values()):
+                for n, d in s.req.steering.items():
+                    if d.when == "auto":
+                        s.report[n].fired = False
+        self.hooks.set_strengths(strengths)
+        self._strength_dirty = True
+        cache = kvcache.new_cache()
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
+        )
+        self.batched_prefills += 1
+        logits = out.logits[:, -1, :].float()
+        toks = sample_rows(logits, [s.req.sampling for s in group], [s.gen for s in group])
+        for s in group:
+            for n in s.strengths:
+                self.metrics.steering_used(n)
+        self._join(group, cache, mask, torch.tensor(lens, dtype=torch.long, device=self.device), toks, logits)
 
     def _condition_score(self, seq_ids: torch.Tensor, auto: dict[str, DirectionSet], always: dict[str, float]):
         """Run the prefill once with capture hooks; return (output, cache, scores)."""
@@ -374,18 +439,24 @@ class Engine:
             self.metrics.steering_used(n)
         logits = out.logits[:, -1, :].float()
         tok = sample_rows(logits, [seq.req.sampling], [seq.gen])
-        # join the batch
-        self._cache, self._mask = kvcache.merge(self._cache, self._mask, cache, torch.ones_like(ids))
-        n = len(seq.req.prompt_ids)
-        pos = torch.tensor([n], dtype=torch.long, device=self.device)
-        self._next_pos = pos if self._next_pos is None or not self.rows else torch.cat([self._next_pos, pos])
-        self._last_tok = tok if self._last_tok is None or not self.rows else torch.cat([self._last_tok, tok])
-        self.rows.append(seq)
+        pos = torch.tensor([len(seq.req.prompt_ids)], dtype=torch.long, device=self.device)
+        self._join([seq], cache, torch.ones_like(ids), pos, tok, logits)
+
+    def _join(self, seqs: list[_Seq], cache, mask: torch.Tensor, next_pos: torch.Tensor, toks, logits) -> None:
+        """Append freshly prefilled rows to the running batch and emit their first tokens."""
+        self.metrics.prefill_batch(len(seqs))
+        self._cache, self._mask = kvcache.merge(self._cache, self._mask, cache, mask)
+        fresh = self._next_pos is None or not self.rows
+        self._next_pos = next_pos if fresh else torch.cat([self._next_pos, next_pos])
+        self._last_tok = toks if fresh else torch.cat([self._last_tok, toks])
+        self.rows.extend(seqs)
         self._strength_dirty = True
         now = time.monotonic()
-        self.metrics.first_token(now - seq.t_arrival)
-        seq.t_last = now
-        self._accept(seq, int(tok[0]), logits[0])
+        tl = toks.tolist()
+        for i, seq in enumerate(seqs):
+            self.metrics.first_token(now - seq.t_arrival)
+            seq.t_last = now
+            self._accept(seq, tl[i], logits[i])
         self._drop_finished()
 
     # decode ------------------------------------------------------------------

@@ -86,7 +86,8 @@ def test_concurrent_rows_with_different_strengths_match_solo(engine, demo_model)
     solo = [
         _collect(engine, _req(f"solo{i}", user_prompt_ids(tok, p), strength=s))[0] for i, (p, s) in enumerate(cases)
     ]
-    # now all at once, in one batch
+    # now all at once, in one batch (prefilled together: one left-padded forward, per-row strengths)
+    before = engine.batched_prefills
     results: dict[int, list[int]] = {}
     events = []
     for i, (p, s) in enumerate(cases):
@@ -105,6 +106,7 @@ def test_concurrent_rows_with_different_strengths_match_solo(engine, demo_model)
         assert ev.wait(300)
     for i in range(len(cases)):
         assert results[i] == solo[i], f"row {i} (strength {cases[i][1]}) differs in a batch"
+    assert engine.batched_prefills > before, "simultaneous requests were not prefilled together"
     # the random direction at strength 1 must actually change something
     assert solo[0] != solo[1] or cases[0][0] != cases[1][0]
 

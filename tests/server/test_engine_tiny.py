@@ -42,8 +42,9 @@ def tiny():
     return LlamaForCausalLM(cfg).eval()
 
 
-def _run(engine, reqs):
-    """Submit all, wait; return {rid: (tokens, logprobs, reports)}."""
+def _run(engine, reqs, start: bool = False):
+    """Submit all (then start the engine if ``start``: they are admitted together), wait;
+    return {rid: (tokens, logprobs, reports)}."""
     out = {r.request_id: ([], [], {}) for r in reqs}
     left = threading.Semaphore(0)
 
@@ -60,6 +61,8 @@ def _run(engine, reqs):
 
     for r in reqs:
         engine.submit(r, emitter(r.request_id))
+    if start:
+        engine.start()
     for _ in reqs:
         assert left.acquire(timeout=60)
     return out
@@ -139,3 +142,33 @@ def test_max_model_len_ends_with_length(tiny):
     finally:
         eng.shutdown()
     assert len(out["x"][0]) == 3
+
+
+def test_batched_prefill_matches_one_by_one(tiny):
+    """Requests waiting together are prefilled in one left-padded forward (per-row strengths,
+    prompts of different lengths) and give the tokens and, within float tolerance, the
+    logprobs of prefilling them one by one."""
+    g = torch.Generator().manual_seed(2)
+    ds = DirectionSet("d", torch.nn.functional.normalize(torch.randn(3, 32, generator=g), dim=-1), torch.ones(3))
+    prompts = [[5, 9, 13], [3, 4, 50, 61, 22, 8, 8, 17, 30], [7, 7], [11, 12, 13, 14, 15]]
+    strengths = [0.0, 1.0, -0.5, 0.0]
+
+    def reqs(tag):
+        return [
+            _req(f"{tag}{i}", p, {"d": DirectionRequest(s)} if s else {}, n=8)
+            for i, (p, s) in enumerate(zip(prompts, strengths, strict=True))
+        ]
+
+    results = {}
+    for batch in (1, 8):
+        eng = Engine(tiny, IdTokenizer(), {"d": ds}, EngineConfig(max_batch_size=4, prefill_batch=batch))
+        try:
+            results[batch] = _run(eng, reqs(f"b{batch}-"), start=True)
+            assert (eng.batched_prefills > 0) == (batch > 1)
+        finally:
+            eng.shutdown()
+    for i in range(len(prompts)):
+        one, many = results[1][f"b1-{i}"], results[8][f"b8-{i}"]
+        assert many[0] == one[0], f"row {i}: tokens differ"
+        torch.testing.assert_close(torch.tensor(many[1]), torch.tensor(one[1]), atol=1e-5, rtol=1e-5)
+    assert results[8]["b8-1"][0] != results[8]["b8-0"][0]

@@ -63,5 +63,8 @@ def test_metrics_count_real_traffic(demo_server):
     assert _get(after, "frankly_inter_token_latency_seconds_count") > _get(
         before, "frankly_inter_token_latency_seconds_count"
     )
+    assert (
+        _get(after, "frankly_prefill_batch_size_count") - _get(before, "frankly_prefill_batch_size_count") == 2
+    )  # two requests sent one after the other: two prefills
     assert ("frankly_queue_depth", ()) in after and ("frankly_running_batch_size", ()) in after
     assert _get(after, "frankly_running_batch_size") == 0
