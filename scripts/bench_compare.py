@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("bandwidth", "generate", "frankly", "join", "rss", "hf", "hf-cb")
+SECTIONS = ("bandwidth", "generate", "frankly", "join", "rss", "frankly-packed", "hf", "hf-cb")
 STRENGTH_CYCLE = (0.0, 0.5, 1.0, -0.5)
 
 
@@ -586,7 +586,7 @@ def main(argv=None) -> int:
 
     print(bench.table_header(), flush=True)
     max_n = max(args.streams_list)
-    if sec & {"frankly", "join", "rss"}:
+    if sec & {"frankly", "join", "rss", "frankly-packed"}:
         direction, origin = ensure_direction(out_dir, args.direction)
         res["direction"] = {"path": direction, "origin": origin}
         scen = []
@@ -610,6 +610,24 @@ def main(argv=None) -> int:
         res["servers"].append(info)
         res["join"] += [jl] if jl else []
         res["memory"] += [mem] if mem else []
+        if "frankly-packed" in sec:
+            # the same server with --packed-weights (oneDNN-prepacked linear layers)
+            scen_p = [
+                ("steering off", [{}], args.streams_list),
+                ("refusal=1.0", [{"steering": {"refusal": 1.0}}], [max_n]),
+            ]
+            rows, _, mem, info = serve_and_measure(
+                "frankly --packed-weights",
+                [*frankly_cmd(args, direction), "--packed-weights"],
+                args,
+                out_dir,
+                scen_p,
+                False,
+                "rss" in sec,
+            )
+            res["runs"] += rows
+            res["servers"].append(info)
+            res["memory"] += [mem] if mem else []
     for key, cb in (("hf", False), ("hf-cb", True)):
         if key not in sec:
             continue

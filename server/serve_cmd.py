@@ -36,6 +36,11 @@ MODEL_FLAGS = [
     ),
     ("--max-model-len", "max_model_len", {"type": int, "help": "context limit in tokens"}),
     ("--num-threads", "num_threads", {"type": int, "help": "torch CPU threads"}),
+    (
+        "--packed-weights",
+        "packed_weights",
+        {"action": "store_true", "default": None, "help": "CPU fp32: prepack linear weights (faster batched decode)"},
+    ),
 ]
 SERVER_FLAGS = [
     ("--host", "host", {"help": "bind address (default 127.0.0.1)"}),
@@ -114,6 +119,14 @@ def run(args) -> int:
     try:
         loaded = load_model(ms.model, device=ms.device, dtype=ms.dtype)
         directions = load_directions(direction_paths(ms), loaded.model.config, ms.allow_fingerprint_mismatch)
+        if ms.packed_weights:
+            from server.packing import PackingUnavailable, pack_linear_weights
+
+            try:
+                pack_linear_weights(loaded.model)
+            except PackingUnavailable as e:
+                print(f"frankly: cannot start: --packed-weights: {e}", file=sys.stderr)
+                return 2
         app = build_app(loaded, directions, ss, ms, served_id(ms))
     except (ModelLoadError, DirectionFileError, UnsupportedModelError, OSError) as e:
         print(f"frankly: cannot start: {e}", file=sys.stderr)

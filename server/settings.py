@@ -52,6 +52,11 @@ class ModelSettings(_Base):
         None, ge=16, description="context limit (default: the model's max_position_embeddings, capped at 8192)"
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    packed_weights: bool = Field(
+        False,
+        description="CPU, float32: prepack linear weights for oneDNN (much faster at batch 4+, ~10% slower "
+        "single stream; logits differ from plain transformers by ~1e-5 relative)",
+    )
 
 
 class ServerSettings(_Base):
