@@ -18,6 +18,7 @@ hooks) are untouched: only ``forward`` is replaced.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -53,6 +54,18 @@ def pack_linear_weights(model: nn.Module) -> dict:
     if why:
         raise PackingUnavailable(why)
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # Every parameter that survives packing (embeddings, norms, biases, tied weights) gets its
+    # own memory first: weights loaded from safetensors are views of one memory-mapped file,
+    # and a single surviving view would keep every page packing read resident (2x the RSS).
+    own: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None or (isinstance(mod, nn.Linear) and pname == "weight" and id(p) not in shared):
+                continue
+            if id(p) not in own:
+                own[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=False)
+            mod._parameters[pname] = own[id(p)]
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # the clones
     n, packed_bytes, freed = 0, 0, 0
     for _name, m in model.named_modules():
         if not isinstance(m, nn.Linear) or getattr(m, "_frankly_packed", False):
@@ -75,5 +88,6 @@ def pack_linear_weights(model: nn.Module) -> dict:
         if id(m.weight) not in shared:
             m.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
             freed += 1
+    gc.collect()
     log.info("packed %d linear layers (%.0f MiB) for oneDNN; %d originals released", n, packed_bytes / 2**20, freed)
     return {"packed": n, "packed_bytes": packed_bytes, "released": freed}
