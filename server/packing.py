@@ -5,10 +5,12 @@ at batch 4-16) runs far below the machine's speed: the default GEMM path
 repacks the whole weight matrix on every call, so batch 8 costs ~3x batch 1
 although it reads the weights once. oneDNN can keep each weight in its own
 blocked layout, reordered once at load: measured on the build machine (demo
-model, 2 cores), a batch-8 decode step falls from 204 ms to 114 ms, while a
-batch-1 step rises from 78 ms to 88 ms (per-call overhead of the oneDNN op).
-So it pays when several requests run at once, and it costs single-stream
-speed; hence a flag, off by default.
+model, 2 cores), a bare batch-8 decode step falls from 204 ms to 114 ms, while
+a batch-1 step rises from 78 ms to 88 ms (per-call overhead of the oneDNN op);
+through the server, 8 streams went from 32.4 to 49.4 tok/s and one stream from
+11.1 to 8.9. So it pays when several requests run at once and costs
+single-stream speed and some memory (the tied embedding keeps its own copy);
+hence a flag, off by default.
 
 Results are float32 but summed in a different order: logits differ from the
 unpacked model by ~1e-5 relative, so greedy outputs can differ from plain
