@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from directions.fileformat import DirectionSet
+from directions.metrics import pad_left
 from server.engine import kvcache
 from server.engine.detok import IncrementalDetokenizer
 from server.engine.sampling import make_generator, sample_rows
@@ -334,25 +335,13 @@ class Engine:
                     self._prefill_one(seq)
 
     def _prefill_batched(self, group: list[_Seq]) -> None:
-        lens = [len(s.req.prompt_ids) for s in group]
-        width = max(lens)
-        ids = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
-        for i, s in enumerate(group):
-            ids[i, width - lens[i] :] = torch.tensor(s.req.prompt_ids, dtype=torch.long)
-            mask[i, width - lens[i] :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        ids, mask, pos = pad_left([s.req.prompt_ids for s in group], 0, self.device)  # pad id: masked anyway
         strengths: dict[str, list[float]] = {}
         for i, s in enumerate(group):
-            for n, d in s.req.steering.items():
-                s.report[n] = SteeringReport(strength=d.strength, when=d.when, applied=d.strength)
-                if d.strength != 0:
-                    strengths.setdefault(n, [0.0] * len(group))[i] = d.strength
+            self._start_report(s)
             s.strengths = {n: d.strength for n, d in s.req.steering.items() if d.strength != 0}
-            if any(d.when == "auto" for d in s.req.steering.values()):
-                for n, d in s.req.steering.items():
-                    if d.when == "auto":
-                        s.report[n].fired = False
+            for n, v in s.strengths.items():
+                strengths.setdefault(n, [0.0] * len(group))[i] = v
         self.hooks.set_strengths(strengths)
         self._strength_dirty = True
         cache = kvcache.new_cache()
@@ -362,10 +351,16 @@ class Engine:
         self.batched_prefills += 1
         logits = out.logits[:, -1, :].float()
         toks = sample_rows(logits, [s.req.sampling for s in group], [s.gen for s in group])
-        for s in group:
-            for n in s.strengths:
-                self.metrics.steering_used(n)
-        self._join(group, cache, mask, torch.tensor(lens, dtype=torch.long, device=self.device), toks, logits)
+        self._join(group, cache, mask, toks, logits)
+
+    @staticmethod
+    def _start_report(seq: _Seq) -> None:
+        """What each requested direction does before any condition is measured."""
+        for n, d in seq.req.steering.items():
+            auto = d.when == "auto"
+            seq.report[n] = SteeringReport(strength=d.strength, when=d.when, applied=0.0 if auto else d.strength)
+            if auto and d.strength == 0:
+                seq.report[n].fired = False
 
     def _condition_score(self, seq_ids: torch.Tensor, auto: dict[str, DirectionSet], always: dict[str, float]):
         """Run the prefill once with capture hooks; return (output, cache, scores)."""
@@ -410,10 +405,7 @@ class Engine:
         ids = torch.tensor([seq.req.prompt_ids], dtype=torch.long, device=self.device)
         always = {n: d.strength for n, d in seq.req.steering.items() if d.when != "auto"}
         auto = {n: self.directions[n] for n, d in seq.req.steering.items() if d.when == "auto" and d.strength != 0}
-        for n, d in seq.req.steering.items():
-            seq.report[n] = SteeringReport(
-                strength=d.strength, when=d.when, applied=d.strength if d.when != "auto" else 0.0
-            )
+        self._start_report(seq)
         if auto:
             out, cache, scores = self._condition_score(ids, auto, always)
             fired = {}
@@ -431,20 +423,18 @@ class Engine:
                 out, cache = self._forward_prefill(ids, always)
         else:
             out, cache = self._forward_prefill(ids, always)
-        for n, d in seq.req.steering.items():
-            if d.when == "auto" and d.strength == 0:
-                seq.report[n].fired = False
         seq.strengths = {n: s for n, s in always.items() if s != 0}
-        for n in seq.strengths:
-            self.metrics.steering_used(n)
         logits = out.logits[:, -1, :].float()
         tok = sample_rows(logits, [seq.req.sampling], [seq.gen])
-        pos = torch.tensor([len(seq.req.prompt_ids)], dtype=torch.long, device=self.device)
-        self._join([seq], cache, torch.ones_like(ids), pos, tok, logits)
+        self._join([seq], cache, torch.ones_like(ids), tok, logits)
 
-    def _join(self, seqs: list[_Seq], cache, mask: torch.Tensor, next_pos: torch.Tensor, toks, logits) -> None:
-        """Append freshly prefilled rows to the running batch and emit their first tokens."""
+    def _join(self, seqs: list[_Seq], cache, mask: torch.Tensor, toks, logits) -> None:
+        """Append freshly prefilled rows (left-padded ``mask``) to the running batch; emit their first tokens."""
         self.metrics.prefill_batch(len(seqs))
+        for s in seqs:
+            for n in s.strengths:
+                self.metrics.steering_used(n)
+        next_pos = mask.sum(-1)  # each row's prompt length
         self._cache, self._mask = kvcache.merge(self._cache, self._mask, cache, mask)
         fresh = self._next_pos is None or not self.rows
         self._next_pos = next_pos if fresh else torch.cat([self._next_pos, next_pos])

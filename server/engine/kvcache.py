@@ -52,18 +52,6 @@ class GrowableLayer(DynamicLayer):
         self._view = self.keys
         return self.keys, self.values
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._view = None
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._view = None
-
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        self._view = None
-
 
 def new_cache() -> DynamicCache:
     # No config: every layer is a plain full-attention layer, so rows of
