@@ -224,6 +224,20 @@ def _source_of(source) -> tuple[str, str | None, str]:
     return source.path, source.gguf, getattr(source, "source", source.path)
 
 
+def load_source_model(path: str, label: str):
+    """A fresh CPU copy of the source model (eval mode, no grad) and its tokenizer; never the served one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True)
+    except OSError as e:
+        raise BakeSourceError(f"could not load the source model {label!r} from {path}: {e}", param="model") from e
+    model.eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
@@ -322,8 +336,6 @@ def bake_to_dir(
     and renamed into place at the end; on any error the temporary directory
     is removed. Returns the final directory.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     t0 = time.monotonic()
     report_progress = progress or (lambda f, m: None)
     if bake_root is None:
@@ -347,13 +359,7 @@ def bake_to_dir(
         raise _storage_error(e, root) from e
 
     report_progress(0.0, f"loading {label}")
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True)
-    except OSError as e:
-        raise BakeSourceError(f"could not load the source model {label!r} from {path}: {e}", param="model") from e
-    model.eval()
-    model.requires_grad_(False)
+    model, tok = load_source_model(path, label)
 
     def sub(lo: float, hi: float) -> Progress:
         return lambda f, m: report_progress(lo + (hi - lo) * f, m)

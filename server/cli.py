@@ -1,4 +1,4 @@
-"""The ``frankly`` command: serve, extract, calibrate, eval, bake, fetch-demo.
+"""The ``frankly`` command: serve, extract, calibrate, eval, bake, export-lora, fetch-demo.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)``
 and ``run(args) -> int``; this file only dispatches.
@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "calibrate": ("directions.calibrate_cmd", "(re)calibrate the condition (conditional ablation) of a direction file"),
     "eval": ("directions.eval_cmd", "measure refusal rate, KL, slop score and capability over strengths"),
     "bake": ("directions.bake_cmd", "write the edit into a copy of the weights"),
+    "export-lora": ("directions.lora_cmd", "write each direction as a rank-1 LoRA adapter (PEFT, llama.cpp GGUF)"),
     "fetch-demo": ("server.demo_cmd", "install, verify and convert the demo model"),
 }
 

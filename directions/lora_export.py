@@ -1,0 +1,232 @@
+"""Exporting directions as LoRA adapters: one directory, written atomically like a bake.
+
+Layout of an export (``OUT`` is a name under the bake directory, or a path)::
+
+    OUT/frankly_lora.json           what was exported, from what, and what differs
+    OUT/<name>/                     PEFT adapter: adapter scale s == frankly strength s
+    OUT/<name>.gguf                 llama.cpp adapter: --lora-scaled / per-request "lora" scale s
+    OUT/<name>-<s>/, <name>-<s>.gguf  the same with strength s folded in (vLLM, Ollama: no per-request scale)
+
+The GGUF adapters need the base GGUF (the source model's own, or
+``gguf_base``) to name and check tensors.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from directions.bake import (
+    BakeError,
+    BakeExistsError,
+    BakeGGUFError,
+    UnknownDirection,
+    _inside,
+    _move_into_place,
+    _source_of,
+    _storage_error,
+    load_source_model,
+    validate_name,
+)
+from directions.fileformat import DirectionFileError, DirectionSet
+from directions.lora import (
+    LoraExportError,
+    LoraPair,
+    read_gguf_base,
+    write_gguf_adapter,
+    write_peft_adapter,
+)
+from directions.lora import lora_pairs as _pairs
+from directions.writers import has_post_norm
+
+Progress = Callable[[float, str], None]
+MANIFEST = "frankly_lora.json"
+FORMATS = ("peft", "gguf")
+GGUF_EMBEDDING = ("auto", "include", "omit")
+
+
+class LoraUnsupportedError(BakeError):
+    code = "lora_unsupported"
+
+
+@dataclass
+class ExportedAdapter:
+    """One adapter of an export, as listed in the manifest."""
+
+    name: str  # adapter name: the direction, or <direction>-<strength>
+    direction: str
+    folded_strength: float | None  # None: scale it per request; else the strength baked into B
+    peft: str | None = None  # directory, relative to the export
+    gguf: str | None = None  # file, relative to the export
+    modules: int = 0
+    gguf_embedding: bool | None = None  # whether token_embd is in the GGUF adapter
+    notes: list[str] = field(default_factory=list)
+
+
+def strength_label(s: float) -> str:
+    """``1`` -> ``1.0``, ``0.5`` -> ``0.5``, ``-0.25`` -> ``-0.25`` (as in adapter names)."""
+    return repr(float(s))
+
+
+def _peft_pairs(pairs: list[LoraPair], model_type: str) -> list[LoraPair]:
+    if any(p.bias is not None for p in pairs) and any(p.kind == "embed" for p in pairs):
+        raise LoraUnsupportedError(
+            f"{model_type}: its writers have biases, and PEFT cannot combine a LoRA-B bias (lora_bias) with an "
+            "embedding adapter in one adapter; bake the direction instead (frankly bake)",
+            param="direction",
+        )
+    return pairs
+
+
+def _gguf_pairs(pairs: list[LoraPair], tied: bool, policy: str, notes: list[str]) -> tuple[list[LoraPair], bool]:
+    has_embed = any(p.kind == "embed" for p in pairs)
+    if not has_embed:
+        return pairs, False
+    include = policy == "include" or (policy == "auto" and not tied)
+    if include:
+        if tied:
+            notes.append(
+                "token_embd is included although the base GGUF ties its output to it: llama.cpp applies the "
+                "token_embd adapter to the LM head as well (see README, 'LoRA export')"
+            )
+        return pairs, True
+    notes.append(
+        "token_embd left out of the GGUF adapter"
+        + (
+            " because the base GGUF ties its LM head to token_embd (llama.cpp would apply it to the output too); "
+            "the edit of the embedding output (layer 0's weight) is missing, see README for its measured effect"
+            if tied
+            else " on request"
+        )
+    )
+    return [p for p in pairs if p.kind != "embed"], False
+
+
+def export_lora(
+    source,
+    directions: dict[str, DirectionSet],
+    out_dir: str | Path,
+    *,
+    names: Iterable[str] | None = None,
+    strengths: Iterable[float] = (),
+    formats: Iterable[str] = FORMATS,
+    gguf_base: str | Path | None = None,
+    gguf_embedding: str = "auto",
+    bake_root: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Write LoRA adapters for ``names`` (default: every direction) of ``source`` into ``out_dir``, atomically.
+
+    ``source`` is a model spec (``demo``, a directory, a ``.gguf``) or a
+    ``LoadedModel``; ``strengths`` adds one folded adapter per direction and
+    strength. ``formats`` picks ``peft`` and/or ``gguf`` (the latter needs a
+    base GGUF: the source's own or ``gguf_base``). ``gguf_embedding`` says
+    what to do with ``token_embd`` in the GGUF adapter: ``auto`` leaves it out
+    only when the base GGUF has no separate ``output.weight``. Returns the
+    final directory; raises a :class:`BakeError` subclass on bad input.
+    """
+    t0 = time.monotonic()
+    report = progress or (lambda f, m: None)
+    formats = tuple(dict.fromkeys(formats))
+    if not formats or any(f not in FORMATS for f in formats):
+        raise BakeError(f"formats must be some of {', '.join(FORMATS)}, not {formats!r}", param="format")
+    if gguf_embedding not in GGUF_EMBEDDING:
+        raise BakeError(f"gguf_embedding must be one of {', '.join(GGUF_EMBEDDING)}", param="gguf_embedding")
+    names = list(dict.fromkeys(names)) if names is not None else list(directions)
+    if not names:
+        raise UnknownDirection("no direction to export")
+    for n in names:
+        if n not in directions:
+            raise UnknownDirection(f"unknown direction {n!r} (loaded: {', '.join(sorted(directions)) or 'none'})")
+    folded = [float(s) for s in strengths]
+    if bake_root is None:
+        out = Path(out_dir).expanduser().absolute()
+        bake_root, name = out.parent, out.name
+    else:
+        name = str(out_dir)
+    final = validate_name(name, bake_root)
+    root = final.parent
+    path, src_gguf, label = _source_of(source)
+    gguf_path = str(gguf_base) if gguf_base else src_gguf
+    if "gguf" in formats and not gguf_path:
+        raise BakeGGUFError(f"{label} is not a GGUF model: pass a base GGUF to write llama.cpp adapters", param="format")
+    for src in filter(None, (path, gguf_path)):
+        p = Path(src).expanduser()
+        if p.exists() and (_inside(p.resolve(), final) or _inside(final, p.resolve())):
+            raise BakeExistsError(f"refusing to write {final}: it is or contains the source model {p}")
+    if final.exists() and not overwrite:
+        raise BakeExistsError(f"{final} already exists (pass overwrite to replace it)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _storage_error(e, root) from e
+
+    report(0.0, f"loading {label}")
+    model, _tok = load_source_model(path, label)
+    for n in names:
+        try:
+            directions[n].check_fits(model.config)
+        except DirectionFileError as e:
+            raise UnknownDirection(str(e)) from e
+    base = read_gguf_base(gguf_path) if "gguf" in formats else None
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    jobs = [(n, None) for n in names] + [(n, s) for n in names for s in folded]
+    adapters: list[ExportedAdapter] = []
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+        for k, (dname, s) in enumerate(jobs):
+            aname = dname if s is None else f"{dname}-{strength_label(s)}"
+            report(0.05 + 0.9 * k / len(jobs), f"adapter {aname}")
+            pairs = _pairs(model, directions[dname], 1.0 if s is None else s)
+            ad = ExportedAdapter(aname, dname, s, modules=len(pairs))
+            meta = {
+                "direction": dname,
+                "folded_strength": s,
+                "source": label,
+                "direction_metadata": directions[dname].public_metadata(),
+            }
+            if has_post_norm(model):
+                ad.notes.append(
+                    f"{model_type} normalises each writer's output before the residual add: the adapter equals "
+                    "frankly's hooks (both edit the writer output before that norm), not an edit of the residual stream"
+                )
+            if "peft" in formats:
+                write_peft_adapter(tmp / aname, _peft_pairs(pairs, model_type), label, {**meta, "adapter": aname})
+                ad.peft = aname
+            if base is not None:
+                gpairs, ad.gguf_embedding = _gguf_pairs(pairs, base.tied_output, gguf_embedding, ad.notes)
+                write_gguf_adapter(tmp / f"{aname}.gguf", gpairs, base, {**meta, "adapter": aname, "name": aname})
+                ad.gguf = f"{aname}.gguf"
+            adapters.append(ad)
+        manifest = {
+            "source": {"model": label, "path": str(path), "gguf": gguf_path},
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "formats": list(formats),
+            "rank": 1,
+            "alpha": 1,
+            "scale_is_strength": True,
+            "stacking": "several adapters add their deltas; frankly applies directions one after another: "
+            "the two agree exactly only for orthogonal directions",
+            "adapters": [a.__dict__ for a in adapters],
+            "seconds": round(time.monotonic() - t0, 2),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        _move_into_place(tmp, final, overwrite)
+        tmp = None
+    except OSError as e:
+        raise _storage_error(e, root) from e
+    except LoraExportError as e:
+        raise LoraUnsupportedError(str(e), param="direction") from e
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report(1.0, f"done: {final}")
+    return final
