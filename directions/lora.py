@@ -80,10 +80,8 @@ def lora_pairs(model: nn.Module, ds: DirectionSet, scale: float = 1.0) -> list[L
             continue
         r = ds.directions[w.layer].to(torch.float64)
         weight = w.module.weight.detach().to("cpu", torch.float64)
-        if w.kind == "embed":
-            a = (weight @ r).unsqueeze(0)  # (1, vocab)
-        else:
-            a = (r @ weight).unsqueeze(0)  # (1, in)
+        # embedding: (E r)^T, (1, vocab); a Linear: r^T W, (1, in)
+        a = (weight @ r if w.kind == "embed" else r @ weight).unsqueeze(0)
         b = (-c * r).unsqueeze(1)  # (d, 1)
         bias = getattr(w.module, "bias", None)
         lb = None if bias is None else (-c * torch.dot(r, bias.detach().to("cpu", torch.float64))) * r

@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
             print(f"frankly export-lora: {e}", file=sys.stderr)
             return 2
-    print(f"exported {len(directions) if args.only is None else len(args.only)} direction(s) to {out} "
-          f"in {time.monotonic() - t0:.1f} s (see {out / MANIFEST})")
+    print(
+        f"exported {len(directions) if args.only is None else len(args.only)} direction(s) to {out} "
+        f"in {time.monotonic() - t0:.1f} s (see {out / MANIFEST})"
+    )
     return 0

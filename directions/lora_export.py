@@ -156,7 +156,9 @@ def export_lora(
     path, src_gguf, label = _source_of(source)
     gguf_path = str(gguf_base) if gguf_base else src_gguf
     if "gguf" in formats and not gguf_path:
-        raise BakeGGUFError(f"{label} is not a GGUF model: pass a base GGUF to write llama.cpp adapters", param="format")
+        raise BakeGGUFError(
+            f"{label} is not a GGUF model: pass a base GGUF to write llama.cpp adapters", param="format"
+        )
     for src in filter(None, (path, gguf_path)):
         p = Path(src).expanduser()
         if p.exists() and (_inside(p.resolve(), final) or _inside(final, p.resolve())):

@@ -176,9 +176,10 @@ def test_gguf_adapter_layout(tmp_path):
     assert "blk.2.ffn_down.weight.lora_a" not in t  # layer weight 0: no adapter
     # The values: lora_b @ lora_a is the weight delta at scale 1, in GGUF's numpy layout.
     emb = model.get_input_embeddings().weight
-    delta = torch.from_numpy(np.array(t["token_embd.weight.lora_a"].data)) @ torch.from_numpy(
-        np.array(t["token_embd.weight.lora_b"].data)
-    ).T
+    delta = (
+        torch.from_numpy(np.array(t["token_embd.weight.lora_a"].data))
+        @ torch.from_numpy(np.array(t["token_embd.weight.lora_b"].data)).T
+    )
     r0, c0 = ds.directions[0], float(ds.layer_weights[0])
     assert torch.allclose(delta, -c0 * torch.outer(emb @ r0, r0), atol=1e-6)
 
