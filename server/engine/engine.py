@@ -2,12 +2,15 @@
 
 One inference thread owns the model. Requests arrive through an inbox
 queue; requests waiting together are prefilled together (one left-padded
-forward; conditional requests alone, since the decision needs their own
-pass; a request arriving alone is prefilled alone, so its logits are
+forward; a request arriving alone is prefilled alone, so its logits are
 exactly the plain model's) and then join the running batch at the next
-decode step. Finished and cancelled rows leave the batch at the next step.
-Every row carries its own sampling parameters, stop strings and steering
-strengths; the hooks read a per-row strength tensor set for each pass.
+decode step. Conditional requests share that forward: it runs with their
+conditional directions off and reads each row's detection score; the rows
+whose condition fires are prefilled again, with the group's padding, with
+the direction on. Finished and cancelled rows leave the batch at the next
+step. Every row carries its own sampling parameters, stop strings and
+steering strengths; the hooks read a per-row strength tensor set for each
+pass.
 """
 
 from __future__ import annotations
@@ -301,55 +304,59 @@ class Engine:
             spent += len(seq.req.prompt_ids)
             self._dec_waiting()
             self.metrics.queue_time(time.monotonic() - seq.t_arrival)
-            if any(d.when == "auto" and d.strength != 0 for d in seq.req.steering.values()):
-                # conditional rows are prefilled alone: the decision needs their own pass
-                self._prefill_one(seq)
-            else:
-                group.append(seq)
+            group.append(seq)
             if len(group) >= max(1, self.config.prefill_batch):
                 self._prefill_group(group)
                 group = []
         if group:
             self._prefill_group(group)
 
-    def _prefill_one(self, seq: _Seq) -> None:
-        try:
-            self._prefill(seq)
-        except Exception as e:  # a bad request must not take the engine down
-            log.exception("prefill failed for %s", seq.req.request_id)
-            self._finish(seq, "error", error=f"prefill failed: {type(e).__name__}: {e}", code="engine_error")
-            self._strength_dirty = True
-
     def _prefill_group(self, group: list[_Seq]) -> None:
-        """Prefill several plain (non-conditional) requests in one left-padded forward."""
-        if len(group) == 1:
-            self._prefill_one(group[0])
-            return
+        """Prefill ``group`` together; if that fails, each request alone (a bad request must not take the engine down)."""
         try:
-            self._prefill_batched(group)
-        except Exception:
-            log.exception("batched prefill of %d requests failed; prefilling them one by one", len(group))
+            self._prefill(group)
+        except Exception as e:
             self._strength_dirty = True
-            for seq in group:
-                if not seq.done and seq not in self.rows:
-                    self._prefill_one(seq)
+            if len(group) > 1:
+                log.exception("batched prefill of %d requests failed; prefilling them one by one", len(group))
+                for seq in group:
+                    if not seq.done and seq not in self.rows:
+                        self._prefill_group([seq])
+            else:
+                log.exception("prefill failed for %s", group[0].req.request_id)
+                self._finish(group[0], "error", error=f"prefill failed: {type(e).__name__}: {e}", code="engine_error")
 
-    def _prefill_batched(self, group: list[_Seq]) -> None:
+    def _prefill(self, group: list[_Seq]) -> None:
+        """Prefill ``group`` in one forward (left-padded when more than one request) and join the batch.
+
+        Conditional directions are off in that forward; a probe on each detection layer reads
+        every row's last prompt token. Rows whose condition does not fire keep that forward's
+        logits and cache: exactly those of the same request without the condition, in the same
+        group. Rows whose condition fires are prefilled again (those rows only, each padded as in
+        the group) with the direction on, and their logits and cache rows replace the first ones.
+        """
         ids, mask, pos = pad_left([s.req.prompt_ids for s in group], 0, self.device)  # pad id: masked anyway
-        strengths: dict[str, list[float]] = {}
-        for i, s in enumerate(group):
+        if len(group) == 1:
+            pos = None  # alone: exactly the plain model's call (default positions)
+        auto: dict[str, DirectionSet] = {}
+        for s in group:
             self._start_report(s)
-            s.strengths = {n: d.strength for n, d in s.req.steering.items() if d.strength != 0}
-            for n, v in s.strengths.items():
-                strengths.setdefault(n, [0.0] * len(group))[i] = v
-        self.hooks.set_strengths(strengths)
-        self._strength_dirty = True
-        cache = kvcache.new_cache()
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
-        )
-        self.batched_prefills += 1
+            s.strengths = {n: d.strength for n, d in s.req.steering.items() if d.when != "auto" and d.strength != 0}
+            auto |= {n: self.directions[n] for n, d in s.req.steering.items() if d.when == "auto" and d.strength != 0}
+        out, cache, captured = self._forward_prefill(ids, mask, pos, group, {ds.detect_layer for ds in auto.values()})
+        if len(group) > 1:
+            self.batched_prefills += 1
         logits = out.logits[:, -1, :].float()
+        fired = [i for i, s in enumerate(group) if self._decide(s, captured, i)]
+        if fired:
+            idx = torch.tensor(fired, dtype=torch.long, device=self.device)
+            sub = [group[i] for i in fired]
+            out2, cache2, _ = self._forward_prefill(ids[idx], mask[idx], None if pos is None else pos[idx], sub, set())
+            if len(fired) == len(group):
+                cache, logits = cache2, out2.logits[:, -1, :].float()
+            else:
+                kvcache.replace_rows(cache, cache2, idx)
+                logits[idx] = out2.logits[:, -1, :].float()
         toks = sample_rows(logits, [s.req.sampling for s in group], [s.gen for s in group])
         self._join(group, cache, mask, toks, logits)
 
@@ -362,71 +369,61 @@ class Engine:
             if auto and d.strength == 0:
                 seq.report[n].fired = False
 
-    def _condition_score(self, seq_ids: torch.Tensor, auto: dict[str, DirectionSet], always: dict[str, float]):
-        """Run the prefill once with capture hooks; return (output, cache, scores)."""
-        captured: dict[int, torch.Tensor] = {}
-        handles = []
-        layers = self.hooks_layers()
-        for L in {ds.detect_layer for ds in auto.values()}:
-            if len(layers) <= L:  # detection on the final hidden state: capture the norm's input
+    def _decide(self, seq: _Seq, captured: dict[int, torch.Tensor], row: int) -> bool:
+        """Decide ``seq``'s conditional directions from its row of the probe; True if any fires."""
+        any_fired = False
+        for n, d in seq.req.steering.items():
+            if d.when != "auto" or d.strength == 0:
                 continue
-
-            def pre(module, args, kwargs, L=L):
-                h = args[0] if args else kwargs["hidden_states"]
-                captured[L] = h[0, -1].float().clone()
-
-            handles.append(layers[L].register_forward_pre_hook(pre, with_kwargs=True))
-        try:
-            out, cache = self._forward_prefill(seq_ids, always)
-        finally:
-            for h in handles:
-                h.remove()
-        scores = {}
-        for name, ds in auto.items():
+            ds = self.directions[n]
             h = captured.get(ds.detect_layer)
-            scores[name] = float(h @ ds.detect_vector.to(h.device)) if h is not None else float("nan")
-        return out, cache, scores
+            score = float(h[row] @ ds.detect_vector.to(h.device, h.dtype)) if h is not None else float("nan")
+            f = score > ds.detect_threshold
+            r = seq.report[n]
+            r.fired, r.score = f, round(score, 4)
+            r.applied = r.strength if f else 0.0
+            self.metrics.condition(n, f)
+            if f:
+                seq.strengths[n] = d.strength
+                any_fired = True
+        return any_fired
 
     def hooks_layers(self):
         from directions.writers import decoder_layers
 
         return decoder_layers(self.model)
 
-    def _forward_prefill(self, ids: torch.Tensor, strengths: dict[str, float]):
-        self.hooks.set_strengths({n: [s] for n, s in strengths.items()})
-        self._strength_dirty = True
-        cache = kvcache.new_cache()
-        out = self.model(
-            input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True, logits_to_keep=1
-        )
-        return out, cache
+    def _forward_prefill(self, ids, mask, pos, seqs: list[_Seq], probe: set[int]):
+        """One prefill forward of ``seqs`` (rows of ``ids``) with their current strengths.
 
-    def _prefill(self, seq: _Seq) -> None:
-        ids = torch.tensor([seq.req.prompt_ids], dtype=torch.long, device=self.device)
-        always = {n: d.strength for n, d in seq.req.steering.items() if d.when != "auto"}
-        auto = {n: self.directions[n] for n, d in seq.req.steering.items() if d.when == "auto" and d.strength != 0}
-        self._start_report(seq)
-        if auto:
-            out, cache, scores = self._condition_score(ids, auto, always)
-            fired = {}
-            for n, ds in auto.items():
-                f = scores[n] > ds.detect_threshold
-                fired[n] = f
-                r = seq.report[n]
-                r.fired, r.score = f, round(scores[n], 4)
-                r.applied = r.strength if f else 0.0
-                self.metrics.condition(n, f)
-            if any(fired.values()):
-                # The condition is measured on the pass without this direction; if it
-                # fires, redo the prefill with the direction on.
-                always = {**always, **{n: seq.req.steering[n].strength for n, f in fired.items() if f}}
-                out, cache = self._forward_prefill(ids, always)
-        else:
-            out, cache = self._forward_prefill(ids, always)
-        seq.strengths = {n: s for n, s in always.items() if s != 0}
-        logits = out.logits[:, -1, :].float()
-        tok = sample_rows(logits, [seq.req.sampling], [seq.gen])
-        self._join([seq], cache, torch.ones_like(ids), tok, logits)
+        Returns (output, cache, captured): ``captured[L]`` is the (rows, d_model) fp32 input of
+        decoder layer ``L`` at the last position (the last prompt token: rows are left-padded),
+        for every ``L`` in ``probe``.
+        """
+        names = {n for s in seqs for n in s.strengths}
+        self.hooks.set_strengths({n: [s.strengths.get(n, 0.0) for s in seqs] for n in names})
+        self._strength_dirty = True
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+        layers = self.hooks_layers() if probe else []
+        for L in probe:
+            if len(layers) <= L:  # no such decoder layer: the score is NaN, the condition never fires
+                continue
+
+            def pre(module, args, kwargs, L=L):
+                h = args[0] if args else kwargs["hidden_states"]
+                captured[L] = h[:, -1].float().clone()
+
+            handles.append(layers[L].register_forward_pre_hook(pre, with_kwargs=True))
+        cache = kvcache.new_cache()
+        try:
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
+            )
+        finally:
+            for h in handles:
+                h.remove()
+        return out, cache, captured
 
     def _join(self, seqs: list[_Seq], cache, mask: torch.Tensor, toks, logits) -> None:
         """Append freshly prefilled rows (left-padded ``mask``) to the running batch; emit their first tokens."""

@@ -85,6 +85,13 @@ def merge(
     return cache, mask
 
 
+def replace_rows(cache: DynamicCache, rows: DynamicCache, idx: torch.Tensor) -> None:
+    """Overwrite rows ``idx`` of ``cache`` in place with the rows of ``rows`` (same length and padding)."""
+    for a, b in zip(cache.layers, rows.layers, strict=True):
+        a.keys.index_copy_(0, idx, b.keys)
+        a.values.index_copy_(0, idx, b.values)
+
+
 def select(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> tuple[DynamicCache, torch.Tensor]:
     """Keep only rows ``keep``; drop leading columns that no remaining row uses."""
     idx = torch.tensor(keep, dtype=torch.long, device=mask.device)

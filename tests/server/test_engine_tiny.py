@@ -82,7 +82,23 @@ def _scores(model, prompts, layer, v):
     return res
 
 
+# Differently batched computations of one request (prefilled alone or in a group, decoded in
+# batches of other sizes) run other float kernels and agree only to rounding: logprobs within
+# LOGPROB_TOL and the same greedy tokens. On these fp32 tiny models the differences seen are a
+# few ulps (up to ~1e-6); steering at strength 1 moves logprobs by more than 1e-2.
+LOGPROB_TOL = 1e-5
+
+
+def _close(a, b):
+    """Same greedy tokens and logprobs within LOGPROB_TOL (for differently batched computations)."""
+    assert a[0] == b[0], "greedy tokens differ"
+    torch.testing.assert_close(torch.tensor(a[1]), torch.tensor(b[1]), atol=LOGPROB_TOL, rtol=0)
+
+
 def test_conditional_rows_share_a_batch(tiny):
+    """Conditional rows are prefilled in the same left-padded forward as plain rows; a row whose
+    condition does not fire is bit-identical to the plain request computed the same way (same
+    prefill group and padding, same decode batch), and a firing row is the always-on request."""
     g = torch.Generator().manual_seed(1)
     r = torch.nn.functional.normalize(torch.randn(3, 32, generator=g), dim=-1)
     v = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
@@ -90,24 +106,39 @@ def test_conditional_rows_share_a_batch(tiny):
     s = _scores(tiny, prompts, 2, v)
     hi, lo = (0, 1) if s[0] > s[1] else (1, 0)
     ds = DirectionSet("d", r, torch.ones(3), detect_vector=v, detect_layer=2, detect_threshold=(s[0] + s[1]) / 2)
-    eng = Engine(tiny, IdTokenizer(), {"d": ds}, EngineConfig(max_batch_size=4))
-    eng.start()
-    try:
-        auto = {"d": DirectionRequest(1.0, "auto")}
-        mixed = _run(eng, [_req("fire", prompts[hi], auto), _req("quiet", prompts[lo], auto)])
-        plain = _run(eng, [_req("p_hi", prompts[hi]), _req("p_lo", prompts[lo])])
-        forced = _run(eng, [_req("a_hi", prompts[hi], {"d": DirectionRequest(1.0)}), _req("a_lo", prompts[lo])])
-        solo_quiet = _run(eng, [_req("solo", prompts[lo])])
-    finally:
-        eng.shutdown()
+    auto, always = {"d": DirectionRequest(1.0, "auto")}, {"d": DirectionRequest(1.0)}
+    prefills = {}
+
+    def run(tag, reqs):
+        # all submitted before the engine starts: admitted together, one prefill group
+        eng = Engine(tiny, IdTokenizer(), {"d": ds}, EngineConfig(max_batch_size=4))
+        try:
+            return _run(eng, reqs, start=True)
+        finally:
+            eng.shutdown()
+            prefills[tag] = eng.batched_prefills
+
+    mixed = run("mixed", [_req("fire", prompts[hi], auto), _req("quiet", prompts[lo], auto)])
+    plain = run("plain", [_req("p_hi", prompts[hi]), _req("p_lo", prompts[lo])])
+    forced = run("forced", [_req("a_hi", prompts[hi], always), _req("a_lo", prompts[lo])])
+    solo_quiet = run("solo_quiet", [_req("solo", prompts[lo])])
+    solo_auto = run("solo_auto", [_req("s_auto", prompts[hi], auto)])
+    solo_always = run("solo_always", [_req("s_always", prompts[hi], always)])
+    assert prefills == {"mixed": 1, "plain": 1, "forced": 1, "solo_quiet": 0, "solo_auto": 0, "solo_always": 0}
     assert mixed["fire"][2]["d"].fired is True and mixed["fire"][2]["d"].applied == 1.0
     assert mixed["quiet"][2]["d"].fired is False and mixed["quiet"][2]["d"].applied == 0.0
-    # The non-firing row is bit-identical to the plain model in the same batch layout...
-    assert mixed["quiet"][1] == plain["p_lo"][1]
-    assert mixed["quiet"][0] == solo_quiet["solo"][0]
-    # ...and the firing row is exactly the always-on row.
-    assert mixed["fire"][1] == forced["a_hi"][1]
-    assert mixed["fire"][1] != plain["p_hi"][1]
+    assert solo_auto["s_auto"][2]["d"].fired is True
+    # Computed the same way: bit-identical. The quiet row is the plain row of the same group
+    # (its prefill is that forward; in decode the other row's strength does not touch it)...
+    assert mixed["quiet"][:2] == plain["p_lo"][:2] == forced["a_lo"][:2]
+    # ...and a conditional request alone that fires is the always-on request alone.
+    assert solo_auto["s_auto"][:2] == solo_always["s_always"][:2]
+    # Computed differently (the firing row is prefilled again in a batch of the firing rows
+    # only; alone vs in a group of two): within float tolerance, the same greedy tokens.
+    _close(mixed["fire"], forced["a_hi"])
+    _close(mixed["quiet"], solo_quiet["solo"])
+    # the direction does something far above that tolerance
+    assert max(abs(a - b) for a, b in zip(mixed["fire"][1], plain["p_hi"][1], strict=True)) > 1000 * LOGPROB_TOL
 
 
 def test_queue_bound_and_cancel(tiny):
@@ -169,6 +200,5 @@ def test_batched_prefill_matches_one_by_one(tiny):
             eng.shutdown()
     for i in range(len(prompts)):
         one, many = results[1][f"b1-{i}"], results[8][f"b8-{i}"]
-        assert many[0] == one[0], f"row {i}: tokens differ"
-        torch.testing.assert_close(torch.tensor(many[1]), torch.tensor(one[1]), atol=1e-5, rtol=1e-5)
+        _close(many, one)
     assert results[8]["b8-1"][0] != results[8]["b8-0"][0]
