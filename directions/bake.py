@@ -214,7 +214,7 @@ def validate_name(name: str, bake_root: str | Path) -> Path:
 def _source_of(source) -> tuple[str, str | None, str]:
     """(directory or hub id to load, original GGUF or None, what the user called it)."""
     if isinstance(source, str | Path):
-        from server.modelio import ModelLoadError, locate
+        from directions.models import ModelLoadError, locate
 
         try:
             path, gguf = locate(str(source))

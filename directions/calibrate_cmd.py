@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from directions.extract_cmd import _lines
+from directions.files import read_lines
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,16 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from directions.extract import (
-        build_prompts,
-        calibrate_detection,
-        collect_states,
-        default_layers,
-        file_sha256,
-        parse_layers,
-    )
+    from directions.detection import calibrate_detection
+    from directions.extract import build_prompts, collect_states, default_layers, parse_layers
     from directions.fileformat import load_direction, save_direction
-    from server.modelio import load_model
+    from directions.files import sha256_file
+    from directions.models import load_model
 
     t0 = time.monotonic()
     ds = load_direction(args.direction)
@@ -53,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
     ds.check_fits(lm.model.config, args.direction)
     n_layers = lm.model.config.num_hidden_layers
     layers = parse_layers(args.layers, n_layers) if args.layers else default_layers(n_layers)
-    sys_p, sys_n = _lines(args.system_positive), _lines(args.system_negative)
+    sys_p, sys_n = (read_lines(p) if p else None for p in (args.system_positive, args.system_negative))
 
     def states(path, systems, desc):
         return collect_states(
-            lm.model, lm.tokenizer, build_prompts(lm.tokenizer, _lines(path), systems), args.batch_size, desc=desc
+            lm.model, lm.tokenizer, build_prompts(lm.tokenizer, read_lines(path), systems), args.batch_size, desc=desc
         )
 
     tr_p = states(args.positive, sys_p, "train activations (+)")
@@ -72,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         sel["previous_detection"] = {k: v for k, v in sel["detection"].items() if k not in ("layers", "candidates")}
     det.record["calibrated_by"] = "frankly calibrate"
     det.record["prompt_hashes"] = {
-        role: {"file": Path(p).name, "sha256": file_sha256(p)}
+        role: {"file": Path(p).name, "sha256": sha256_file(p)}
         for role, p in (
             ("positive", args.positive),
             ("negative", args.negative),

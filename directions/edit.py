@@ -33,14 +33,6 @@ def project_out(y: torch.Tensor, r: torch.Tensor, coef: torch.Tensor | float) ->
     return y - (coef * proj) * r
 
 
-def project_out_(y: torch.Tensor, r: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """In-place variant of :func:`project_out` (for callers that own ``y``)."""
-    r = r.to(dtype=y.dtype, device=y.device)
-    proj = (y @ r).unsqueeze(-1)
-    y.sub_((coef * proj) * r)
-    return y
-
-
 def bake_linear_weight(weight: torch.Tensor, r: torch.Tensor, coef: float) -> torch.Tensor:
     """Edit a Linear weight (out_features = d_model rows) whose output is the residual stream."""
     w32 = weight.to(torch.float32)

@@ -43,6 +43,10 @@ class DirectionFileError(ValueError):
     """A direction file is missing, corrupt, or does not fit the served model."""
 
 
+class FingerprintMismatch(DirectionFileError):
+    """The shapes fit, but the direction was made for a model with another fingerprint."""
+
+
 def model_fingerprint(config) -> dict[str, str]:
     """What a direction must match: architecture, sizes, and a hash of the config keys that shape activations."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -112,7 +116,7 @@ class DirectionSet:
         theirs = json.loads(self.metadata.get("fingerprint", "{}") or "{}")
         for key in ("model_type", "hidden_size", "num_layers", "vocab_size", "config_hash"):
             if key in theirs and theirs[key] != fp[key]:
-                raise DirectionFileError(
+                raise FingerprintMismatch(
                     f"direction '{self.name}'{where} was made for a model with {key}={theirs[key]} "
                     f"({theirs.get('architecture')}), but the served model has {key}={fp[key]} ({fp['architecture']})"
                 )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 # Architectures that normalise a writer's output before the residual add; for
@@ -35,6 +34,7 @@ class Writer:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers causal LM (``model.model.layers``)."""
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -73,16 +73,10 @@ def find_writers(model: nn.Module) -> list[Writer]:
 
 
 def has_post_norm(model: nn.Module) -> bool:
+    """True for architectures that normalise a writer's output before the residual add."""
     return getattr(model.config, "model_type", "") in POST_NORM_TYPES
 
 
 def num_layers(model: nn.Module) -> int:
+    """How many decoder layers ``model`` has."""
     return len(decoder_layers(model))
-
-
-def hidden_size(model: nn.Module) -> int:
-    return int(model.get_input_embeddings().weight.shape[1])
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype

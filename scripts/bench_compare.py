@@ -61,7 +61,7 @@ bench = _load_bench()
 # ---- static facts about the model ------------------------------------------------------
 def model_dir() -> str:
     sys.path.insert(0, str(ROOT))
-    from server.modelio import locate
+    from directions.models import locate
 
     return locate("demo")[0]
 
@@ -133,8 +133,8 @@ def generate_worker(max_tokens: int, batch: int, n_prompts: int, threads: int | 
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from server.modelio import load_model
-    from server.prompting import chat_prompt_ids
+    from directions.models import load_model
+    from directions.prompting import chat_prompt_ids
 
     if threads:
         torch.set_num_threads(threads)
@@ -477,7 +477,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, help="max_tokens per request (default 64; quick 16)")
     p.add_argument("--streams", help="comma list of concurrent streams (default 1,8; quick 1,2)")
     p.add_argument("--requests-per-stream", type=int, help="requests per run = streams x this (default 2; quick 1)")
-    p.add_argument("--only", help=f"comma list of sections to run, from {','.join(SECTIONS)} (frankly-packed only when named)")
+    p.add_argument(
+        "--only", help=f"comma list of sections to run, from {','.join(SECTIONS)} (frankly-packed only when named)"
+    )
     p.add_argument("--skip", help="comma list of sections to leave out")
     p.add_argument("--join-long-tokens", type=int, help="length of the long generation (default 256; quick 48)")
     p.add_argument(

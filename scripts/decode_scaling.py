@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers.cache_utils import DynamicLayer
 
+    from directions.models import load_model
     from server.engine.kvcache import GrowableLayer
-    from server.modelio import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

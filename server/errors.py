@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.engine.errors import EngineError, EngineOverloaded, EngineStopped, RequestTimedOut
+
 log = logging.getLogger("frankly.api")
 
 
@@ -120,6 +122,26 @@ class EngineFailure(APIError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+def refusal(exc: EngineError) -> APIError:
+    """The answer to an engine refusing a request at submission (it never ran)."""
+    if isinstance(exc, EngineOverloaded):
+        return Overloaded(
+            "the server is at capacity; retry later", headers={"Retry-After": str(int(exc.retry_after) or 1)}
+        )
+    if isinstance(exc, EngineStopped):
+        return Unavailable("the server is shutting down", headers={"Retry-After": "5"})
+    return EngineFailure(str(exc))
+
+
+def failure(error: EngineError | None, finish_reason: str | None) -> APIError:
+    """The answer to a request the engine ended without a complete answer (non-streamed)."""
+    if isinstance(error, RequestTimedOut):
+        return RequestTimeout(str(error))
+    if isinstance(error, EngineStopped) or (error is None and finish_reason == "cancelled"):
+        return Unavailable(str(error) if error else "request cancelled")
+    return EngineFailure(str(error) if error else "generation failed")
 
 
 def error_response(err: APIError) -> JSONResponse:

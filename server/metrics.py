@@ -1,8 +1,15 @@
-"""Prometheus metrics (one registry per app, no process globals)."""
+"""Prometheus metrics (one registry per app, no process globals).
+
+:class:`Metrics` is the engine's observer (:class:`server.engine.protocol.EngineObserver`):
+the engine thread calls it as requests progress, the HTTP layer counts outcomes, and the
+queue and batch gauges read the engine's :meth:`~server.engine.protocol.Engine.stats`.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from server.engine.protocol import Engine
 
 LAT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
@@ -11,7 +18,7 @@ ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1,
 class Metrics:
     """Counters and histograms fed by the engine thread and the HTTP layer."""
 
-    def __init__(self, engine_stats=None):
+    def __init__(self):
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "frankly_requests", "Finished requests by endpoint and outcome", ["endpoint", "outcome"], registry=r
@@ -50,11 +57,11 @@ class Metrics:
         self.conditional = Counter(
             "frankly_conditional_decisions", "Conditional ablation decisions", ["direction", "fired"], registry=r
         )
-        self._engine_stats = engine_stats
 
-    def bind_engine(self, engine) -> None:
-        self.queue_depth.set_function(lambda: engine.num_waiting)
-        self.running.set_function(lambda: engine.num_running)
+    def bind_engine(self, engine: Engine) -> None:
+        """Read the queue and batch gauges from ``engine`` at each scrape."""
+        self.queue_depth.set_function(lambda: engine.stats().waiting)
+        self.running.set_function(lambda: engine.stats().running)
 
     # engine callbacks (engine thread) -----------------------------------------
     def first_token(self, seconds: float) -> None:
@@ -66,11 +73,11 @@ class Metrics:
     def queue_time(self, seconds: float) -> None:
         self.queue_wait.observe(seconds)
 
-    def batch_size(self, n: int) -> None:
-        self.batch_hist.observe(n)
+    def decode_batch(self, rows: int) -> None:
+        self.batch_hist.observe(rows)
 
-    def prefill_batch(self, n: int) -> None:
-        self.prefill_hist.observe(n)
+    def prefill_batch(self, requests: int) -> None:
+        self.prefill_hist.observe(requests)
 
     def steering_used(self, name: str) -> None:
         self.steering.labels(direction=name).inc()
@@ -78,9 +85,9 @@ class Metrics:
     def condition(self, name: str, fired: bool) -> None:
         self.conditional.labels(direction=name, fired=str(bool(fired)).lower()).inc()
 
-    def finished(self, seq, reason: str, seconds: float) -> None:
-        self.prompt_tokens.inc(len(seq.req.prompt_ids))
-        self.generation_tokens.inc(len(seq.generated))
+    def finished(self, prompt_tokens: int, completion_tokens: int, reason: str, seconds: float) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
         self.e2e.observe(seconds)
 
     # HTTP layer ----------------------------------------------------------------

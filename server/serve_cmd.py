@@ -8,86 +8,78 @@ import logging
 import os
 import signal
 import sys
+from typing import get_args, get_origin
+
+from pydantic_settings import BaseSettings
 
 from directions.fileformat import DirectionFileError
+from directions.models import ModelLoadError
 from directions.writers import UnsupportedModelError
-from server.modelio import ModelLoadError, load_model
+from server.packing import PackingUnavailable
 from server.settings import CONFIG_ENV, ModelSettings, ServerSettings
 
 log = logging.getLogger("frankly.serve")
 
-# (flag, settings field, kwargs) -- defaults live in the settings classes, so
-# that CLI > env > config file holds: argparse only passes flags given.
+# (flag, settings field, extra argparse kwargs). Help texts, types and defaults come from the
+# settings models (one description per setting); argparse passes only the flags given, so
+# CLI > env > config file holds.
 MODEL_FLAGS = [
-    ("--model", "model", {"help": "hub id, model directory, .gguf file, or 'demo' (default: demo)"}),
-    ("--served-model-name", "served_model_name", {"help": "model id clients use (default: qwen-demo for demo)"}),
-    ("--device", "device", {"help": "auto | cpu | cuda | cuda:N | mps"}),
-    ("--dtype", "dtype", {"help": "auto | float32 | bfloat16 | float16"}),
-    ("--direction", "directions", {"action": "append", "help": "NAME=PATH direction file (repeatable)"}),
-    (
-        "--no-default-directions",
-        "no_default_directions",
-        {"action": "store_true", "default": None, "help": "skip the directions shipped for the demo model"},
-    ),
-    (
-        "--allow-fingerprint-mismatch",
-        "allow_fingerprint_mismatch",
-        {"action": "store_true", "default": None, "help": "load directions whose config hash differs"},
-    ),
-    ("--max-model-len", "max_model_len", {"type": int, "help": "context limit in tokens"}),
-    ("--num-threads", "num_threads", {"type": int, "help": "torch CPU threads"}),
-    (
-        "--packed-weights",
-        "packed_weights",
-        {"action": "store_true", "default": None, "help": "CPU fp32: prepack linear weights (faster batched decode)"},
-    ),
+    ("--model", "model", {}),
+    ("--served-model-name", "served_model_name", {}),
+    ("--device", "device", {}),
+    ("--dtype", "dtype", {}),
+    ("--direction", "directions", {"metavar": "NAME=PATH"}),
+    ("--no-default-directions", "no_default_directions", {}),
+    ("--allow-fingerprint-mismatch", "allow_fingerprint_mismatch", {}),
+    ("--max-model-len", "max_model_len", {}),
+    ("--num-threads", "num_threads", {}),
+    ("--packed-weights", "packed_weights", {}),
 ]
 SERVER_FLAGS = [
-    ("--host", "host", {"help": "bind address (default 127.0.0.1)"}),
-    ("--port", "port", {"type": int, "help": "port (default 8000)"}),
-    (
-        "--api-key",
-        "api_keys",
-        {"action": "append", "help": "accepted bearer key (repeatable; env FRANKLY_API_KEYS=a,b)"},
-    ),
-    ("--api-key-file", "api_key_file", {"help": "file with one key per line"}),
-    ("--admin-key", "admin_key", {"help": "key for /v1/bake; admin routes are off without it"}),
-    ("--cors-origin", "cors_origins", {"action": "append", "help": "allowed CORS origin (repeatable)"}),
-    ("--bake-dir", "bake_dir", {"help": "where /v1/bake writes (default ./baked)"}),
-    ("--max-batch-size", "max_batch_size", {"type": int, "help": "rows in the running batch (default 8)"}),
-    ("--max-queue", "max_queue", {"type": int, "help": "waiting requests before 429 (default 64)"}),
-    ("--max-body-bytes", "max_body_bytes", {"type": int, "help": "largest request body (default 2000000)"}),
-    ("--default-max-tokens", "default_max_tokens", {"type": int, "help": "max_tokens when none given (default 512)"}),
-    ("--max-tokens-cap", "max_tokens_cap", {"type": int, "help": "largest max_tokens allowed (default 4096)"}),
-    ("--max-n", "max_n", {"type": int, "help": "largest n (default 4)"}),
-    ("--max-abs-strength", "max_abs_strength", {"type": float, "help": "|strength| bound (default 4)"}),
-    (
-        "--request-timeout",
-        "request_timeout_s",
-        {"type": float, "help": "seconds before a request is ended (default 600)"},
-    ),
-    (
-        "--shutdown-grace",
-        "shutdown_grace_s",
-        {"type": float, "help": "seconds in-flight requests get on SIGTERM (default 30)"},
-    ),
+    ("--host", "host", {}),
+    ("--port", "port", {}),
+    ("--api-key", "api_keys", {"metavar": "KEY"}),
+    ("--api-key-file", "api_key_file", {}),
+    ("--admin-key", "admin_key", {}),
+    ("--cors-origin", "cors_origins", {"metavar": "ORIGIN"}),
+    ("--bake-dir", "bake_dir", {}),
+    ("--max-batch-size", "max_batch_size", {}),
+    ("--max-queue", "max_queue", {}),
+    ("--max-body-bytes", "max_body_bytes", {}),
+    ("--default-max-tokens", "default_max_tokens", {}),
+    ("--max-tokens-cap", "max_tokens_cap", {}),
+    ("--max-n", "max_n", {}),
+    ("--max-abs-strength", "max_abs_strength", {}),
+    ("--request-timeout", "request_timeout_s", {"metavar": "SECONDS"}),
+    ("--shutdown-grace", "shutdown_grace_s", {"metavar": "SECONDS"}),
 ]
 
 
-def _meta(flag: str, kw: dict) -> dict:
-    if kw.get("action") == "store_true":
-        return kw
-    return {"metavar": flag.lstrip("-").upper().replace("-", "_"), **kw}
+def flag_kwargs(settings_cls: type[BaseSettings], field: str, flag: str, extra: dict) -> dict:
+    """argparse kwargs for one settings field: its description (and default) as the help, its type."""
+    info = settings_cls.model_fields[field]
+    default = None if info.default_factory is not None else info.default
+    shown = f" (default: {default})" if default not in (None, False, "") else ""
+    kw: dict = {"help": ((info.description or "") + shown).replace("%", "%%")}  # argparse formats help with %
+    types = {info.annotation, *get_args(info.annotation)} - {type(None)}
+    if bool in types:
+        return {**kw, "action": "store_true", "default": None, **extra}
+    if any(get_origin(t) is list for t in types):
+        kw["action"] = "append"
+    elif int in types or float in types:
+        kw["type"] = int if int in types else float
+    return {"metavar": flag.lstrip("-").upper().replace("-", "_"), **kw, **extra}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help=f"TOML settings file (also env {CONFIG_ENV}); flags > env > file")
-    g = p.add_argument_group("model")
-    for flag, dest, kw in MODEL_FLAGS:
-        g.add_argument(flag, dest=f"m_{dest}", **_meta(flag, kw))
-    g = p.add_argument_group("server")
-    for flag, dest, kw in SERVER_FLAGS:
-        g.add_argument(flag, dest=f"s_{dest}", **_meta(flag, kw))
+    for title, cls, flags, prefix in (
+        ("model", ModelSettings, MODEL_FLAGS, "m_"),
+        ("server", ServerSettings, SERVER_FLAGS, "s_"),
+    ):
+        g = p.add_argument_group(title)
+        for flag, dest, extra in flags:
+            g.add_argument(flag, dest=prefix + dest, **flag_kwargs(cls, dest, flag, extra))
 
 
 def settings_from_args(args) -> tuple[ModelSettings, ServerSettings]:
@@ -113,21 +105,15 @@ def run(args) -> int:
     import uvicorn
 
     from server.app import build_app
-    from server.loading import direction_paths, load_directions, served_id
+    from server.startup import load_served, served_id
 
     ms, ss = settings_from_args(args)
     try:
-        loaded = load_model(ms.model, device=ms.device, dtype=ms.dtype)
-        directions = load_directions(direction_paths(ms), loaded.model.config, ms.allow_fingerprint_mismatch)
-        if ms.packed_weights:
-            from server.packing import PackingUnavailable, pack_linear_weights
-
-            try:
-                pack_linear_weights(loaded.model)
-            except PackingUnavailable as e:
-                print(f"frankly: cannot start: --packed-weights: {e}", file=sys.stderr)
-                return 2
+        loaded, directions = load_served(ms)
         app = build_app(loaded, directions, ss, ms, served_id(ms))
+    except PackingUnavailable as e:
+        print(f"frankly: cannot start: --packed-weights: {e}", file=sys.stderr)
+        return 2
     except (ModelLoadError, DirectionFileError, UnsupportedModelError, OSError) as e:
         print(f"frankly: cannot start: {e}", file=sys.stderr)
         return 2

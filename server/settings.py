@@ -43,8 +43,8 @@ class ModelSettings(_Base):
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16/fp16 on GPUs), float32, bfloat16, float16")
-    directions: list[str] = Field(default_factory=list, description="NAME=PATH direction files (repeatable)")
-    no_default_directions: bool = Field(False, description="do not load the directions shipped for the demo model")
+    directions: list[str] = Field(default_factory=list, description="NAME=PATH direction file (repeat the flag)")
+    no_default_directions: bool = Field(False, description="skip the directions shipped for the demo model")
     allow_fingerprint_mismatch: bool = Field(
         False, description="load directions whose config hash differs (shape must still match)"
     )
@@ -65,14 +65,15 @@ class ServerSettings(_Base):
     host: str = Field("127.0.0.1", description="bind address; loopback unless told otherwise")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="accepted bearer keys for /v1/* (none: open)"
+        default_factory=list,
+        description="accepted bearer key for /v1/* (repeat the flag, or env FRANKLY_API_KEYS=a,b; none: open)",
     )
     api_key_file: str | None = Field(None, description="file with one API key per line")
     admin_key: str | None = Field(
         None, description="key for state-changing routes (/v1/bake); those routes are off when unset"
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="allowed CORS origins (closed by default)"
+        default_factory=list, description="allowed CORS origin (repeat the flag; closed by default)"
     )
     bake_dir: str = Field("./baked", description="directory baked models are written under, by name")
     max_batch_size: int = Field(8, ge=1, le=256, description="rows in the running batch")

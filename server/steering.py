@@ -9,26 +9,38 @@ over suffixes, direction by direction.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
-from server.engine.types import DirectionRequest
+from directions.fileformat import DirectionSet
+from directions.strengths import WHEN, DirectionRequest, StrengthError, check_strength
+from server.engine.protocol import EngineCapabilities
 from server.errors import InvalidRequest, ModelNotFound
-
-WHEN = ("always", "auto")
 
 
 class SteeringPolicy:
-    """What the served model allows: its id, its directions, and the limits."""
+    """What the served model allows: its id, its directions, the limits, and what its engine can do."""
 
-    def __init__(self, base_id: str, directions: dict, max_abs_strength: float, max_directions: int):
+    def __init__(
+        self,
+        base_id: str,
+        directions: dict[str, DirectionSet],
+        max_abs_strength: float,
+        max_directions: int,
+        capabilities: EngineCapabilities | None = None,
+    ):
         self.base_id = base_id
-        self.directions = directions  # name -> DirectionSet
+        self.directions = directions
         self.max_abs_strength = max_abs_strength
         self.max_directions = max_directions
+        self.capabilities = capabilities  # None: no engine limits (unit tests of the parsing)
+
+    @property
+    def conditional_ok(self) -> bool:
+        return self.capabilities is None or self.capabilities.supports_conditional
 
     # ---- model ids ----------------------------------------------------------
     def parse_model(self, model: str) -> dict[str, DirectionRequest]:
+        """The steering a model id asks for; ModelNotFound for another base or an unknown direction."""
         base, *suffixes = model.split("+")
         if base != self.base_id:
             raise ModelNotFound(f"model '{model}' does not exist; this server serves '{self.base_id}'", param="model")
@@ -56,12 +68,13 @@ class SteeringPolicy:
         ids = [self.base_id]
         for name, ds in self.directions.items():
             ids.append(f"{self.base_id}+{name}")
-            if ds.has_condition:
+            if ds.has_condition and self.conditional_ok:
                 ids.append(f"{self.base_id}+{name}@auto")
         return ids
 
     # ---- body field -----------------------------------------------------------
     def parse_body(self, value: Any) -> dict[str, DirectionRequest]:
+        """The steering of the body field: an object (or the same as a JSON string) of name -> spec."""
         if value is None:
             return {}
         if isinstance(value, str):
@@ -93,21 +106,26 @@ class SteeringPolicy:
         return out
 
     def resolve(self, model: str, body_value: Any) -> dict[str, DirectionRequest]:
+        """Model-id suffixes, then the body field over them direction by direction, within the limits."""
         merged = {**self.parse_model(model), **self.parse_body(body_value)}
         if len(merged) > self.max_directions:
             raise InvalidRequest(f"at most {self.max_directions} directions per request", param="steering")
         return merged
 
     def _check(self, name: str, strength: Any, when: Any, param: str) -> DirectionRequest:
-        if isinstance(strength, bool) or not isinstance(strength, int | float):
-            raise InvalidRequest(f"strength for '{name}' must be a number", param=param)
-        s = float(strength)
-        if not math.isfinite(s):
-            raise InvalidRequest(f"strength for '{name}' must be finite", param=param)
-        if abs(s) > self.max_abs_strength:
-            raise InvalidRequest(f"strength for '{name}' must be within ±{self.max_abs_strength}", param=param)
+        try:
+            s = check_strength(name, strength, self.max_abs_strength)
+        except StrengthError as e:
+            raise InvalidRequest(str(e), param=param) from None
         if when not in WHEN:
             raise InvalidRequest(f"'when' for '{name}' must be one of {WHEN}", param=param)
+        if when == "auto" and not self.conditional_ok:
+            raise InvalidRequest(
+                f"the {self.capabilities.name} engine does not support conditional steering (when: auto); "
+                "use when='always'",
+                param=param,
+                code="unsupported_by_engine",
+            )
         if when == "auto" and not self.directions[name].has_condition:
             raise InvalidRequest(f"direction '{name}' has no calibrated condition; use when='always'", param=param)
         return DirectionRequest(strength=s, when=when)

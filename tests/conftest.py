@@ -36,7 +36,7 @@ def make_direction(path, name: str) -> str:
     from transformers import AutoConfig
 
     from directions.fileformat import DirectionSet, save_direction
-    from server.modelio import locate
+    from directions.models import locate
 
     g = torch.Generator().manual_seed(0)
     ds = DirectionSet(name, torch.nn.functional.normalize(torch.randn(24, 896, generator=g), dim=-1), torch.ones(24))
@@ -116,6 +116,6 @@ def demo_server(server_factory, tmp_path_factory) -> LiveServer:
 @pytest.fixture(scope="session")
 def demo_model():
     """The real demo model loaded in-process (fp32 CPU)."""
-    from server.modelio import load_model
+    from directions.models import load_model
 
     return load_model("demo")

@@ -7,6 +7,8 @@ logits are far from uniform and greedy decoding is not a tie-break lottery.
 
 from __future__ import annotations
 
+import random
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -112,3 +114,21 @@ def save_tiny_dir(model: torch.nn.Module, path) -> str:
     model.save_pretrained(str(path))
     tiny_tokenizer().save_pretrained(str(path))
     return str(path)
+
+
+def tiny_prompts(lo: int, hi: int, n: int, seed: int) -> list[str]:
+    """``n`` seeded prompts of 3-8 tiny-vocabulary words with ids in [lo, hi)."""
+    rnd = random.Random(seed)
+    return [" ".join(f"t{rnd.randrange(lo, hi)}" for _ in range(rnd.randrange(3, 9))) for _ in range(n)]
+
+
+def tiny_extract_data(n_train: int = 12, n_val: int = 10):
+    """Two separable prompt sets (ids 3-39 against 60-99), train and validation, for extraction tests."""
+    from directions.selection import ExtractData
+
+    return ExtractData(
+        pos_train=tiny_prompts(3, 40, n_train, 1),
+        neg_train=tiny_prompts(60, 100, n_train, 2),
+        pos_val=tiny_prompts(3, 40, n_val, 3),
+        neg_val=tiny_prompts(60, 100, n_val, 4),
+    )

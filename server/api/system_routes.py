@@ -9,24 +9,27 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from server.deps import state
+from server.responses import Health
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health)
 async def health(request: Request):
-    """200 when the engine thread is alive, 503 otherwise."""
+    """200 when the engine can run requests, 503 otherwise."""
     st = state(request)
     ok = st.engine.alive
-    body = {
-        "status": "ok" if ok else "unavailable",
-        "model": st.policy.base_id,
-        "directions": list(st.directions),
-        "running": st.engine.num_running,
-        "waiting": st.engine.num_waiting,
-        "uptime_s": round(time.time() - st.started, 1),
-    }
-    return JSONResponse(body, status_code=200 if ok else 503)
+    stats = st.engine.stats()
+    body = Health(
+        status="ok" if ok else "unavailable",
+        model=st.policy.base_id,
+        engine=st.engine.capabilities.name,
+        directions=list(st.directions),
+        running=stats.running,
+        waiting=stats.waiting,
+        uptime_s=round(time.time() - st.started, 1),
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
 
 
 @router.get("/metrics")

@@ -1,20 +1,36 @@
-"""The inference engine: one thread owns the model; asyncio talks to it through queues."""
+"""Inference engines behind one protocol (:mod:`server.engine.protocol`); the torch engine is the reference.
 
-from server.engine.engine import Engine, EngineConfig
-from server.engine.types import (
-    DirectionRequest,
+One thread owns the model; asyncio talks to it through queues.
+"""
+
+from directions.strengths import DirectionRequest
+from server.engine.errors import (
+    EngineError,
     EngineOverloaded,
-    GenerationRequest,
-    SamplingParams,
-    StepOutput,
+    EngineStopped,
+    GenerationFailed,
+    RequestTimedOut,
 )
+from server.engine.protocol import Engine, EngineCapabilities, EngineObserver, EngineStats
+from server.engine.torch_engine import EngineConfig, TorchEngine
+from server.engine.types import GenerationRequest, SamplingParams, SteeringReport, StepOutput, TokenLogprob
 
 __all__ = [
     "DirectionRequest",
     "Engine",
+    "EngineCapabilities",
     "EngineConfig",
+    "EngineError",
+    "EngineObserver",
     "EngineOverloaded",
+    "EngineStats",
+    "EngineStopped",
+    "GenerationFailed",
     "GenerationRequest",
+    "RequestTimedOut",
     "SamplingParams",
+    "SteeringReport",
     "StepOutput",
+    "TokenLogprob",
+    "TorchEngine",
 ]

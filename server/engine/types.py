@@ -1,20 +1,18 @@
-"""Plain dataclasses the engine speaks. The engine never imports HTTP models."""
+"""Plain dataclasses every engine speaks: the request going in, the events coming out.
+
+The engine never imports HTTP models: the serving layer converts requests into these.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+from directions.strengths import DirectionRequest
+from server.engine.errors import EngineError
 
-class EngineOverloaded(RuntimeError):
-    """The waiting queue is full; the caller should retry later."""
-
-    def __init__(self, retry_after: float = 1.0):
-        super().__init__("the server is at capacity; retry later")
-        self.retry_after = retry_after
-
-
-class EngineStopped(RuntimeError):
-    """The engine is shutting down and accepts no new work."""
+# "cancelled": the client went away (or the server stopped); "error": see StepOutput.error
+FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
 @dataclass
@@ -36,15 +34,9 @@ class SamplingParams:
 
 
 @dataclass
-class DirectionRequest:
-    """How much of one direction to remove, and whether only when its condition fires."""
-
-    strength: float
-    when: str = "always"  # "always" | "auto" (conditional ablation)
-
-
-@dataclass
 class GenerationRequest:
+    """One sequence to generate: prompt ids, its sampling, and its steering (direction name -> request)."""
+
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
@@ -57,7 +49,7 @@ class TokenLogprob:
     token: str
     token_id: int
     logprob: float
-    top: list[tuple[str, int, float]] = field(default_factory=list)
+    top: list[tuple[str, int, float]] = field(default_factory=list)  # (token, id, logprob), best first
 
 
 @dataclass
@@ -79,19 +71,27 @@ class SteeringReport:
 
 @dataclass
 class StepOutput:
-    """One event of a request's stream: new text, and at the end a finish reason."""
+    """One event of a request's stream: new text, and at the end a finish reason.
+
+    The first event carries ``steering`` (what was applied); the last has ``finish_reason``
+    set and, when the request ended badly, ``error``.
+    """
 
     request_id: str
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | "timeout"
+    finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     steering: dict[str, SteeringReport] | None = None  # sent with the first event
-    error: str | None = None
-    error_code: str | None = None  # "timeout" | "engine_error" | "shutdown" when error is set
+    error: EngineError | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def failed(self) -> bool:
+        """The request ended without a complete answer (an error, or cancelled)."""
+        return self.error is not None or self.finish_reason in ("error", "cancelled")

@@ -33,7 +33,7 @@ def steer_server(request, server_factory, tmp_path_factory):
     from transformers import AutoConfig
 
     from directions.fileformat import DirectionSet, save_direction
-    from server.modelio import locate
+    from directions.models import locate
 
     cfg = AutoConfig.from_pretrained(locate("demo")[0])
     n, d = cfg.num_hidden_layers, cfg.hidden_size

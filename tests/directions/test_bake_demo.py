@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from directions.bake import BAKE_FILE, bake_to_dir
 from directions.fileformat import DirectionSet, load_direction
-from server.hooks import SteeringHooks
-from server.prompting import user_prompt_ids
+from directions.hooks import SteeringHooks
+from directions.prompting import user_prompt_ids
 
 pytestmark = pytest.mark.slow
 
@@ -155,8 +155,8 @@ def test_tied_gguf_source_smollm(tmp_path):
     """SmolLM2's GGUF ties the head to the embedding (no output.weight): the bake unties it in both outputs."""
     import gguf
 
-    from server.demo import smollm_gguf
-    from server.modelio import load_model
+    from directions.demo import smollm_gguf
+    from directions.models import load_model
 
     path = smollm_gguf()
     if path is None:

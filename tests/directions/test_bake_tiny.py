@@ -25,7 +25,7 @@ from directions.bake import (
     validate_name,
 )
 from directions.bake_jobs import BakeJobs
-from server.hooks import SteeringHooks
+from directions.hooks import SteeringHooks
 from tests.tiny_models import PRE_NORM_ARCHS, random_direction_set, save_tiny_dir, tiny_model, tokens
 
 TOL = 1e-4

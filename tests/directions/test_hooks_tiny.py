@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.hooks import SteeringHooks
+from directions.hooks import SteeringHooks
 from tests.tiny_models import ARCHS, random_direction_set, tiny_model, tokens
 
 ARCH_LIST = list(ARCHS)

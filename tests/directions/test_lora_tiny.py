@@ -11,6 +11,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from directions.bake import BakeExistsError, UnknownDirection
+from directions.hooks import SteeringHooks
 from directions.lora import (
     ADAPTER_CONFIG,
     GGUFBase,
@@ -22,7 +23,6 @@ from directions.lora import (
     write_peft_adapter,
 )
 from directions.lora_export import MANIFEST, LoraUnsupportedError, export_lora, strength_label
-from server.hooks import SteeringHooks
 from tests.tiny_models import ARCHS, random_direction_set, save_tiny_dir, tiny_model, tokens
 
 # fp32: B(Ax) and the hook's (y.r) r round differently; over 2-3 layers the logits stay within this.

@@ -17,20 +17,16 @@ from fastapi.testclient import TestClient
 
 from directions.fileformat import DirectionSet
 from server.app import build_app
-from server.engine.types import (
-    EngineOverloaded,
-    EngineStopped,
-    GenerationRequest,
-    SteeringReport,
-    StepOutput,
-    TokenLogprob,
-)
+from server.engine.errors import EngineOverloaded, EngineStopped, GenerationFailed, RequestTimedOut
+from server.engine.protocol import EngineCapabilities, EngineStats
+from server.engine.types import GenerationRequest, SteeringReport, StepOutput, TokenLogprob
 from server.settings import ModelSettings, ServerSettings
 
 BASE = "qwen-demo"
 MSGS = [{"role": "user", "content": "hi"}]
 
 Script = Callable[[GenerationRequest], list[StepOutput]]
+ERRORS = {"engine_error": GenerationFailed, "timeout": RequestTimedOut, "shutdown": EngineStopped}
 
 
 def reports(req: GenerationRequest) -> dict[str, SteeringReport]:
@@ -48,7 +44,9 @@ def hello_script(req: GenerationRequest) -> list[StepOutput]:
 
 
 class FakeEngine:
-    """Same interface as :class:`server.engine.Engine`, answering from a script."""
+    """The engine protocol (:class:`server.engine.protocol.Engine`), answering from a script."""
+
+    capabilities = EngineCapabilities(name="fake", supports_conditional=True, per_row_strengths=True, logprobs=True)
 
     def __init__(self, script: Script = hello_script, delay: float = 0.0):
         self.script = script
@@ -71,8 +69,14 @@ class FakeEngine:
     def alive(self) -> bool:
         return self._alive
 
+    def stats(self) -> EngineStats:
+        return EngineStats(running=self._running, waiting=0)
+
     def start(self) -> None:
         self._alive = True
+
+    def submit(self, req: GenerationRequest, emit) -> None:
+        raise NotImplementedError("the HTTP layer only uses generate()")
 
     def shutdown(self, timeout: float = 30.0) -> None:
         self._alive = False
@@ -113,7 +117,7 @@ def direction(name: str, conditional: bool = False) -> DirectionSet:
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from server.modelio import locate
+    from directions.models import locate
 
     return AutoTokenizer.from_pretrained(locate("demo")[0])
 
@@ -250,8 +254,7 @@ def test_stream_error_chunk_framing(make_client, error, code):
                 req.request_id,
                 text="tial",
                 finish_reason="error",
-                error=error,
-                error_code=code,
+                error=ERRORS[code](error),
                 prompt_tokens=n,
                 completion_tokens=2,
             ),
@@ -293,8 +296,7 @@ def test_non_stream_engine_failures_map_to_the_envelope(make_client, reason, err
             StepOutput(
                 req.request_id,
                 finish_reason=reason,
-                error=error,
-                error_code=ecode,
+                error=ERRORS[ecode](error),
                 prompt_tokens=len(req.prompt_ids),
                 steering={},
             )
@@ -614,20 +616,20 @@ class _GoneClient:
 @pytest.mark.parametrize("n", [1, 2])
 async def test_gone_client_is_cancelled_while_its_request_waits(make_client, n):
     """A queued request whose client left is cancelled in the queue, not prefilled for nobody."""
+    from server.errors import ClientDisconnected
     from server.protocol import ChatCompletionRequest
-    from server.serving import ClientDisconnected
 
     def slow_start(req):
         return hello_script(req)
 
     engine = FakeEngine(slow_start, delay=30.0)  # the first event would come only after 30 s
     client, _ = make_client(engine)
-    serving = client.app.state.frankly.serving
+    serving = client.app.state.frankly.chat
     for stream in (False, True):
-        prepared = serving.prepare_chat(ChatCompletionRequest(model=BASE, messages=MSGS, n=n, stream=stream))
+        prepared = serving.prepare(ChatCompletionRequest(model=BASE, messages=MSGS, n=n, stream=stream))
         t0 = asyncio.get_running_loop().time()
         with pytest.raises(ClientDisconnected):
-            await serving.respond(prepared, _GoneClient(), "chat")
+            await serving.respond(prepared, _GoneClient())
         assert asyncio.get_running_loop().time() - t0 < 5
         ids = {f"{prepared.request_id}-{i}" for i in range(n)}
         assert ids <= set(engine.cancelled), (ids, engine.cancelled)

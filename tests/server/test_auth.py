@@ -15,6 +15,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from server.engine.protocol import EngineCapabilities, EngineStats
+
 BASE = "qwen-demo"
 ENV_KEYS = ("user-key-a", "user-key-b")
 FILE_KEY = "file-key-c"
@@ -198,8 +200,12 @@ def test_api_key_sources(monkeypatch, tmp_path):
 
 
 class _IdleEngine:
+    capabilities = EngineCapabilities(name="idle")
     num_running = num_waiting = 0
     alive = True
+
+    def stats(self):
+        return EngineStats(running=0, waiting=0)
 
     def start(self): ...
     def shutdown(self, timeout: float = 0): ...
@@ -247,13 +253,13 @@ def test_admin_routes_off_without_admin_key(tmp_path):
 def test_exposure_warning(monkeypatch, caplog, host, keys, warned):
     """``serve`` warns when it listens beyond loopback without a key (run without binding anything)."""
     import server.app
-    import server.loading
     import server.serve_cmd as sc
+    import server.startup
     from server.cli import build_parser
 
     ran = []
-    monkeypatch.setattr(sc, "load_model", lambda *a, **k: SimpleNamespace(model=SimpleNamespace(config=None)))
-    monkeypatch.setattr(server.loading, "load_directions", lambda *a, **k: {})
+    loaded = SimpleNamespace(model=SimpleNamespace(config=None))
+    monkeypatch.setattr(server.startup, "load_served", lambda *a, **k: (loaded, {}))
     monkeypatch.setattr(
         server.app,
         "build_app",

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from directions.fileformat import DirectionSet
-from server.engine import DirectionRequest, Engine, EngineConfig, GenerationRequest, SamplingParams
-from server.prompting import user_prompt_ids
+from directions.prompting import user_prompt_ids
+from server.engine import DirectionRequest, EngineConfig, GenerationRequest, SamplingParams, TorchEngine
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,9 @@ def random_direction(demo_model):
 
 @pytest.fixture(scope="module")
 def engine(demo_model, random_direction):
-    eng = Engine(demo_model.model, demo_model.tokenizer, {"rand": random_direction}, EngineConfig(max_batch_size=8))
+    eng = TorchEngine(
+        demo_model.model, demo_model.tokenizer, {"rand": random_direction}, EngineConfig(max_batch_size=8)
+    )
     eng.start()
     yield eng
     eng.shutdown()

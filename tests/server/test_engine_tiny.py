@@ -9,7 +9,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from directions.fileformat import DirectionSet
-from server.engine import DirectionRequest, Engine, EngineConfig, EngineOverloaded, GenerationRequest, SamplingParams
+from server.engine import (
+    DirectionRequest,
+    EngineConfig,
+    EngineOverloaded,
+    GenerationRequest,
+    SamplingParams,
+    TorchEngine,
+)
 
 
 class IdTokenizer:
@@ -111,7 +118,7 @@ def test_conditional_rows_share_a_batch(tiny):
 
     def run(tag, reqs):
         # all submitted before the engine starts: admitted together, one prefill group
-        eng = Engine(tiny, IdTokenizer(), {"d": ds}, EngineConfig(max_batch_size=4))
+        eng = TorchEngine(tiny, IdTokenizer(), {"d": ds}, EngineConfig(max_batch_size=4))
         try:
             return _run(eng, reqs, start=True)
         finally:
@@ -142,7 +149,7 @@ def test_conditional_rows_share_a_batch(tiny):
 
 
 def test_queue_bound_and_cancel(tiny):
-    eng = Engine(tiny, IdTokenizer(), {}, EngineConfig(max_batch_size=1, max_queue=1))
+    eng = TorchEngine(tiny, IdTokenizer(), {}, EngineConfig(max_batch_size=1, max_queue=1))
     # not started: submissions stay queued, so the bound is deterministic
     eng.submit(_req("a", [5, 6]), lambda o: None)
     with pytest.raises(EngineOverloaded):
@@ -166,7 +173,7 @@ def test_queue_bound_and_cancel(tiny):
 
 
 def test_max_model_len_ends_with_length(tiny):
-    eng = Engine(tiny, IdTokenizer(), {}, EngineConfig(max_model_len=8))
+    eng = TorchEngine(tiny, IdTokenizer(), {}, EngineConfig(max_model_len=8))
     eng.start()
     try:
         out = _run(eng, [_req("x", [5, 6, 7, 8, 9], n=100)])
@@ -192,7 +199,7 @@ def test_batched_prefill_matches_one_by_one(tiny):
 
     results = {}
     for batch in (1, 8):
-        eng = Engine(tiny, IdTokenizer(), {"d": ds}, EngineConfig(max_batch_size=4, prefill_batch=batch))
+        eng = TorchEngine(tiny, IdTokenizer(), {"d": ds}, EngineConfig(max_batch_size=4, prefill_batch=batch))
         try:
             results[batch] = _run(eng, reqs(f"b{batch}-"), start=True)
             assert (eng.batched_prefills > 0) == (batch > 1)

@@ -7,7 +7,7 @@ import httpx
 import pytest
 import torch
 
-from server.hooks import SteeringHooks
+from directions.hooks import SteeringHooks
 from server.packing import can_pack, pack_linear_weights
 from tests.tiny_models import random_direction_set, tiny_model, tokens
 

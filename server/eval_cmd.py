@@ -1,5 +1,8 @@
 """``frankly eval``: refusal rate, first-token KL, long-continuation KL, slop score and capability
-over strengths (and with ``--conditional`` the same in ``when="auto"`` mode); table, JSON and PNG."""
+over strengths (and with ``--conditional`` the same in ``when="auto"`` mode); table, JSON and PNG.
+
+The measurements are the library's (:mod:`directions.evaluate`); this command wires them to
+the torch engine, so generations run exactly as the server runs them."""
 
 from __future__ import annotations
 
@@ -83,10 +86,12 @@ def format_table(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from directions.evaluate import Bench, EvalConfig, EvalSets, evaluate
-    from directions.fileformat import load_direction
+    from directions.evaluate import EvalConfig, EvalSets, evaluate
+    from directions.measure import Measurements
+    from directions.models import load_model
     from directions.plots import plot_eval
-    from server.modelio import load_model
+    from directions.specs import check_fit, load_directions, parse_direction_specs
+    from server.engine.offline import engine_generate
 
     t0 = time.monotonic()
     try:
@@ -96,24 +101,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if 0.0 not in strengths:
         strengths = [0.0, *strengths]
-    directions = {}
-    for spec in args.direction:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            print(f"frankly eval: --direction wants NAME=PATH, got {spec!r}", file=sys.stderr)
-            return 2
-        try:
-            directions[name] = load_direction(path, name=name)
-        except DirectionFileError as e:
-            print(f"frankly eval: {e}", file=sys.stderr)
-            return 2
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    for name, ds in directions.items():
-        try:
-            ds.check_fits(lm.model.config, path=name)
-        except DirectionFileError as e:
-            print(f"frankly eval: {e}", file=sys.stderr)
-            return 2
+    try:
+        paths = parse_direction_specs(args.direction)
+        directions = load_directions(paths)  # a bad file fails before the model loads
+        lm = load_model(args.model, device=args.device, dtype=args.dtype)
+        check_fit(directions, lm.model.config, paths)
+    except DirectionFileError as e:
+        print(f"frankly eval: {e}", file=sys.stderr)
+        return 2
     sets = EvalSets.load(limit=args.limit, n_long=args.n_long)
     cfg = EvalConfig(
         strengths=strengths,
@@ -123,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
         capability_tokens=args.capability_tokens,
         all_metrics=args.all_metrics,
     )
-    bench = Bench(lm.model, lm.tokenizer, directions, batch_size=args.batch_size)
-    result = evaluate(bench, sets, list(directions), cfg)
+    generate = engine_generate(lm.model, lm.tokenizer, batch_size=args.batch_size)
+    m = Measurements(lm.model, lm.tokenizer, generate, directions, batch_size=args.batch_size)
+    result = evaluate(m, sets, list(directions), cfg)
     result["model"] = args.model
     result["direction_files"] = {n: spec.partition("=")[2] for n, spec in zip(directions, args.direction, strict=True)}
     result["command"] = "frankly eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "frankly eval"

@@ -1,4 +1,7 @@
-"""``frankly extract``: compute a direction file from two prompt sets, choosing layers on validation."""
+"""``frankly extract``: compute a direction file from two prompt sets, choosing layers on validation.
+
+Extraction and selection are the library's (:mod:`directions.selection`); this command wires
+selection's generations to the torch engine, so candidates are measured as the server serves them."""
 
 from __future__ import annotations
 
@@ -6,10 +9,11 @@ import argparse
 import json
 import logging
 import time
-from pathlib import Path
 
-from directions.extract import Candidate, ExtractData, SelectConfig, parse_layers, select_and_build
+from directions.extract import Candidate, default_layers, parse_layers
+from directions.files import read_lines
 from directions.refusal import PROMPTS_DIR
+from directions.selection import ExtractData, SelectConfig, select_and_build
 
 log = logging.getLogger("frankly.extract")
 
@@ -70,18 +74,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _lines(path: str | None) -> list[str] | None:
-    if not path:
-        return None
-    return [x.strip() for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    return read_lines(path) if path else None
 
 
-def run(args: argparse.Namespace) -> int:
-    from directions.evaluate import read_capability
-    from directions.fileformat import save_direction
-    from server.modelio import load_model
+def _data(args: argparse.Namespace, objective: str) -> ExtractData:
+    """The prompt sets named by the flags, with their files (hashed into the metadata)."""
+    from directions.capability import read_capability
 
-    t0 = time.monotonic()
-    objective = args.objective or ("slop" if args.system_positive else "refusal")
     kl_path = args.kl_prompts or (
         args.val_negative if objective == "refusal" else str(PROMPTS_DIR / "refusal" / "harmless_val.txt")
     )
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         files["system_positive"] = args.system_positive
     if args.system_negative:
         files["system_negative"] = args.system_negative
-    data = ExtractData(
+    return ExtractData(
         pos_train=_lines(args.positive),
         neg_train=_lines(args.negative),
         pos_val=_lines(args.val_positive),
@@ -108,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
         capability=read_capability(args.capability) if args.capability else None,
         files=files,
     )
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    n_layers = lm.model.config.num_hidden_layers
+
+
+def _config(args: argparse.Namespace, objective: str, n_layers: int) -> SelectConfig:
     cfg = SelectConfig(
         objective=objective,
         kl_budget=args.kl_budget,
@@ -126,19 +126,14 @@ def run(args: argparse.Namespace) -> int:
     if args.layers:
         cfg.layers = parse_layers(args.layers, n_layers)
     if args.quick:
-        from directions.extract import default_layers
-
         cfg.layers = (cfg.layers or default_layers(n_layers))[::2]
         cfg.proxy_n, cfg.proxy_tokens = min(cfg.proxy_n, 12), min(cfg.proxy_tokens, 16)
         cfg.confirm_top, cfg.confirm_n, cfg.confirm_tokens = 1, cfg.confirm_n or 16, min(cfg.confirm_tokens, 48)
         cfg.variants = ()
-    candidates = [Candidate("single", args.layer)] if args.layer is not None else None
-    ds = select_and_build(lm.model, lm.tokenizer, data, args.name, cfg, candidates)
-    ds.metadata["model"] = args.model
-    ds.metadata["extract_wall_s"] = str(round(time.monotonic() - t0, 1))
-    path = save_direction(ds, args.out, config=lm.model.config)
-    sel = ds.metadata["selection"]
-    print(f"wrote {path}: {ds.metadata['method']} (candidate {ds.metadata['candidate']})")
+    return cfg
+
+
+def _print_record(sel: dict) -> None:
     for stage in ("stage1_proxy", "stage2_proxy", "confirm"):
         if sel.get(stage):
             print(f"\n{stage}:")
@@ -151,6 +146,27 @@ def run(args: argparse.Namespace) -> int:
             f"val fire A={d['val_fire_pos']} B={d['val_fire_neg']} train fire A={d.get('train_fire_pos')} "
             f"B={d.get('train_fire_neg')}"
         )
+
+
+def run(args: argparse.Namespace) -> int:
+    from directions.fileformat import save_direction
+    from directions.models import load_model
+    from server.engine.offline import engine_generate
+
+    t0 = time.monotonic()
+    objective = args.objective or ("slop" if args.system_positive else "refusal")
+    data = _data(args, objective)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    cfg = _config(args, objective, lm.model.config.num_hidden_layers)
+    candidates = [Candidate("single", args.layer)] if args.layer is not None else None
+    generate = engine_generate(lm.model, lm.tokenizer, batch_size=cfg.batch_size)
+    ds = select_and_build(lm.model, lm.tokenizer, data, args.name, cfg, candidates, generate)
+    ds.metadata["model"] = args.model
+    ds.metadata["extract_wall_s"] = str(round(time.monotonic() - t0, 1))
+    path = save_direction(ds, args.out, config=lm.model.config)
+    sel = ds.metadata["selection"]
+    print(f"wrote {path}: {ds.metadata['method']} (candidate {ds.metadata['candidate']})")
+    _print_record(sel)
     print(f"\nwall time {time.monotonic() - t0:.0f} s")
     log.debug("selection record: %s", json.dumps(sel))
     return 0

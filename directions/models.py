@@ -15,27 +15,21 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from directions.demo import DemoModelError, ensure_demo_gguf
+from directions.files import cache_root
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("frankly.model")
 
 
 class ModelLoadError(RuntimeError):
     """A model could not be found, verified or loaded; the message says which and why."""
-
-
-def cache_root() -> Path:
-    """Where converted models live (``FRANKLY_CACHE_DIR`` or ``~/.cache/frankly``)."""
-    return Path(os.environ.get("FRANKLY_CACHE_DIR", Path.home() / ".cache" / "frankly"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -60,6 +54,7 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def resolve_device(name: str) -> str:
+    """``auto`` is cuda when available, then mps, then cpu; anything else is taken as given."""
     if name != "auto":
         return name
     if torch.cuda.is_available():
@@ -115,8 +110,10 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
 
 @dataclass
 class LoadedModel:
+    """A model ready for inference, and where it came from (bakes reload ``path``)."""
+
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     source: str  # what the user asked for
     path: str  # the directory actually loaded
     device: str
@@ -127,9 +124,10 @@ class LoadedModel:
 def locate(spec: str) -> tuple[str, str | None]:
     """Turn a model spec into (directory or hub id, original gguf path or None)."""
     if spec == "demo":
-        from server.demo import ensure_demo_gguf
-
-        gguf = ensure_demo_gguf()
+        try:
+            gguf = ensure_demo_gguf()
+        except DemoModelError as e:
+            raise ModelLoadError(str(e)) from e
         return str(convert_gguf(gguf)), str(gguf)
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":

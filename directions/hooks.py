@@ -1,19 +1,23 @@
-"""Forward hooks that project directions out of every residual-stream writer.
+"""Forward hooks on the model: the steering edit on every residual-stream writer, and a probe
+that reads the residual stream entering chosen decoder layers (the condition of conditional
+ablation). Both go through :class:`SteeringHooks`, the one owner of a model's hooks.
 
-Strengths are per row: before each forward pass the engine sets a (batch,)
-strength tensor per direction. When every strength of the pass is zero the
-hooks are removed entirely, so the plain model runs untouched (bit-identical
-logits).
+Strengths are per row: before each forward pass the engine sets a (batch,) strength tensor
+per direction. When every strength of the pass is zero the edit hooks are removed entirely,
+so the plain model runs untouched (bit-identical logits).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from directions.edit import project_out
 from directions.fileformat import DirectionSet
-from directions.writers import Writer, find_writers
+from directions.writers import Writer, decoder_layers, find_writers
 
 
 class SteeringHooks:
@@ -64,6 +68,31 @@ class SteeringHooks:
     def clear(self) -> None:
         self.set_strengths({})
 
+    @contextmanager
+    def probe(self, layers: Iterable[int]) -> Iterator[dict[int, torch.Tensor]]:
+        """Capture, during the passes inside the block, the fp32 input of each decoder layer in
+        ``layers`` at the last position: ``captured[L]`` is (batch, d_model). With left-padded rows
+        that is each row's last prompt token (``hidden_states[L]``, the file format's convention).
+        A layer the model does not have is skipped (its key stays absent)."""
+        captured: dict[int, torch.Tensor] = {}
+        wanted = set(layers)
+        all_layers = decoder_layers(self.model) if wanted else []
+        handles = []
+        for L in wanted:
+            if len(all_layers) <= L:
+                continue
+
+            def pre(module, args, kwargs, L=L):
+                h = args[0] if args else kwargs["hidden_states"]
+                captured[L] = h[:, -1].float().clone()
+
+            handles.append(all_layers[L].register_forward_pre_hook(pre, with_kwargs=True))
+        try:
+            yield captured
+        finally:
+            for h in handles:
+                h.remove()
+
     def _install(self) -> None:
         for w in self.writers:
             self._handles.append(w.module.register_forward_hook(self._make_hook(w.layer)))
@@ -90,3 +119,16 @@ class SteeringHooks:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+@contextmanager
+def edited(model: nn.Module, directions: dict[str, DirectionSet] | None) -> Iterator[SteeringHooks | None]:
+    """Hooks for ``directions`` on ``model`` for the duration of the block (None without directions)."""
+    if not directions:
+        yield None
+        return
+    hooks = SteeringHooks(model, directions)
+    try:
+        yield hooks
+    finally:
+        hooks.remove()

@@ -1,0 +1,56 @@
+"""Conditional ablation (``when="auto"``): which directions of a row apply, decided at prefill.
+
+A conditional direction is off in the row's first prefill forward; the probe of
+:class:`directions.hooks.SteeringHooks` reads the residual stream entering the direction's
+detection layer at the last prompt token, and the direction applies (for the whole
+generation) when ``score = h . detect_vector`` exceeds its threshold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from directions.fileformat import DirectionSet
+from server.engine.protocol import EngineObserver
+from server.engine.rows import Row
+from server.engine.types import SteeringReport
+
+
+def start_row(row: Row, directions: dict[str, DirectionSet]) -> dict[str, DirectionSet]:
+    """Set the row's unconditional strengths and its report before any condition is measured;
+    return its conditional directions (the probe must read their detection layers)."""
+    auto: dict[str, DirectionSet] = {}
+    row.strengths = {}
+    for n, d in row.req.steering.items():
+        conditional = d.when == "auto"
+        row.report[n] = SteeringReport(strength=d.strength, when=d.when, applied=0.0 if conditional else d.strength)
+        if conditional and d.strength == 0:
+            row.report[n].fired = False
+        elif conditional:
+            auto[n] = directions[n]
+        elif d.strength != 0:
+            row.strengths[n] = d.strength
+    return auto
+
+
+def decide(
+    row: Row, index: int, directions: dict[str, DirectionSet], captured: dict[int, torch.Tensor], obs: EngineObserver
+) -> bool:
+    """Decide ``row``'s conditional directions from batch row ``index`` of the probe; True if any fires."""
+    any_fired = False
+    for n, d in row.req.steering.items():
+        if d.when != "auto" or d.strength == 0:
+            continue
+        ds = directions[n]
+        h = captured.get(ds.detect_layer)
+        # no such layer captured: the score is NaN and the condition never fires
+        score = float(h[index] @ ds.detect_vector.to(h.device, h.dtype)) if h is not None else float("nan")
+        fired = score > ds.detect_threshold
+        r = row.report[n]
+        r.fired, r.score = fired, round(score, 4)
+        r.applied = r.strength if fired else 0.0
+        obs.condition(n, fired)
+        if fired:
+            row.strengths[n] = d.strength
+            any_fired = True
+    return any_fired
