@@ -24,7 +24,8 @@ It can also start and stop the servers it measures (``--serve``), waiting for
     python clients/bench.py --serve 'frankly=frankly serve --model demo --port {port}' \\
         --serve 'hf=transformers serve /path/to/model --port {port} --continuous-batching' --streams 1,8
 
-Only the standard library, httpx and (optionally, for --serve memory) psutil.
+Only the standard library, httpx, frankly's server harness (``server.testing``, for --serve)
+and (optionally, for --serve memory) psutil.
 """
 
 from __future__ import annotations
@@ -35,11 +36,7 @@ import contextlib
 import json
 import os
 import resource
-import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -48,6 +45,11 @@ from itertools import pairwise
 from pathlib import Path
 
 import httpx
+
+# the server harness shared with the tests and the soak run; the repo root is on the path
+# so that this file also runs as a plain script from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from server.testing import ServerProcess
 
 # Short prompts that ask for long answers, so that generations usually run to
 # max_tokens without an ignore_eos switch. Varied: code, prose, lists, maths.
@@ -413,12 +415,6 @@ def first_model_id(base_url: str) -> str | None:
 
 
 # ---- servers started by the benchmark ------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RssSampler:
     """Samples the resident set size of a process and its children in a thread; keeps the peak."""
 
@@ -526,92 +522,30 @@ class CpuNoise:
         }
 
 
-class ServerProcess:
-    """A server started for the benchmark: ``cmd`` may contain ``{port}``; ready when ``/v1/models`` answers 200."""
+class BenchServer(ServerProcess):
+    """A server started for the benchmark (``cmd`` may contain ``{port}``), ready when ``/v1/models``
+    answers 200 (any OpenAI-compatible server has it); samples its memory once ready."""
 
-    def __init__(
-        self,
-        label: str,
-        cmd: list[str] | str,
-        *,
-        env: dict | None = None,
-        log_dir: str | Path | None = None,
-        ready_timeout: float = 900,
-        cwd: str | Path | None = None,
-    ):
-        self.label = label
-        self.port = free_port()
-        cmd = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
-        self.cmd = [c.replace("{port}", str(self.port)) for c in cmd]
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
-        self.log_path = Path(log_dir or ".") / f"server-{label}-{self.port}.log"
-        self.ready_timeout = ready_timeout
-        self.cwd = cwd
-        self.proc: subprocess.Popen | None = None
+    def __init__(self, label: str, cmd: list[str] | str, **kw):
+        kw.setdefault("ready_timeout", 900)
+        kw.setdefault("cwd", None)
+        super().__init__(cmd, label=label, ready_path="/v1/models", **kw)
         self.rss: RssSampler | None = None
-        self.load_s: float | None = None
         self.idle_rss: int | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def start(self) -> BenchServer:
+        super().start()
+        try:
+            self.rss = RssSampler(self.proc.pid).start()
+            self.idle_rss = self.rss.sample()
+        except ImportError:  # psutil is optional
+            self.rss = None
+        return self
 
-    def start(self) -> ServerProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
-        t0 = time.perf_counter()
-        # A new session, so stop() can signal the whole process group and nothing else.
-        self.proc = subprocess.Popen(
-            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd, start_new_session=True
-        )
-        deadline = time.time() + self.ready_timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server {self.label!r} exited with {self.proc.returncode}; log {self.log_path}:\n"
-                    + self.log_path.read_text(errors="replace")[-3000:]
-                )
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
-                    self.load_s = time.perf_counter() - t0
-                    try:
-                        self.rss = RssSampler(self.proc.pid).start()
-                        self.idle_rss = self.rss.sample()
-                    except ImportError:
-                        self.rss = None
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server {self.label!r} not ready after {self.ready_timeout}s; log {self.log_path}")
-
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self, *args, **kw):
         if self.rss:
             self.rss.stop()
-        if self.proc is None or self.proc.poll() is not None:
-            self._close_log()
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        return super().stop(*args, **kw)
 
 
 # ---- output --------------------------------------------------------------------------
@@ -683,7 +617,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def bench_target(url: str, label: str, args, server: ServerProcess | None = None) -> list[dict]:
+async def bench_target(url: str, label: str, args, server: BenchServer | None = None) -> list[dict]:
     model = args.model or first_model_id(url)
     bodies = args.bodies or [args.extra_body or {}]
     if args.bodies and args.extra_body:
@@ -695,7 +629,7 @@ async def bench_target(url: str, label: str, args, server: ServerProcess | None 
         if server and server.rss:
             server.rss.reset()
         pid = server.proc.pid if server and server.proc else args.server_pid
-        noise = _noise([pid]) if pid else None  # without the server's pid its own CPU would count as "other"
+        noise = cpu_noise([pid]) if pid else None  # without the server's pid its own CPU would count as "other"
         requests = args.requests if args.requests else (None if args.duration else n * args.requests_per_stream)
         s = await run_load(
             url,
@@ -718,7 +652,7 @@ async def bench_target(url: str, label: str, args, server: ServerProcess | None 
     return out
 
 
-def _noise(pids: list[int]) -> CpuNoise | None:
+def cpu_noise(pids: list[int]) -> CpuNoise | None:
     """A started CpuNoise when psutil is installed, else None."""
     try:
         return CpuNoise(pids).start()
@@ -736,7 +670,7 @@ def main(argv=None) -> int:
     else:
         for spec in args.serve:
             label, _, cmd = spec.partition("=")
-            with ServerProcess(label, cmd, log_dir=args.log_dir) as srv:
+            with BenchServer(label, cmd, log_dir=args.log_dir) as srv:
                 runs += asyncio.run(bench_target(srv.url, (args.label + " " + label).strip(), args, srv))
                 servers.append(
                     {

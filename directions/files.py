@@ -27,6 +27,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def file_key(path: str | Path) -> str:
+    """A short key for a file's identity (resolved path, size, mtime): names caches derived from it."""
+    p = Path(path)
+    st = p.stat()
+    return hashlib.sha256(f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
 def cache_root() -> Path:
     """Where derived files live (``FRANKLY_CACHE_DIR`` or ``~/.cache/frankly``): converted models, the demo GGUF."""
     return Path(os.environ.get("FRANKLY_CACHE_DIR", Path.home() / ".cache" / "frankly"))

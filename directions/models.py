@@ -7,7 +7,6 @@ load, and re-dequantizing costs a minute on two cores every start).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from directions.demo import DemoModelError, ensure_demo_gguf
-from directions.files import cache_root
+from directions.files import cache_root, file_key
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -65,9 +64,7 @@ def resolve_device(name: str) -> str:
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    return cache_root() / "converted" / f"{gguf.stem}-{key}"
+    return cache_root() / "converted" / f"{gguf.stem}-{file_key(gguf)}"
 
 
 def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:

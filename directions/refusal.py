@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
+from directions.files import read_lines
+
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 DEFAULT_MARKERS = PROMPTS_DIR / "refusal" / "markers.txt"
 
@@ -28,9 +30,8 @@ def normalize(text: str) -> str:
 
 @lru_cache(maxsize=8)
 def _load(path: str) -> tuple[str, ...]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
     # Curly and straight variants collapse to one marker after normalising.
-    return tuple(dict.fromkeys(normalize(x) for x in lines if x.strip()))
+    return tuple(dict.fromkeys(normalize(x) for x in read_lines(path)))
 
 
 def load_markers(path: str | Path | None = None) -> tuple[str, ...]:

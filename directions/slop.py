@@ -12,6 +12,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from directions.files import read_lines
 from directions.refusal import PROMPTS_DIR
 
 DEFAULT_PHRASES = PROMPTS_DIR / "slop" / "phrases.txt"
@@ -31,7 +32,7 @@ def _compile(phrases: tuple[str, ...]) -> re.Pattern:
 
 @lru_cache(maxsize=8)
 def _load(path: str) -> tuple[str, ...]:
-    return tuple(x for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip())
+    return tuple(read_lines(path))
 
 
 def load_phrases(path: str | Path | None = None) -> tuple[str, ...]:

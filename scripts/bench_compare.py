@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import platform
@@ -46,16 +45,8 @@ OPT_IN_SECTIONS = {"frankly-packed"}  # run only when named in --only
 STRENGTH_CYCLE = (0.0, 0.5, 1.0, -0.5)
 
 
-def _load_bench():
-    """Import clients/bench.py (clients/ is a folder of runnable examples, not a package)."""
-    spec = importlib.util.spec_from_file_location("frankly_bench", ROOT / "clients" / "bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["frankly_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load_bench()
+sys.path.insert(0, str(ROOT))
+from clients import bench  # noqa: E402
 
 
 # ---- static facts about the model ------------------------------------------------------
@@ -292,7 +283,7 @@ async def measure_server(
         for n in stream_counts:
             if srv.rss:
                 srv.rss.reset()
-            noise = bench._noise([srv.proc.pid])
+            noise = bench.cpu_noise([srv.proc.pid])
             s = await bench.run_load(
                 srv.url,
                 model,
@@ -312,7 +303,7 @@ async def measure_server(
             rows.append(s)
     jl = None
     if join:
-        noise = bench._noise([srv.proc.pid])
+        noise = bench.cpu_noise([srv.proc.pid])
         jl = await bench.join_latency(
             srv.url, model, long_tokens=args.join_long_tokens, delay=args.join_delay, repeats=args.join_repeats
         )
@@ -327,7 +318,7 @@ async def measure_server(
     mem = None
     if rss and srv.rss:
         srv.rss.reset()
-        noise = bench._noise([srv.proc.pid])
+        noise = bench.cpu_noise([srv.proc.pid])
         s = await bench.run_load(
             srv.url,
             model,
@@ -362,7 +353,7 @@ async def measure_server(
 
 
 def serve_and_measure(label: str, cmd: list[str], args, out_dir: Path, scenarios, join: bool, rss: bool):
-    srv = bench.ServerProcess(label, cmd, log_dir=out_dir / "logs", cwd=ROOT, ready_timeout=args.ready_timeout)
+    srv = bench.BenchServer(label, cmd, log_dir=out_dir / "logs", cwd=ROOT, ready_timeout=args.ready_timeout)
     srv.start()
     try:
         print(f"  [{label}] ready in {srv.load_s:.1f} s, idle RSS {srv.idle_rss / 2**20:.0f} MiB", flush=True)
@@ -566,14 +557,14 @@ def main(argv=None) -> int:
 
     if "bandwidth" in sec:
         print("== bandwidth", flush=True)
-        noise = bench._noise([])
+        noise = bench.cpu_noise([])
         res["bandwidth"] = run_bandwidth(args)
         if noise:
             res["bandwidth"].update(noise.stop())
         print(f"  {res['bandwidth']}", flush=True)
     if "generate" in sec:
         print("== model.generate", flush=True)
-        noise = bench._noise([])
+        noise = bench.cpu_noise([])
         res["generate"] = run_generate(args, out_dir)
         if noise:
             res["generate"].update(noise.stop())

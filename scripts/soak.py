@@ -23,9 +23,7 @@ import collections
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,9 @@ from urllib.parse import urlsplit
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the repo's packages, also when frankly is not installed
+from server.testing import ServerProcess, frankly_cmd  # noqa: E402
+
 PROMPTS = [
     "Write a haiku about the sea.",
     "Explain what a hash map is in two sentences.",
@@ -65,12 +66,6 @@ class Tally:
 # ---- server process -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_directions(tmp: Path) -> list[str]:
     """--direction flags: the shipped demo directions if present, else random test directions."""
     from directions.demo import SHIPPED_DEMO, shipped_dir
@@ -96,26 +91,12 @@ def test_directions(tmp: Path) -> list[str]:
     return flags
 
 
-def start_server(tmp: Path, extra: list[str], wait: float = 300) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
-    log = tmp / "server.log"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", "demo", "--port", str(port), *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + wait
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url, log
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not become healthy in time")
+def start_server(tmp: Path, extra: list[str], wait: float = 300) -> ServerProcess:
+    """``frankly serve --model demo`` on a free port (the harness of server.testing), ready on /health."""
+    try:
+        return ServerProcess(frankly_cmd(*extra), label="soak", ready_timeout=wait, log_dir=tmp).start()
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def rss_mb(pid: int | None) -> float | None:
@@ -328,14 +309,14 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    proc = log = None
+    srv: ServerProcess | None = None
     tmp = Path(tempfile.mkdtemp(prefix="frankly-soak-"))
     if args.base_url:
         url, pid = args.base_url.rstrip("/"), args.pid
         if urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
             raise SystemExit("soak: --base-url must be a loopback address")
     else:
-        proc, url, log = start_server(
+        srv = start_server(
             tmp,
             [
                 *test_directions(tmp),
@@ -347,7 +328,7 @@ def main() -> int:
                 str(args.request_timeout),
             ],
         )
-        pid = proc.pid
+        url, pid = srv.url, srv.proc.pid
     try:
         # one warm-up request, so RSS at start includes the allocator's steady state
         httpx.post(
@@ -360,7 +341,7 @@ def main() -> int:
         tally = asyncio.run(soak(url, args.clients, args.duration, args.burst, args.timeout, args.seed))
         wall = time.monotonic() - t0
         rss1, load1 = rss_mb(pid), os.getloadavg()[0]
-        crashed = proc is not None and proc.poll() is not None
+        crashed = srv is not None and srv.proc.poll() is not None
         # afterwards: the server drains, is healthy, and answers a normal request
         health_ok, final_ok = False, False
         if not crashed:
@@ -380,14 +361,10 @@ def main() -> int:
                 timeout=120,
             )
             final_ok = r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
-        traceback_in_log = log is not None and "Traceback" in log.read_text(errors="replace")
+        traceback_in_log = srv is not None and "Traceback" in srv.log()
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if srv is not None:
+            srv.stop()
 
     c = tally.counts
     bad = {k: v for k, v in c.items() if k.split(":")[0] not in OK_KINDS and not k.startswith(("completed_", "429_"))}
@@ -424,8 +401,8 @@ def main() -> int:
     for f in tally.failures:
         print("  !", f)
     failed = bool(bad) or crashed or traceback_in_log or not health_ok or not final_ok or c["completed"] == 0
-    if failed and log is not None:
-        print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
+    if failed and srv is not None:
+        print(srv.log()[-3000:], file=sys.stderr)
     print("\nRESULT:", "FAIL" if failed else "PASS")
     return 1 if failed else 0
 

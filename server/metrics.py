@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from server.engine.protocol import Engine
+from server.engine.protocol import Engine, EngineObserver
 
 LAT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
 
-class Metrics:
+class Metrics(EngineObserver):
     """Counters and histograms fed by the engine thread and the HTTP layer."""
 
     def __init__(self):

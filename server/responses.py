@@ -74,6 +74,32 @@ class Usage(ResponseModel):
 
 FinishReason = Literal["stop", "length"]
 
+
+class Envelope(ResponseModel):
+    """What every completion answer and chunk carries, in the OpenAI order; families narrow the types."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[Any]
+    usage: Usage | None = None
+    steering: SteeringApplied | None = Field(None, description="frankly extension: what was applied")
+
+
+class Answer(Envelope):
+    """A non-streamed answer: usage and steering always present."""
+
+    usage: Usage
+    steering: SteeringApplied = Field(default_factory=dict, description="frankly extension: what was applied")
+
+
+class Chunk(Envelope):
+    """A stream chunk: usage and steering only on the chunks that carry them."""
+
+    omit_none = ("usage", "steering")
+
+
 # ---- chat ---------------------------------------------------------------------------------
 
 
@@ -89,14 +115,9 @@ class ChatChoice(ResponseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletion(ResponseModel):
-    id: str
+class ChatCompletion(Answer):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
-    steering: SteeringApplied = Field(default_factory=dict, description="frankly extension: what was applied")
 
 
 class ChatDelta(ResponseModel):
@@ -112,15 +133,9 @@ class ChatChunkChoice(ResponseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(ResponseModel):
-    omit_none = ("usage", "steering")
-    id: str
+class ChatCompletionChunk(Chunk):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    steering: SteeringApplied | None = None
 
 
 # ---- text completions -----------------------------------------------------------------------
@@ -133,25 +148,14 @@ class CompletionChoice(ResponseModel):
     finish_reason: FinishReason | None = None
 
 
-class Completion(ResponseModel):
-    id: str
+class Completion(Answer):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage
-    steering: SteeringApplied = Field(default_factory=dict, description="frankly extension: what was applied")
 
 
-class CompletionChunk(ResponseModel):
-    omit_none = ("usage", "steering")
-    id: str
+class CompletionChunk(Chunk):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
-    steering: SteeringApplied | None = None
 
 
 # ---- models, directions, health ---------------------------------------------------------------

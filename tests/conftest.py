@@ -1,34 +1,24 @@
-"""Shared fixtures: live frankly server processes on the real demo model.
+"""Shared fixtures: live frankly server processes on the real demo model, and the model in-process.
 
-``frankly_server(*args)`` starts ``frankly serve --model demo`` on a free
-loopback port with extra flags and waits for /health; the session-wide
-``demo_server`` is started once with an admin key and a bake directory.
+``server_factory(*args)`` starts ``frankly serve --model demo`` on a free loopback port with
+extra flags and waits for /health (:mod:`server.testing`, the harness the benchmark and the
+soak test use too); the session-wide ``demo_server`` is started once with an admin key and a
+bake directory.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
+
+from server.testing import ServerProcess, frankly_cmd
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "test-admin-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_direction(path, name: str) -> str:
@@ -44,51 +34,14 @@ def make_direction(path, name: str) -> str:
     return str(path)
 
 
-@dataclass
-class LiveServer:
-    url: str
-    proc: subprocess.Popen
-    log_path: Path
-    base_id: str = "qwen-demo"
+class LiveServer(ServerProcess):
+    """A ``frankly serve --model demo`` process (its model id is the demo's)."""
 
-    @property
-    def v1(self) -> str:
-        return self.url + "/v1"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+    base_id = "qwen-demo"
 
 
 def start_server(tmp_dir: Path, *args: str, wait: float = 300, env: dict | None = None) -> LiveServer:
-    port = free_port()
-    log_path = Path(tmp_dir) / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", "demo", "--port", str(port), *args]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    with open(log_path, "wb") as f:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + wait
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return LiveServer(url, proc, log_path)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"server did not become healthy:\n{log_path.read_text(errors='replace')[-4000:]}")
+    return LiveServer(frankly_cmd(*args), label="frankly", ready_timeout=wait, env=env, log_dir=tmp_dir).start()
 
 
 @pytest.fixture(scope="session")

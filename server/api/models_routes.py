@@ -32,4 +32,5 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 async def list_directions(request: Request) -> DirectionList:
     """Loaded directions with their metadata (fingerprint, method, layers, eval figures)."""
     st = state(request)
-    return DirectionList(data=[DirectionCard(name=n, **ds.public_metadata()) for n, ds in st.directions.items()])
+    cards = [DirectionCard.model_validate({"name": n, **ds.public_metadata()}) for n, ds in st.directions.items()]
+    return DirectionList(data=cards)

@@ -54,32 +54,39 @@ class EngineStats:
     batched_prefills: int = 0  # prefills of more than one request in one forward
 
 
-class EngineObserver(Protocol):
+class EngineObserver:
     """Callbacks an engine makes from its thread as requests progress (the Prometheus metrics).
 
-    Each must return quickly; an engine may leave out the ones it cannot measure."""
+    Every method is a no-op here: an observer overrides what it records, and an engine may
+    leave out the calls it cannot measure. Each must return quickly."""
 
-    def queue_time(self, seconds: float) -> None: ...
-    def first_token(self, seconds: float) -> None: ...
-    def inter_token(self, seconds: float) -> None: ...
-    def decode_batch(self, rows: int) -> None: ...
-    def prefill_batch(self, requests: int) -> None: ...
-    def steering_used(self, name: str) -> None: ...
-    def condition(self, name: str, fired: bool) -> None: ...
-    def finished(self, prompt_tokens: int, completion_tokens: int, reason: str, seconds: float) -> None: ...
+    def queue_time(self, seconds: float) -> None:
+        """Arrival to the start of prefill."""
+
+    def first_token(self, seconds: float) -> None:
+        """Arrival to the first token."""
+
+    def inter_token(self, seconds: float) -> None:
+        """Between two tokens of one request."""
+
+    def decode_batch(self, rows: int) -> None:
+        """Rows in one decode step."""
+
+    def prefill_batch(self, requests: int) -> None:
+        """Requests prefilled together in one forward."""
+
+    def steering_used(self, name: str) -> None:
+        """A request ran with direction ``name`` applied."""
+
+    def condition(self, name: str, fired: bool) -> None:
+        """A conditional direction was decided."""
+
+    def finished(self, prompt_tokens: int, completion_tokens: int, reason: str, seconds: float) -> None:
+        """A request ended (any reason), ``seconds`` after it arrived."""
 
 
-class NullObserver:
-    """An observer that records nothing (engines used outside the server: eval, extract, tests)."""
-
-    def queue_time(self, seconds: float) -> None: ...
-    def first_token(self, seconds: float) -> None: ...
-    def inter_token(self, seconds: float) -> None: ...
-    def decode_batch(self, rows: int) -> None: ...
-    def prefill_batch(self, requests: int) -> None: ...
-    def steering_used(self, name: str) -> None: ...
-    def condition(self, name: str, fired: bool) -> None: ...
-    def finished(self, prompt_tokens: int, completion_tokens: int, reason: str, seconds: float) -> None: ...
+class NullObserver(EngineObserver):
+    """Records nothing (engines used outside the server: eval, extract, tests)."""
 
 
 @runtime_checkable

@@ -12,7 +12,6 @@ tensor set for each pass, and with every strength of a pass at zero no hook runs
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 
@@ -23,11 +22,11 @@ from directions.hooks import SteeringHooks
 from server.engine.batch import Batch
 from server.engine.decode import decode_step
 from server.engine.errors import GenerationFailed
-from server.engine.prefill import Prefiller
-from server.engine.protocol import AsyncBridge, Emit, EngineCapabilities, EngineObserver, EngineStats, NullObserver
+from server.engine.prefill import Prefilled, Prefiller
+from server.engine.protocol import EngineCapabilities, EngineObserver, EngineStats, NullObserver
 from server.engine.rows import Row, RowOutput
 from server.engine.scheduler import Scheduler
-from server.engine.types import GenerationRequest
+from server.engine.threaded import ThreadedEngine
 
 log = logging.getLogger("frankly.engine")
 
@@ -65,7 +64,7 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-class TorchEngine(AsyncBridge):
+class TorchEngine(ThreadedEngine):
     """The reference engine (implements :class:`server.engine.protocol.Engine`).
 
     Create, ``start()``, then ``generate()`` from asyncio or ``submit()`` from any thread."""
@@ -80,15 +79,14 @@ class TorchEngine(AsyncBridge):
         config: EngineConfig,
         observer: EngineObserver | None = None,
     ):
+        super().__init__(tokenizer, next(model.parameters()).device)
         self.model = model
-        self.tok = tokenizer
         self.directions = directions
         self.config = config
         self.observer = observer or NullObserver()
-        self.device = next(model.parameters()).device
         self.hooks = SteeringHooks(model, directions)
         self.eos_ids = eos_ids(model, tokenizer)
-        self.batch = Batch(self.device)
+        self.batch = self.running = Batch(self.device)
         self.output = RowOutput(tokenizer, self.eos_ids, config.max_model_len, self.observer)
         self.prefiller = Prefiller(model, self.hooks, directions, self.observer)
         self.scheduler = Scheduler(
@@ -100,72 +98,24 @@ class TorchEngine(AsyncBridge):
             config.prefill_token_budget,
             config.prefill_batch,
         )
-        self._thread: threading.Thread | None = None
-        self.steps = 0
-        self.error: BaseException | None = None
-
-    # ---- the protocol, any thread ------------------------------------------------------
-    @property
-    def num_running(self) -> int:
-        return len(self.batch)
-
-    @property
-    def num_waiting(self) -> int:
-        return self.scheduler.num_waiting
 
     @property
     def batched_prefills(self) -> int:
         """Left-padded prefills of more than one request so far."""
         return self.prefiller.batched
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def stats(self) -> EngineStats:
         return EngineStats(self.num_running, self.num_waiting, self.steps, self.batched_prefills)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="frankly-engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, req: GenerationRequest, emit: Emit) -> None:
-        """Queue a request; ``emit`` is called from the engine thread with each event."""
-        self.scheduler.submit(Row(req, emit, self.tok, self.device))
-
-    def cancel(self, request_id: str) -> None:
-        self.scheduler.cancel(request_id)
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop accepting; let running and waiting requests finish (up to ``timeout``), then cancel the rest."""
-        self.scheduler.drain()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                self.scheduler.stop()
-                self._thread.join(10)
-
     # ---- engine thread -----------------------------------------------------------------
-    def _run(self) -> None:
+    def _serve(self) -> None:
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
-        sched = self.scheduler
-        try:
-            with torch.inference_mode():
-                while sched.apply_commands(block=sched.idle):
-                    if sched.stopping and sched.idle:
-                        break
-                    sched.expire()
-                    self._drop_finished()
-                    sched.admit(self._prefill_group)
-                    if self.batch.rows:
-                        self._step()
-        except BaseException as e:  # the engine must never die silently
-            log.exception("engine thread crashed")
-            self.error = e
-            sched.end_all(GenerationFailed(f"engine failure: {type(e).__name__}"))
-        finally:
-            self.hooks.remove()
+        with torch.inference_mode():
+            super()._serve()
+
+    def _close(self) -> None:
+        self.hooks.remove()
 
     def _step(self) -> None:
         try:
@@ -198,18 +148,18 @@ class TorchEngine(AsyncBridge):
                 self.output.finish(group[0], "error", error=err)
             return
         self.batch.strength_dirty = True  # the prefill set its own rows' strengths on the hooks
-        self._join(p.rows, p.cache, p.mask, p.tokens, p.logits)
+        self._join(p)
 
-    def _join(self, rows: list[Row], cache, mask, toks, logits) -> None:
+    def _join(self, p: Prefilled) -> None:
         """Append freshly prefilled rows to the running batch; emit their first tokens."""
-        self.observer.prefill_batch(len(rows))
-        for s in rows:
+        self.observer.prefill_batch(len(p.rows))
+        for s in p.rows:
             for n in s.strengths:
                 self.observer.steering_used(n)
-        self.batch.join(rows, cache, mask, toks)
+        self.batch.join(p.rows, p.cache, p.mask, p.tokens)
         now = time.monotonic()
-        for i, (s, tok) in enumerate(zip(rows, toks.tolist(), strict=True)):
+        for i, (s, tok) in enumerate(zip(p.rows, p.tokens.tolist(), strict=True)):
             self.observer.first_token(now - s.t_arrival)
             s.t_last = now
-            self.output.accept(s, tok, logits[i])
+            self.output.accept(s, tok, p.logits[i])
         self._drop_finished()

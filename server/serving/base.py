@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -25,7 +25,7 @@ from server.engine.types import GenerationRequest, SamplingParams, StepOutput, T
 from server.errors import ClientDisconnected, InvalidRequest, failure, refusal
 from server.metrics import Metrics
 from server.protocol import SamplingFields
-from server.responses import ResponseModel, SteeringApplied, Usage, new_id, now
+from server.responses import Answer, Chunk, ResponseModel, SteeringApplied, Usage, new_id, now
 from server.serving.streams import Events, drain_watching, first_event, merged
 from server.settings import ServerSettings
 from server.steering import SteeringPolicy, steering_header
@@ -63,29 +63,30 @@ class Choice:
     finish_reason: str | None = None
 
 
-class Renderer(Protocol):
-    """Builds one endpoint family's response models."""
+class Renderer:
+    """Builds one endpoint family's response models (a subclass per family)."""
 
-    def opening(self, p: Prepared, created: int) -> ResponseModel | None:
+    chunk_cls: ClassVar[type[Chunk]]
+
+    def opening(self, p: Prepared, created: int) -> Chunk | None:
         """The chunk a stream starts with (chat: the assistant role), or None."""
-        ...
+        return None
 
     def chunk(
-        self,
-        p: Prepared,
-        created: int,
-        index: int,
-        out: StepOutput,
-        steering: SteeringApplied | None = None,
-    ) -> ResponseModel:
+        self, p: Prepared, created: int, index: int, out: StepOutput, steering: SteeringApplied | None = None
+    ) -> Chunk:
         """A stream chunk of choice ``index`` with ``out``'s text, logprobs and (stop/length) finish."""
-        ...
+        raise NotImplementedError
 
-    def usage_chunk(self, p: Prepared, created: int, usage: Usage, steering: SteeringApplied) -> ResponseModel: ...
+    def usage_chunk(self, p: Prepared, created: int, usage: Usage, steering: SteeringApplied) -> Chunk:
+        """The last chunk before ``[DONE]`` when the client asked for usage: no choices."""
+        return self.chunk_cls(
+            id=p.request_id, created=created, model=p.model, choices=[], usage=usage, steering=steering
+        )
 
-    def response(self, p: Prepared, choices: list[Choice], usage: Usage, steering: SteeringApplied) -> ResponseModel:
+    def response(self, p: Prepared, choices: list[Choice], usage: Usage, steering: SteeringApplied) -> Answer:
         """The non-streamed answer."""
-        ...
+        raise NotImplementedError
 
 
 def sse(model: ResponseModel) -> str:

@@ -20,7 +20,7 @@ from server.responses import (
     Usage,
     now,
 )
-from server.serving.base import Choice, OpenAIServing, Prepared
+from server.serving.base import Choice, OpenAIServing, Prepared, Renderer
 
 
 def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
@@ -41,7 +41,9 @@ def _finish(out: StepOutput) -> str | None:
     return out.finish_reason if out.finish_reason in ("stop", "length") else None
 
 
-class ChatRenderer:
+class ChatRenderer(Renderer):
+    chunk_cls = ChatCompletionChunk
+
     def opening(self, p: Prepared, created: int) -> ChatCompletionChunk:
         roles = [
             ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(len(p.sampling))
@@ -58,11 +60,6 @@ class ChatRenderer:
             finish_reason=_finish(out),
         )
         return ChatCompletionChunk(id=p.request_id, created=created, model=p.model, choices=[choice], steering=steering)
-
-    def usage_chunk(self, p: Prepared, created: int, usage: Usage, steering: SteeringApplied) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=p.request_id, created=created, model=p.model, choices=[], usage=usage, steering=steering
-        )
 
     def response(self, p: Prepared, choices: list[Choice], usage: Usage, steering: SteeringApplied) -> ChatCompletion:
         out = [

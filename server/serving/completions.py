@@ -6,7 +6,7 @@ from server.engine.types import StepOutput, TokenLogprob
 from server.errors import InvalidRequest
 from server.protocol import CompletionRequest
 from server.responses import Completion, CompletionChoice, CompletionChunk, SteeringApplied, TextLogprobs, Usage, now
-from server.serving.base import Choice, OpenAIServing, Prepared
+from server.serving.base import Choice, OpenAIServing, Prepared, Renderer
 
 
 def text_logprobs(items: list[TokenLogprob]) -> TextLogprobs:
@@ -22,9 +22,8 @@ def text_logprobs(items: list[TokenLogprob]) -> TextLogprobs:
     )
 
 
-class CompletionRenderer:
-    def opening(self, p: Prepared, created: int) -> None:
-        return None  # text completions have no role chunk
+class CompletionRenderer(Renderer):
+    chunk_cls = CompletionChunk  # no opening chunk: text completions have no role
 
     def chunk(
         self, p: Prepared, created: int, index: int, out: StepOutput, steering: SteeringApplied | None = None

@@ -16,6 +16,8 @@ import httpx
 import pytest
 
 from tests.conftest import make_direction
+from tests.validation_cases import ACCEPTED as VALID_AS_OPENAI
+from tests.validation_cases import REFUSED as REFUSED_AS_OPENAI
 
 BASE = "qwen-demo"
 MSGS = [{"role": "user", "content": "Hi"}]
@@ -181,6 +183,8 @@ HOSTILE = [
     ("post-on-get-route", "POST", "/v1/models", {}, 405, None),
     ("unknown-route", "GET", "/v1/engines", None, 404, None),
     ("unknown-model-card", "GET", "/v1/models/gpt-4o", None, 404, "model"),
+    # strict types and the OpenAI reference's cross-field rules (a 400 naming the parameter)
+    *[(case, "POST", path, body, 400, param) for case, path, body, param in REFUSED_AS_OPENAI],
 ]
 
 
@@ -248,6 +252,7 @@ ACCEPTED = [
     ("tiny-temperature-and-top-p", CHAT, chat(temperature=5e-324, top_p=5e-324), "none"),
     ("completion-one-prompt-in-a-list", CMPL, cmpl(prompt=["Hi"], logprobs=2), "none"),
     ("completion-token-ids", CMPL, cmpl(prompt=[9707, 11]), "none"),
+    *[(case, path, body, "none") for case, path, body in VALID_AS_OPENAI],
 ]
 
 

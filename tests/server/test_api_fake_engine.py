@@ -2,152 +2,20 @@
 
 No model runs here: ``build_app(..., engine=FakeEngine())`` with a tiny fake ``loaded``
 (the real demo tokenizer, which loads in well under a second), so these run in milliseconds.
+The fixtures are in tests/server/conftest.py, the engine in tests/fake_engine.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from types import SimpleNamespace
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
-from directions.fileformat import DirectionSet
-from server.app import build_app
-from server.engine.errors import EngineOverloaded, EngineStopped, GenerationFailed, RequestTimedOut
-from server.engine.protocol import EngineCapabilities, EngineStats
-from server.engine.types import GenerationRequest, SteeringReport, StepOutput, TokenLogprob
-from server.settings import ModelSettings, ServerSettings
-
-BASE = "qwen-demo"
-MSGS = [{"role": "user", "content": "hi"}]
-
-Script = Callable[[GenerationRequest], list[StepOutput]]
-ERRORS = {"engine_error": GenerationFailed, "timeout": RequestTimedOut, "shutdown": EngineStopped}
-
-
-def reports(req: GenerationRequest) -> dict[str, SteeringReport]:
-    return {n: SteeringReport(strength=d.strength, when=d.when, applied=d.strength) for n, d in req.steering.items()}
-
-
-def hello_script(req: GenerationRequest) -> list[StepOutput]:
-    """Two text events, then a finish event that carries no text (like an EOS step)."""
-    rid, n = req.request_id, len(req.prompt_ids)
-    return [
-        StepOutput(rid, text="Hello", token_ids=[1], prompt_tokens=n, completion_tokens=1, steering=reports(req)),
-        StepOutput(rid, text=" world", token_ids=[2], prompt_tokens=n, completion_tokens=2),
-        StepOutput(rid, text="", finish_reason="stop", prompt_tokens=n, completion_tokens=2),
-    ]
-
-
-class FakeEngine:
-    """The engine protocol (:class:`server.engine.protocol.Engine`), answering from a script."""
-
-    capabilities = EngineCapabilities(name="fake", supports_conditional=True, per_row_strengths=True, logprobs=True)
-
-    def __init__(self, script: Script = hello_script, delay: float = 0.0):
-        self.script = script
-        self.delay = delay
-        self.requests: list[GenerationRequest] = []
-        self.cancelled: list[str] = []
-        self.raise_on_submit: BaseException | None = None
-        self._alive = False
-        self._running = 0
-
-    @property
-    def num_running(self) -> int:
-        return self._running
-
-    @property
-    def num_waiting(self) -> int:
-        return 0
-
-    @property
-    def alive(self) -> bool:
-        return self._alive
-
-    def stats(self) -> EngineStats:
-        return EngineStats(running=self._running, waiting=0)
-
-    def start(self) -> None:
-        self._alive = True
-
-    def submit(self, req: GenerationRequest, emit) -> None:
-        raise NotImplementedError("the HTTP layer only uses generate()")
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        self._alive = False
-
-    def cancel(self, request_id: str) -> None:
-        self.cancelled.append(request_id)
-
-    async def generate(self, req: GenerationRequest):
-        # like the real engine, submission (and its refusal) happens on the first __anext__
-        if self.raise_on_submit is not None:
-            raise self.raise_on_submit
-        self.requests.append(req)
-        self._running += 1
-        finished = False
-        try:
-            for out in self.script(req):
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                finished = out.finished
-                yield out
-                if finished:
-                    return
-        finally:
-            self._running -= 1
-            if not finished:
-                self.cancel(req.request_id)
-
-
-def direction(name: str, conditional: bool = False) -> DirectionSet:
-    g = torch.Generator().manual_seed(len(name))
-    ds = DirectionSet(name, torch.nn.functional.normalize(torch.randn(2, 8, generator=g), dim=-1), torch.ones(2))
-    if conditional:
-        ds.detect_vector, ds.detect_layer, ds.detect_threshold = torch.ones(8) / 8**0.5, 1, 0.5
-    return ds
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from directions.models import locate
-
-    return AutoTokenizer.from_pretrained(locate("demo")[0])
-
-
-@pytest.fixture
-def make_client(tokenizer, tmp_path):
-    clients = []
-
-    def make(
-        engine: FakeEngine | None = None, max_model_len: int | None = None, **settings
-    ) -> tuple[TestClient, FakeEngine]:
-        engine = engine or FakeEngine()
-        loaded = SimpleNamespace(
-            model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096)),
-            tokenizer=tokenizer,
-            source="demo",
-            path=str(tmp_path),
-            gguf=None,
-        )
-        dirs = {"refusal": direction("refusal"), "slop": direction("slop"), "cond": direction("cond", conditional=True)}
-        ss = ServerSettings(api_keys=[], admin_key=None, cors_origins=[], bake_dir=str(tmp_path / "baked"), **settings)
-        app = build_app(loaded, dirs, ss, ModelSettings(max_model_len=max_model_len), BASE, engine=engine)
-        client = TestClient(app)
-        client.__enter__()
-        clients.append(client)
-        return client, engine
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
+from server.engine.errors import EngineOverloaded, EngineStopped
+from server.engine.types import StepOutput, TokenLogprob
+from tests.fake_engine import BASE, ERRORS, MSGS, FakeEngine, hello_script
 
 
 def sse_events(raw: str) -> list[str]:
@@ -634,3 +502,21 @@ async def test_gone_client_is_cancelled_while_its_request_waits(make_client, n):
         ids = {f"{prepared.request_id}-{i}" for i in range(n)}
         assert ids <= set(engine.cancelled), (ids, engine.cancelled)
     assert engine.num_running == 0
+
+
+def test_models_and_directions_lists(make_client):
+    client, _ = make_client()
+    st = client.app.state.frankly
+    st.directions["refusal"].metadata = {"name": "refusal", "method": "mean-diff single", "eval": '{"refusal": 0.1}'}
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids == [BASE, f"{BASE}+refusal", f"{BASE}+slop", f"{BASE}+cond", f"{BASE}+cond@auto"]
+    assert client.get(f"/v1/models/{BASE}+slop:0.5").json() == {
+        "id": f"{BASE}+slop:0.5",
+        "object": "model",
+        "created": int(st.started),
+        "owned_by": "frankly",
+    }
+    data = {d["name"]: d for d in client.get("/v1/directions").json()["data"]}
+    assert set(data) == {"refusal", "slop", "cond"}
+    assert data["refusal"]["object"] == "direction" and data["refusal"]["eval"] == {"refusal": 0.1}
+    assert data["cond"]["conditional"] is True and data["cond"]["detect_layer"] == 1

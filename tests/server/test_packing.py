@@ -1,9 +1,8 @@
-"""--packed-weights: oneDNN-prepacked linear layers give the same function (float tolerance),
-steering hooks still apply, and the server starts and answers with the flag."""
+"""--packed-weights: oneDNN-prepacked linear layers give the same function (float tolerance), and
+steering hooks still apply (the live server with the flag: tests/live/test_packing_live.py)."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 import torch
 
@@ -34,15 +33,3 @@ def test_packed_model_matches_unpacked_with_and_without_steering(arch):
         torch.testing.assert_close(out["packed"], out["ref"], atol=1e-4, rtol=1e-4)
         assert (out["packed"][0] - base_packed[0]).abs().max() > 1e-3  # the hooks did something
         torch.testing.assert_close(out["packed"][1], base_packed[1])  # strength 0 row untouched
-
-
-def test_server_with_packed_weights_answers_like_the_plain_server(server_factory, demo_server):
-    packed = server_factory("--packed-weights")
-    body = {"model": "qwen-demo", "messages": [{"role": "user", "content": "Name three primary colors."}]}
-    body |= {"max_tokens": 8, "temperature": 0, "logprobs": True}
-    a = httpx.post(demo_server.v1 + "/chat/completions", json=body, timeout=300).json()
-    b = httpx.post(packed.v1 + "/chat/completions", json=body, timeout=300).json()
-    la = [t["logprob"] for t in a["choices"][0]["logprobs"]["content"]]
-    lb = [t["logprob"] for t in b["choices"][0]["logprobs"]["content"]]
-    assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
-    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), atol=2e-3, rtol=0)
