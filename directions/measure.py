@@ -2,7 +2,7 @@
 
 Generations go through the :class:`~directions.generation.Generate` callable it is given
 (the server's engine in ``frankly eval`` and ``frankly extract``); forward-pass figures
-(first-token KL, long-continuation KL, states) use the hooks directly on the same model.
+(first-token KL, long-continuation KL) use the hooks directly on the same model.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from tqdm.auto import tqdm
 
 from directions import kl
@@ -44,7 +45,7 @@ def _key(prompts: Sequence[Sequence[int]]) -> int:
 
 class Measurements:
     """Generations and forward-pass figures for ``directions`` on ``model``, caching what does not
-    change between calls (prompt ids, unedited logits, states, continuations, condition firing)."""
+    change between calls (prompt ids, unedited logits and hidden states, condition firing)."""
 
     def __init__(
         self,
@@ -59,9 +60,8 @@ class Measurements:
         self.directions = dict(directions or {})
         self.batch_size = batch_size
         self._ids: dict[tuple, list[list[int]]] = {}
-        self._base_logits: dict[int, object] = {}
-        self._states: dict[int, object] = {}
-        self._base_hidden: dict[tuple, object] = {}
+        self._base_logits: dict[int, torch.Tensor] = {}
+        self._base_hidden: dict[tuple, torch.Tensor] = {}
         self._fired: dict[tuple, list[bool]] = {}
 
     def set_directions(self, directions: dict[str, DirectionSet]) -> None:
@@ -103,15 +103,8 @@ class Measurements:
         return self._fired[k]
 
     # forward-pass figures ------------------------------------------------------
-    def states(self, prompts: list[list[int]], desc: str | None = None):
-        k = _key(prompts)
-        if k not in self._states:
-            self._states[k] = forward_last(
-                self.model, self.tok, prompts, states=True, batch_size=self.batch_size, desc=desc
-            )[1]
-        return self._states[k]
-
-    def base_logits(self, prompts: list[list[int]]):
+    def base_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Unedited logits at the last prompt token (N, vocab) (cached)."""
         k = _key(prompts)
         if k not in self._base_logits:
             self._base_logits[k] = forward_last(

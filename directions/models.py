@@ -141,17 +141,21 @@ def locate(spec: str) -> tuple[str, str | None]:
 
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer for inference (eval mode, no grad)."""
+    """Load a causal LM and its tokenizer for inference (eval mode, no grad).
+
+    ``dtype``: ``auto`` (see :func:`resolve_dtype`), a dtype name, or ``stored`` for the
+    checkpoint's own dtype (what a bake edits and writes back)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf = locate(spec)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt = "auto" if dtype == "stored" else resolve_dtype(dtype, dev)  # transformers' "auto" is the stored dtype
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True)
     except OSError as e:
         raise ModelLoadError(f"could not load model {spec!r}: {e}") from e
+    dt = next(model.parameters()).dtype
     model.to(dev)
     model.eval()
     model.requires_grad_(False)

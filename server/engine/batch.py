@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from server.engine import kvcache
 from server.engine.rows import Row
@@ -19,7 +20,7 @@ class Batch:
     def __init__(self, device):
         self.device = device
         self.rows: list[Row] = []
-        self.cache = None
+        self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (rows, length), 1 on real positions
         self.next_pos: torch.Tensor | None = None  # (rows,) position id of each row's next token
         self.last_tok: torch.Tensor | None = None  # (rows,) the token each row feeds next
@@ -34,7 +35,7 @@ class Batch:
         names = {n for s in self.rows for n in s.strengths}
         return {n: [s.strengths.get(n, 0.0) for s in self.rows] for n in names}
 
-    def join(self, rows: list[Row], cache, mask: torch.Tensor, toks: torch.Tensor) -> None:
+    def join(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, toks: torch.Tensor) -> None:
         """Append freshly prefilled rows (their cache, left-padded ``mask``, first sampled tokens)."""
         next_pos = mask.sum(-1)  # each row's prompt length
         self.cache, self.mask = kvcache.merge(self.cache, self.mask, cache, mask)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from directions.fileformat import DirectionSet
 from directions.forward import pad_left
@@ -30,7 +31,7 @@ class Prefilled:
     """A prefilled group, ready to join the batch."""
 
     rows: list[Row]
-    cache: object
+    cache: DynamicCache
     mask: torch.Tensor  # (rows, length) left padded
     tokens: torch.Tensor  # (rows,) first sampled tokens
     logits: torch.Tensor  # (rows, vocab) float32 at the last prompt token

@@ -36,3 +36,10 @@ def test_load_model_from_a_directory(tmp_path):
     assert lm.dtype == torch.float32 and lm.device == "cpu" and lm.gguf is None
     assert not lm.model.training and not any(p.requires_grad for p in lm.model.parameters())
     assert lm.tokenizer.pad_token_id is not None
+
+
+def test_stored_dtype_keeps_the_checkpoint_dtype(tmp_path):
+    model = tiny_model("llama").to(torch.bfloat16)
+    lm = load_model(save_tiny_dir(model, tmp_path / "m"), device="cpu", dtype="stored")
+    assert lm.dtype == torch.bfloat16 and next(lm.model.parameters()).dtype == torch.bfloat16
+    assert load_model(str(tmp_path / "m"), device="cpu").dtype == torch.float32  # auto on CPU

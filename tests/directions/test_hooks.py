@@ -1,4 +1,4 @@
-"""SteeringHooks on tiny random models of several architectures."""
+"""SteeringHooks on tiny random models of several architectures: the edit, per-row strengths, the probe."""
 
 from __future__ import annotations
 
@@ -103,3 +103,34 @@ def test_two_directions_per_row(arch):
     assert not torch.allclose(batched[1:2], only_a, atol=1e-4)
     assert not torch.allclose(batched[1:2], only_b, atol=1e-4)
     hooks.clear()
+
+
+def test_probe_reads_the_input_of_decoder_layers_at_the_last_position(arch):
+    """The condition's probe: hidden_states[L] at the last token, for the layers asked; none else."""
+    from directions.writers import decoder_layers
+
+    model = tiny_model(arch)
+    hooks = SteeringHooks(model, {})
+    ids = tokens(seed=5, batch=2)
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True).hidden_states
+    n = len(decoder_layers(model))
+    with hooks.probe([1, n + 3]) as captured, torch.no_grad():
+        model(ids)
+    assert set(captured) == {1}  # a layer the model does not have is left out
+    torch.testing.assert_close(captured[1], ref[1][:, -1].float())
+    assert all(not layer._forward_pre_hooks for layer in decoder_layers(model))  # removed after the block
+
+
+def test_edited_installs_for_the_block_only(arch):
+    from directions.hooks import edited
+
+    model = tiny_model(arch)
+    ids = tokens(seed=6)
+    plain = _logits(model, ids)
+    with edited(model, {"a": random_direction_set(model, "a")}) as hooks:
+        hooks.set_strengths({"a": [1.0]})
+        assert not torch.allclose(_logits(model, ids), plain, atol=1e-4)
+    assert torch.equal(_logits(model, ids), plain)
+    with edited(model, {}) as none:
+        assert none is None
