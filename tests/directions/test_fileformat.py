@@ -1,0 +1,62 @@
+"""Direction files: a round trip with the condition, the metadata written, clear errors for bad files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from directions.fileformat import CONVENTION, DirectionFileError, load_direction, model_fingerprint, save_direction
+from tests.tiny_models import random_direction_set, tiny_model
+
+
+def test_round_trip_with_condition_and_metadata(tmp_path):
+    model = tiny_model("qwen2")
+    ds = random_direction_set(model, "r")
+    ds.detect_vector, ds.detect_layer, ds.detect_threshold = torch.ones(64) * 3, 1, 0.25
+    ds.metadata["eval"] = {"refusal": 0.1}
+    path = save_direction(ds, tmp_path / "d" / "r.safetensors", config=model.config)
+    back = load_direction(path, name="renamed")
+    assert back.name == "renamed" and back.has_condition and back.detect_layer == 1 and back.detect_threshold == 0.25
+    torch.testing.assert_close(back.directions, ds.directions)
+    torch.testing.assert_close(back.detect_vector.norm(), torch.tensor(1.0))  # unit on load
+    md = back.public_metadata()
+    assert md["eval"] == {"refusal": 0.1} and md["convention"] == CONVENTION and md["conditional"] is True
+    assert md["fingerprint"] == model_fingerprint(model.config)
+    assert not list((tmp_path / "d").glob("*.tmp"))  # written atomically
+
+
+def test_one_vector_for_every_layer_is_broadcast(tmp_path):
+    p = tmp_path / "one.safetensors"
+    save_file({"directions": torch.ones(8), "layer_weights": torch.ones(3)}, str(p))
+    ds = load_direction(p)
+    assert ds.directions.shape == (3, 8) and ds.name == "one"
+
+
+@pytest.mark.parametrize(
+    ("tensors", "why"),
+    [
+        ({"directions": torch.ones(3, 8)}, "lacks"),
+        ({"directions": torch.ones(3, 8), "layer_weights": torch.ones(2)}, "do not agree"),
+        ({"directions": torch.full((3, 8), float("nan")), "layer_weights": torch.ones(3)}, "non-finite"),
+        ({"directions": torch.ones(3, 8), "layer_weights": -torch.ones(3)}, "negative"),
+    ],
+)
+def test_bad_tensors_are_clear_errors(tmp_path, tensors, why):
+    p = tmp_path / "bad.safetensors"
+    save_file(tensors, str(p))
+    with pytest.raises(DirectionFileError, match=why):
+        load_direction(p)
+
+
+def test_missing_pickle_and_truncated_files(tmp_path):
+    with pytest.raises(DirectionFileError, match="not found"):
+        load_direction(tmp_path / "nope.safetensors")
+    (tmp_path / "x.pt").write_bytes(b"\x80\x04")
+    with pytest.raises(DirectionFileError, match="pickle"):
+        load_direction(tmp_path / "x.pt")
+    (tmp_path / "t.safetensors").write_bytes(json.dumps({"x": 1}).encode())
+    with pytest.raises(DirectionFileError, match="corrupt"):
+        load_direction(tmp_path / "t.safetensors")
