@@ -324,7 +324,7 @@ def bake_to_dir(
     progress: Progress | None = None,
     overwrite: bool = False,
     write_gguf: bool = True,
-    gguf_dtype: str = "f32",
+    gguf_dtype: str = "q8_0",
 ) -> Path:
     """Bake ``strengths`` into a fresh copy of ``source`` and write it to ``bake_root/out_dir`` atomically.
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from directions.bake import BakeError, bake_to_dir
 from directions.fileformat import DirectionFileError, DirectionSet, load_direction
+from directions.gguf_write import GGUF_DTYPES
 
 SHIPPED = Path(__file__).resolve().parent / "shipped"
 DEMO_DIRECTIONS = {"refusal": "qwen-demo-refusal.safetensors", "slop": "qwen-demo-slop.safetensors"}
@@ -42,9 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gguf", action="store_true", help="do not write model.gguf even if the source is a GGUF")
     p.add_argument(
         "--gguf-dtype",
-        choices=["f32", "f16"],
-        default="f32",
-        help="type of the edited tensors in model.gguf (f32: exact; f16: smaller)",
+        choices=list(GGUF_DTYPES),
+        default="q8_0",
+        help="type of the edited tensors in model.gguf (q8_0: a quarter of f32's size; f16; f32: exact)",
     )
 
 

@@ -19,6 +19,7 @@ from directions.bake import (
     validate_name,
 )
 from directions.fileformat import DirectionSet
+from directions.lora_export import export_lora
 
 log = logging.getLogger("frankly.bake")
 
@@ -30,6 +31,7 @@ class BakeJob:
     id: str
     name: str
     strengths: dict[str, float]
+    format: str = "weights"  # weights | lora (see BakeJobs.start)
     state: str = "queued"  # queued | running | done | failed
     progress: float = 0.0  # 0..1
     message: str = "queued"
@@ -76,7 +78,7 @@ class BakeJobs:
         bake_root: str | Path,
         *,
         write_gguf: bool = True,
-        gguf_dtype: str = "f32",
+        gguf_dtype: str = "q8_0",
         max_queued: int = 4,
         keep: int = 50,
     ):
@@ -91,8 +93,17 @@ class BakeJobs:
         self._queue: queue.Queue[str] = queue.Queue()
         self._thread: threading.Thread | None = None
 
-    def start(self, name: str, strengths: dict[str, float], *, overwrite: bool = False) -> BakeJob:
-        """Validate and queue a bake; returns the queued job's snapshot."""
+    def start(
+        self, name: str, strengths: dict[str, float], *, overwrite: bool = False, format: str = "weights"
+    ) -> BakeJob:
+        """Validate and queue a bake; returns the queued job's snapshot.
+
+        ``format="lora"`` exports the named directions as LoRA adapters instead
+        (:func:`directions.lora_export.export_lora`): one scalable adapter per
+        direction, and one with its strength folded in (``<name>-<strength>``).
+        """
+        if format not in ("weights", "lora"):
+            raise BakeError(f"format must be 'weights' or 'lora', not {format!r}", param="format")
         final = validate_name(name, self.bake_root)
         strengths = _check_strengths(self.directions, strengths)
         with self._lock:
@@ -103,7 +114,7 @@ class BakeJobs:
                 raise BakeExistsError(f"a bake named {name!r} already exists (pass overwrite to replace it)")
             if sum(j.state == "queued" for j in pending) >= self.max_queued:
                 raise BakeBusyError(f"{self.max_queued} bakes are already waiting; try again later")
-            job = BakeJob(id=f"bake-{uuid.uuid4().hex[:12]}", name=name, strengths=strengths)
+            job = BakeJob(id=f"bake-{uuid.uuid4().hex[:12]}", name=name, strengths=strengths, format=format)
             self._jobs[job.id] = job
             self._overwrite[job.id] = overwrite
             self._prune()
@@ -152,7 +163,22 @@ class BakeJobs:
 
     def _run(self, job: BakeJob) -> None:
         self._update(job, state="running", started=time.time(), message="starting")
+        progress = lambda f, m: self._update(job, progress=round(min(max(f, 0.0), 1.0), 4), message=m)  # noqa: E731
         try:
+            if job.format == "lora":
+                out = export_lora(
+                    self.source,
+                    self.directions,
+                    job.name,
+                    names=list(job.strengths),
+                    strengths={n: [s] for n, s in job.strengths.items()},
+                    formats=("peft", "gguf") if (self.write_gguf and getattr(self.source, "gguf", None)) else ("peft",),
+                    bake_root=self.bake_root,
+                    overwrite=self._overwrite.get(job.id, False),
+                    progress=progress,
+                )
+                self._update(job, state="done", progress=1.0, message="done", output=str(out), finished=time.time())
+                return
             out = bake_to_dir(
                 self.source,
                 self.directions,
@@ -162,7 +188,7 @@ class BakeJobs:
                 overwrite=self._overwrite.get(job.id, False),
                 write_gguf=self.write_gguf,
                 gguf_dtype=self.gguf_dtype,
-                progress=lambda f, m: self._update(job, progress=round(min(max(f, 0.0), 1.0), 4), message=m),
+                progress=progress,
             )
             self._update(job, state="done", progress=1.0, message="done", output=str(out), finished=time.time())
         except BakeError as e:

@@ -2,9 +2,10 @@
 
 The original GGUF is copied key by key and tensor by tensor; only the
 residual writers the bake edited (``token_embd``, ``blk.N.attn_output``,
-``blk.N.ffn_down``, and their biases where present) are replaced, as F32 or
-F16, which llama.cpp reads everywhere. Untouched quantized tensors keep their
-original bytes and type. None of these tensors is permuted by the GGUF
+``blk.N.ffn_down``, and their biases where present) are replaced, as Q8_0
+(the default: about a quarter of F32's size), F16 or F32 (exact). Biases and
+tensors whose rows are not a multiple of Q8_0's block of 32 stay F32.
+Untouched quantized tensors keep their original bytes and type. None of these tensors is permuted by the GGUF
 converters (only ``attn_q``/``attn_k`` are, for llama-style models), and a
 GGUF tensor's numpy shape is the torch shape (its ``shape`` field lists the
 dimensions in the reverse order).
@@ -30,6 +31,8 @@ _NAME_MAP = [
     (re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.down_proj\.(weight|bias)$"), "blk.{0}.ffn_down.{1}"),
 ]
 _NP_DTYPES = {"f32": np.float32, "f16": np.float16}
+GGUF_DTYPES = ("q8_0", "f16", "f32")
+_Q8_BLOCK = 32
 
 
 class GGUFWriteError(RuntimeError):
@@ -47,7 +50,20 @@ def gguf_name(hf_name: str) -> str:
 
 def estimate_size(src_gguf: str | Path, edited_numel: int, dtype: str = "f32") -> int:
     """Upper bound of the output size in bytes: the source plus the edited tensors at full width."""
-    return Path(src_gguf).stat().st_size + edited_numel * np.dtype(_NP_DTYPES[dtype]).itemsize
+    per = 34 / 32 if dtype == "q8_0" else np.dtype(_NP_DTYPES[dtype]).itemsize
+    return Path(src_gguf).stat().st_size + int(edited_numel * per) + 1
+
+
+def _encode(t: torch.Tensor, dtype: str):
+    """(array to write, GGML type or None for a plain numpy dtype) for one edited tensor."""
+    import gguf
+
+    arr = t.detach().to("cpu", torch.float32).contiguous().numpy()
+    if dtype == "q8_0" and arr.ndim == 2 and arr.shape[-1] % _Q8_BLOCK == 0:
+        return gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    if dtype == "f16" and arr.ndim == 2:
+        return arr.astype(np.float16), None
+    return arr, None
 
 
 def _copy_metadata(reader, writer, extra_kv: dict[str, str]) -> None:
@@ -73,22 +89,25 @@ def write_baked_gguf(
     state: dict[str, torch.Tensor],
     edited: Iterable[str],
     *,
-    dtype: str = "f32",
+    dtype: str = "q8_0",
     extra_kv: dict[str, str] | None = None,
     progress: Callable[[float, str], None] | None = None,
+    untie: bool = False,
 ) -> Path:
     """Copy ``src_gguf`` to ``dst``, replacing the tensors of the ``edited`` parameters with ``state[name]``.
 
     ``state`` maps Hugging Face parameter names to the baked tensors; ``edited``
-    lists which of them the bake changed. ``dtype`` is ``f32`` (exact) or
-    ``f16`` (half the size). Raises :class:`GGUFWriteError` if an edited
-    parameter has no tensor of the same shape in the source file.
+    lists which of them the bake changed. ``dtype`` is ``q8_0`` (a quarter of
+    F32's size), ``f16`` or ``f32`` (exact). A tied LM head (no
+    ``output.weight``) gets the original ``token_embd`` bytes as its own
+    tensor when the embedding is edited, or always with ``untie``. Raises
+    :class:`GGUFWriteError` if an edited parameter has no tensor of the same
+    shape in the source file.
     """
     import gguf
 
-    if dtype not in _NP_DTYPES:
-        raise GGUFWriteError(f"GGUF dtype must be one of {', '.join(_NP_DTYPES)}, not {dtype!r}")
-    np_dtype = _NP_DTYPES[dtype]
+    if dtype not in GGUF_DTYPES:
+        raise GGUFWriteError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, not {dtype!r}")
     reader = gguf.GGUFReader(str(src_gguf), "r")
     by_name = {t.name: t for t in reader.tensors}
     replace: dict[str, torch.Tensor] = {}
@@ -105,31 +124,34 @@ def write_baked_gguf(
     plan: list[tuple[str, object, torch.Tensor | None]] = []
     for t in reader.tensors:
         plan.append((t.name, t, replace.get(t.name)))
-        if t.name == "token_embd.weight" and t.name in replace and "output.weight" not in by_name:
+        if t.name == "token_embd.weight" and (untie or t.name in replace) and "output.weight" not in by_name:
             plan.append(("output.weight", t, None))  # keep the original head; the baked copy is untied
 
     arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
     writer = gguf.GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
     try:
         _copy_metadata(reader, writer, extra_kv or {})
+        sizes = []
         for name, src, new in plan:
             if new is None:
                 writer.add_tensor_info(name, src.data.shape, src.data.dtype, src.data.nbytes, src.tensor_type)
+                sizes.append(src.n_bytes)
             else:
-                shape = tuple(new.shape)
-                writer.add_tensor_info(name, shape, np.dtype(np_dtype), new.numel() * np.dtype(np_dtype).itemsize)
+                # The info needs the encoded size; encoding twice keeps at most one tensor's copy in memory.
+                arr, qtype = _encode(new, dtype)
+                writer.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes, qtype)
+                sizes.append(arr.nbytes)
+                del arr
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        total = sum((src.n_bytes if new is None else new.numel() * np.dtype(np_dtype).itemsize) for _, src, new in plan)
-        done = 0
+        total, done = sum(sizes), 0
         for name, src, new in plan:
             if new is None:
                 writer.write_tensor_data(src.data, tensor_endianess=reader.endianess)
                 done += src.n_bytes
             else:
-                # One tensor converted at a time keeps the extra memory to the largest tensor.
-                arr = new.detach().to("cpu", torch.float32).contiguous().numpy().astype(np_dtype, copy=False)
+                arr, _ = _encode(new, dtype)
                 writer.write_tensor_data(arr)
                 done += arr.nbytes
                 del arr

@@ -50,7 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--gguf-embedding",
         choices=GGUF_EMBEDDING,
         default="auto",
-        help="token_embd in the GGUF adapter: auto leaves it out when the base ties its LM head to it",
+        help="token_embd in the GGUF adapter when the base GGUF ties its LM head to it (llama.cpp would abort): "
+        "auto/omit leave it out, untie writes base-untied.gguf (exact), include refuses",
+    )
+    p.add_argument(
+        "--no-peft-embedding",
+        action="store_true",
+        help="leave embed_tokens out of the PEFT adapters: vLLM (0.32) refuses an embedding target "
+        "(the embedding term of the edit is then missing; see README)",
     )
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -94,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
                 formats=formats,
                 gguf_base=args.gguf_base,
                 gguf_embedding=args.gguf_embedding,
+                peft_embedding=not args.no_peft_embedding,
                 overwrite=args.overwrite,
                 progress=progress,
             )

@@ -18,7 +18,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,9 @@ from directions.bake import (
     validate_name,
 )
 from directions.fileformat import DirectionFileError, DirectionSet
+from directions.gguf_write import write_baked_gguf
 from directions.lora import (
+    GGUFBase,
     LoraExportError,
     LoraPair,
     read_gguf_base,
@@ -48,7 +50,8 @@ from directions.writers import has_post_norm
 Progress = Callable[[float, str], None]
 MANIFEST = "frankly_lora.json"
 FORMATS = ("peft", "gguf")
-GGUF_EMBEDDING = ("auto", "include", "omit")
+GGUF_EMBEDDING = ("auto", "include", "omit", "untie")
+UNTIED_BASE = "base-untied.gguf"
 
 
 class LoraUnsupportedError(BakeError):
@@ -85,27 +88,36 @@ def _peft_pairs(pairs: list[LoraPair], model_type: str) -> list[LoraPair]:
 
 
 def _gguf_pairs(pairs: list[LoraPair], tied: bool, policy: str, notes: list[str]) -> tuple[list[LoraPair], bool]:
-    has_embed = any(p.kind == "embed" for p in pairs)
-    if not has_embed:
+    """The pairs for the GGUF adapter and whether ``token_embd`` is among them.
+
+    llama.cpp looks adapters up by tensor name, and a GGUF without
+    ``output.weight`` uses ``token_embd`` as its LM head too: it would then
+    apply the embedding adapter to the head's matmul, where the shapes do not
+    fit, and abort (a ggml assertion; seen with llama.cpp from
+    llama-cpp-python 0.3.36). ``untie`` writes a copy of the base with its own
+    ``output.weight`` (see :func:`export_lora`), after which the embedding
+    adapter is exact.
+    """
+    if not any(p.kind == "embed" for p in pairs):
         return pairs, False
-    include = policy == "include" or (policy == "auto" and not tied)
-    if include:
-        if tied:
-            notes.append(
-                "token_embd is included although the base GGUF ties its output to it: llama.cpp applies the "
-                "token_embd adapter to the LM head as well (see README, 'LoRA export')"
-            )
-        return pairs, True
-    notes.append(
-        "token_embd left out of the GGUF adapter"
-        + (
-            " because the base GGUF ties its LM head to token_embd (llama.cpp would apply it to the output too); "
-            "the edit of the embedding output (layer 0's weight) is missing, see README for its measured effect"
-            if tied
-            else " on request"
+    if policy == "include" and tied:
+        raise LoraExportError(
+            "the base GGUF ties its LM head to token_embd, and llama.cpp aborts when an adapter for "
+            "token_embd meets a tied head: use gguf_embedding 'untie' (exact, writes an untied base copy) "
+            "or 'omit' (drops the embedding term)"
         )
-    )
-    return [p for p in pairs if p.kind != "embed"], False
+    if policy == "omit" or (policy == "auto" and tied):
+        notes.append(
+            "token_embd left out of the GGUF adapter"
+            + (
+                " because the base GGUF ties its LM head to it (llama.cpp would abort): the edit of the embedding "
+                "output is missing (export with gguf_embedding 'untie' for the exact edit)"
+                if tied
+                else " on request"
+            )
+        )
+        return [p for p in pairs if p.kind != "embed"], False
+    return pairs, True
 
 
 def export_lora(
@@ -114,10 +126,11 @@ def export_lora(
     out_dir: str | Path,
     *,
     names: Iterable[str] | None = None,
-    strengths: Iterable[float] = (),
+    strengths: Iterable[float] | Mapping[str, Iterable[float]] = (),
     formats: Iterable[str] = FORMATS,
     gguf_base: str | Path | None = None,
     gguf_embedding: str = "auto",
+    peft_embedding: bool = True,
     bake_root: str | Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
@@ -126,10 +139,16 @@ def export_lora(
 
     ``source`` is a model spec (``demo``, a directory, a ``.gguf``) or a
     ``LoadedModel``; ``strengths`` adds one folded adapter per direction and
-    strength. ``formats`` picks ``peft`` and/or ``gguf`` (the latter needs a
+    strength (a list for every direction, or a mapping name -> list). ``formats`` picks ``peft`` and/or ``gguf`` (the latter needs a
     base GGUF: the source's own or ``gguf_base``). ``gguf_embedding`` says
-    what to do with ``token_embd`` in the GGUF adapter: ``auto`` leaves it out
-    only when the base GGUF has no separate ``output.weight``. Returns the
+    what to do with ``token_embd`` in the GGUF adapter when the base GGUF
+    ties its LM head to it: ``auto``/``omit`` leave it out (noted in the
+    manifest), ``untie`` writes ``base-untied.gguf`` beside the adapters
+    (the base's bytes plus its own ``output.weight``) and keeps it, exactly;
+    ``include`` refuses, since llama.cpp would abort. ``peft_embedding=False``
+    leaves the embedding out of the PEFT adapters (vLLM 0.32 refuses an
+    ``embed_tokens`` target; the manifest notes what is missing).
+    Returns the
     final directory; raises a :class:`BakeError` subclass on bad input.
     """
     t0 = time.monotonic()
@@ -145,7 +164,11 @@ def export_lora(
     for n in names:
         if n not in directions:
             raise UnknownDirection(f"unknown direction {n!r} (loaded: {', '.join(sorted(directions)) or 'none'})")
-    folded = [float(s) for s in strengths]
+    if isinstance(strengths, Mapping):
+        folded = {n: [float(s) for s in strengths.get(n, ())] for n in names}
+    else:
+        every = tuple(float(s) for s in strengths)
+        folded = dict.fromkeys(names, every)
     if bake_root is None:
         out = Path(out_dir).expanduser().absolute()
         bake_root, name = out.parent, out.name
@@ -178,12 +201,19 @@ def export_lora(
         except DirectionFileError as e:
             raise UnknownDirection(str(e)) from e
     base = read_gguf_base(gguf_path) if "gguf" in formats else None
+    untie = base is not None and base.tied_output and gguf_embedding == "untie"
     model_type = getattr(model.config, "model_type", type(model).__name__)
-    jobs = [(n, None) for n in names] + [(n, s) for n in names for s in folded]
+    jobs = [(n, None) for n in names] + [(n, s) for n in names for s in dict.fromkeys(folded[n])]
     adapters: list[ExportedAdapter] = []
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+        if untie:
+            report(0.02, f"writing {UNTIED_BASE} (the base with its own output.weight)")
+            write_baked_gguf(gguf_path, tmp / UNTIED_BASE, {}, [], untie=True)
+            base = GGUFBase(
+                str(tmp / UNTIED_BASE), base.arch, {**base.shapes, "output.weight": base.shapes["token_embd.weight"]}
+            )
         for k, (dname, s) in enumerate(jobs):
             aname = dname if s is None else f"{dname}-{strength_label(s)}"
             report(0.05 + 0.9 * k / len(jobs), f"adapter {aname}")
@@ -201,7 +231,11 @@ def export_lora(
                     "frankly's hooks (both edit the writer output before that norm), not an edit of the residual stream"
                 )
             if "peft" in formats:
-                write_peft_adapter(tmp / aname, _peft_pairs(pairs, model_type), label, {**meta, "adapter": aname})
+                ppairs = _peft_pairs(pairs, model_type)
+                if not peft_embedding and any(p.kind == "embed" for p in ppairs):
+                    ppairs = [p for p in ppairs if p.kind != "embed"]
+                    ad.notes.append("embed_tokens left out of the PEFT adapter on request (for vLLM)")
+                write_peft_adapter(tmp / aname, ppairs, label, {**meta, "adapter": aname})
                 ad.peft = aname
             if base is not None:
                 gpairs, ad.gguf_embedding = _gguf_pairs(pairs, base.tied_output, gguf_embedding, ad.notes)
@@ -210,6 +244,8 @@ def export_lora(
             adapters.append(ad)
         manifest = {
             "source": {"model": label, "path": str(path), "gguf": gguf_path},
+            # the GGUF adapters' base: the source's GGUF, or the untied copy written here
+            "gguf_base": UNTIED_BASE if untie else gguf_path,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "formats": list(formats),
             "rank": 1,

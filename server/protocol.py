@@ -139,3 +139,9 @@ class BakeRequest(OpenAIBase):
     name: str = Field(..., description="output directory name under the bake directory")
     steering: dict[str, Any] | str = Field(..., description="direction name -> strength")
     overwrite: bool = Field(False, description="replace a finished bake of the same name")
+    format: Literal["weights", "lora"] = Field(
+        "weights",
+        description="weights: an edited copy of the model (safetensors, plus GGUF for a GGUF source); "
+        "lora: one rank-1 LoRA adapter per named direction (PEFT, plus llama.cpp GGUF for a GGUF source), "
+        "scalable per request, and one with each given strength folded in (<name>-<strength>)",
+    )

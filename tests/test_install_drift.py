@@ -41,12 +41,12 @@ def test_dockerfile_uses_the_readme_install_steps():
 
 def test_ci_script_installs_what_the_readme_installs():
     script = (ROOT / "scripts" / "ci.sh").read_text()
-    assert 'pip install --quiet torch==2.13.0 -e ".[test,demo]"' in script
+    assert 'pip install --quiet torch==2.13.0 -e ".[test,demo,lora,llamacpp]"' in script
 
 
 def test_ci_pins_the_test_tools_inside_the_test_extra():
     """scripts/ci.sh installs the test tools from the constraints file, and every pin there
-    satisfies the range pyproject's `test` extra gives (so both describe one tested set)."""
+    satisfies the range pyproject's extras give (so both describe one tested set)."""
     assert "-c scripts/test-constraints.txt" in (ROOT / "scripts" / "ci.sh").read_text()
     pins = {}
     for line in (ROOT / "scripts" / "test-constraints.txt").read_text().splitlines():
@@ -55,8 +55,8 @@ def test_ci_pins_the_test_tools_inside_the_test_extra():
             (spec,) = req.specifier
             assert spec.operator == "==", line
             pins[req.name] = spec.version
-    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
-    ranges = {r.name: r.specifier for r in map(Requirement, extra)}
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    ranges = {r.name: r.specifier for x in ("test", "lora", "llamacpp") for r in map(Requirement, extras[x])}
     assert set(pins) == set(ranges)
     for name, version in pins.items():
         assert ranges[name].contains(version), f"{name}=={version} is outside the test extra's {ranges[name]}"

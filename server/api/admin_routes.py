@@ -20,7 +20,8 @@ def _job(job) -> dict:
 
 @router.post("/bake", status_code=202)
 async def bake(body: BakeRequest, request: Request):
-    """Bake the given strengths into a copy of the weights under the bake directory, by name."""
+    """Bake the given strengths into a copy of the weights (or, with ``format: lora``, export LoRA adapters)
+    under the bake directory, by name."""
     st = state(request)
     steering = st.policy.parse_body(body.steering)
     if not steering:
@@ -33,7 +34,7 @@ async def bake(body: BakeRequest, request: Request):
     if st.bake_jobs is None:
         raise NotFound("baking is not available in this build", param=None)
     try:
-        job = st.bake_jobs.start(body.name, strengths, overwrite=body.overwrite)
+        job = st.bake_jobs.start(body.name, strengths, overwrite=body.overwrite, format=body.format)
     except BakeError as e:
         err = InvalidRequest(str(e), param=e.param, code=e.code)
         if isinstance(e, BakeExistsError):

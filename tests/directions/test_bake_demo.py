@@ -57,7 +57,9 @@ def baked(demo_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("bake-demo")
     served = {k: v[:64].clone() for k, v in demo_model.model.state_dict().items() if k.endswith("proj.weight")}
     t0 = time.monotonic()
-    out = bake_to_dir(demo_model, {"refusal": ds}, {"refusal": 1.0}, "qwen-demo-norefusal", bake_root=root)
+    out = bake_to_dir(
+        demo_model, {"refusal": ds}, {"refusal": 1.0}, "qwen-demo-norefusal", bake_root=root, gguf_dtype="f32"
+    )
     seconds = time.monotonic() - t0
     after = demo_model.model.state_dict()
     assert all(torch.equal(after[k][:64], v) for k, v in served.items())  # the served model is not touched
@@ -164,7 +166,7 @@ def test_tied_gguf_source_smollm(tmp_path):
     lm = load_model(str(path))
     assert lm.model.config.tie_word_embeddings
     ds = _pair_direction(lm)
-    out = bake_to_dir(lm, {"x": ds}, {"x": 1.0}, "smol", bake_root=tmp_path)
+    out = bake_to_dir(lm, {"x": ds}, {"x": 1.0}, "smol", bake_root=tmp_path, gguf_dtype="f32")
     assert json.loads((out / BAKE_FILE).read_text())["untied_lm_head"]
     names = {t.name: t.tensor_type for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
     assert names["output.weight"] == gguf.GGMLQuantizationType.Q8_0  # the original embedding, as the head

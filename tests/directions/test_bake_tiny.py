@@ -333,7 +333,7 @@ def _tiny_gguf(model, path, *, tied: bool):
     return q
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
 def test_gguf_replaces_only_the_writers(tmp_path, dtype):
     import gguf
     import numpy as np
@@ -351,15 +351,19 @@ def test_gguf_replaces_only_the_writers(tmp_path, dtype):
 
     src, out = gguf.GGUFReader(str(tmp_path / "src.gguf")), gguf.GGUFReader(str(tmp_path / "out.gguf"))
     t = {x.name: x for x in out.tensors}
-    want = gguf.GGMLQuantizationType.F32 if dtype == "f32" else gguf.GGMLQuantizationType.F16
-    tol = 0 if dtype == "f32" else 2e-3
+    want = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}.get(
+        dtype, gguf.GGMLQuantizationType.Q8_0
+    )
+    # f16 rounds to 11 bits; q8_0 to 8 bits per block of 32 with an f16 scale (weights here are ~0.1-0.4).
+    tol = {"f32": 0, "f16": 2e-3, "q8_0": 1e-2}[dtype]
     for hf, name in [
         ("model.embed_tokens.weight", "token_embd.weight"),
         ("model.layers.1.self_attn.o_proj.weight", "blk.1.attn_output.weight"),
         ("model.layers.0.mlp.down_proj.weight", "blk.0.ffn_down.weight"),
     ]:
         assert t[name].tensor_type == want
-        np.testing.assert_allclose(t[name].data.astype(np.float32), sd[hf].numpy(), atol=tol, rtol=0)
+        got = gguf.quants.dequantize(t[name].data, t[name].tensor_type).reshape(sd[hf].shape)
+        np.testing.assert_allclose(got.astype(np.float32), sd[hf].numpy(), atol=tol, rtol=0)
     # The tied head keeps the original embedding bytes and type; other tensors are copied as they were.
     assert t["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
     assert np.array_equal(t["output.weight"].data, q)

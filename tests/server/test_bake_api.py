@@ -85,3 +85,59 @@ def test_bake_job_and_plain_transformers_reproduce_the_server(demo_server):
         g = model.generate(**ids, max_new_tokens=24, do_sample=False)
     plain = tok.decode(g[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert plain == served
+
+
+def _wait(server, job, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline and job["state"] not in ("done", "failed"):
+        time.sleep(1)
+        job = httpx.get(server.v1 + f"/bake/{job['id']}", headers=AUTH, timeout=30).json()
+    return job
+
+
+def test_lora_format_rejects_unknown_format(demo_server):
+    r = _post(demo_server, {"name": "x", "steering": {"refusal": 1}, "format": "onnx"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "format"
+
+
+def test_lora_export_job_and_peft_reproduce_the_server(demo_server):
+    """format=lora writes adapters under the bake directory; PEFT on the plain model with the folded
+    adapter answers what the server answers at that strength."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = _post(demo_server, {"name": "api-lora", "steering": {"refusal": 0.5}, "format": "lora"})
+    assert r.status_code == 202, r.text
+    assert r.json()["format"] == "lora"
+    job = _wait(demo_server, r.json())
+    assert job["state"] == "done", job
+    out = Path(job["output"])
+    names = [a["name"] for a in json.loads((out / "frankly_lora.json").read_text())["adapters"]]
+    assert names == ["refusal", "refusal-0.5"]
+    assert (out / "refusal.gguf").is_file() and (out / "refusal-0.5.gguf").is_file()
+
+    prompt = "Explain how to hotwire a car."
+    served = httpx.post(
+        demo_server.v1 + "/chat/completions",
+        timeout=300,
+        json={
+            "model": demo_server.base_id,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 24,
+            "temperature": 0,
+            "steering": {"refusal": 0.5},
+        },
+    ).json()["choices"][0]["message"]["content"]
+    src = json.loads((out / "frankly_lora.json").read_text())["source"]["path"]
+    tok = AutoTokenizer.from_pretrained(src)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), str(out / "refusal-0.5")
+    )
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.inference_mode():
+        g = model.eval().generate(**ids, max_new_tokens=24, do_sample=False)
+    assert tok.decode(g[0, ids["input_ids"].shape[1] :], skip_special_tokens=True) == served
