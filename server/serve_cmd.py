@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from typing import get_args, get_origin
+from typing import Literal, get_args, get_origin
 
 from pydantic_settings import BaseSettings
 
@@ -68,6 +68,8 @@ def flag_kwargs(settings_cls: type[BaseSettings], field: str, flag: str, extra: 
         kw["action"] = "append"
     elif int in types or float in types:
         kw["type"] = int if int in types else float
+    elif get_origin(info.annotation) is Literal:
+        kw["choices"] = list(get_args(info.annotation))
     return {"metavar": flag.lstrip("-").upper().replace("-", "_"), **kw, **extra}
 
 

@@ -140,4 +140,20 @@ def test_the_readme_flag_table_uses_the_settings_descriptions():
     for cls, flags in ((ModelSettings, MODEL_FLAGS), (ServerSettings, SERVER_FLAGS)):
         for flag, field, _ in flags:
             desc = cls.model_fields[field].description.replace("|", "\\|")
+            assert flag in rows, f"README's flag table (## `frankly serve` flags) has no row for {flag}"
             assert rows[flag].startswith(desc), (flag, rows[flag], desc)
+
+
+def test_a_literal_setting_becomes_a_choice_flag():
+    from typing import Literal
+
+    from pydantic import Field
+    from pydantic_settings import BaseSettings
+
+    from server.serve_cmd import flag_kwargs
+
+    class S(BaseSettings):
+        mode: Literal["a", "b"] = Field("a", description="which mode")
+
+    kw = flag_kwargs(S, "mode", "--mode", {})
+    assert kw["choices"] == ["a", "b"] and kw["help"] == "which mode (default: a)"
