@@ -12,6 +12,9 @@ before the next, so they never compete for the cores):
   concurrent requests (cycling 0, 0.5, 1.0, -0.5), at each stream count;
   the "join latency" of a short request arriving during a long generation;
   peak RSS while serving ``--rss-streams`` x ``--rss-tokens``;
+- frankly's llama.cpp engine (``--engine llamacpp``) on the original Q4_K_M GGUF, the
+  same scenarios, and bare ``llama_cpp.server`` on that GGUF (needs the ``llamacpp``
+  extra and ``pip install 'llama-cpp-python[server]'``);
 - ``transformers serve`` on the same converted model directory, without and
   with ``--continuous-batching``, at each stream count, plus its join latency.
 
@@ -40,7 +43,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("bandwidth", "generate", "frankly", "join", "rss", "frankly-packed", "hf", "hf-cb")
+SECTIONS = (
+    "bandwidth",
+    "generate",
+    "frankly",
+    "join",
+    "rss",
+    "frankly-packed",
+    "frankly-llamacpp",
+    "llamacpp-server",
+    "hf",
+    "hf-cb",
+)
 OPT_IN_SECTIONS = {"frankly-packed"}  # run only when named in --only
 STRENGTH_CYCLE = (0.0, 0.5, 1.0, -0.5)
 
@@ -240,6 +254,17 @@ def frankly_cmd(args, direction: str) -> list[str]:
     ]
     if args.num_threads:
         cmd += ["--num-threads", str(args.num_threads)]
+    return cmd
+
+
+def llamacpp_server_cmd(args) -> list[str]:
+    """Bare ``llama_cpp.server`` (llama-cpp-python's OpenAI server) on the demo model's original GGUF."""
+    from directions.models import locate
+
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", locate("demo")[1], "--host", "127.0.0.1"]
+    cmd += ["--port", "{port}", "--n_ctx", "4096"]
+    if args.num_threads:
+        cmd += ["--n_threads", str(args.num_threads)]
     return cmd
 
 
@@ -622,6 +647,44 @@ def main(argv=None) -> int:
             res["runs"] += rows
             res["servers"].append(info)
             res["memory"] += [mem] if mem else []
+    if "frankly-llamacpp" in sec:
+        # frankly's llama.cpp engine on the original Q4_K_M GGUF: the same scenarios as the torch engine
+        scen_l = [
+            ("steering off", [{}], args.streams_list),
+            ("refusal=1.0", [{"steering": {"refusal": 1.0}}], args.streams_list),
+        ]
+        if max_n > 1:
+            scen_l.append(
+                (
+                    f"mixed {'/'.join(str(s) for s in STRENGTH_CYCLE)}",
+                    [{"steering": {"refusal": s}} for s in STRENGTH_CYCLE],
+                    [max_n],
+                )
+            )
+        direction, _ = ensure_direction(out_dir, args.direction)
+        rows, _, _, info = serve_and_measure(
+            "frankly --engine llamacpp",
+            [*frankly_cmd(args, direction), "--engine", "llamacpp"],
+            args,
+            out_dir,
+            scen_l,
+            False,
+            False,
+        )
+        res["runs"] += rows
+        res["servers"].append(info)
+    if "llamacpp-server" in sec:
+        rows, _, _, info = serve_and_measure(
+            "llama_cpp.server (bare)",
+            llamacpp_server_cmd(args),
+            args,
+            out_dir,
+            [("", [{}], args.streams_list)],
+            False,
+            False,
+        )
+        res["runs"] += rows
+        res["servers"].append(info)
     for key, cb in (("hf", False), ("hf-cb", True)):
         if key not in sec:
             continue

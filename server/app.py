@@ -16,7 +16,7 @@ from server.api import admin_routes, models_routes, openai_routes, openapi, syst
 from server.api.body_limit import BodyLimit
 from server.deps import AppState
 from server.engine.protocol import Engine
-from server.engine.torch_engine import EngineConfig, TorchEngine
+from server.engine.torch_engine import EngineConfig, TorchEngine, eos_ids
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.serving import ChatServing, CompletionServing
@@ -49,6 +49,31 @@ def torch_engine(
         num_threads=num_threads,
     )
     return TorchEngine(loaded.model, loaded.tokenizer, directions, config, observer=metrics)
+
+
+def llamacpp_engine(
+    loaded: LoadedModel,
+    directions: dict[str, DirectionSet],
+    settings: ServerSettings,
+    max_model_len: int,
+    num_threads: int | None,
+    metrics: Metrics,
+):
+    """The llama.cpp engine on ``loaded.gguf``, with the directions' adapters (exported once, cached)."""
+    from pathlib import Path
+
+    from directions.files import cache_root
+    from server.engine.llamacpp_engine import LlamaCppConfig, LlamaCppEngine, ensure_adapters
+
+    base, adapters = ensure_adapters(Path(loaded.gguf), directions, cache_root())
+    config = LlamaCppConfig(
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        max_model_len=max_model_len,
+        num_threads=num_threads,
+    )
+    eos = eos_ids(loaded.model, loaded.tokenizer)
+    return LlamaCppEngine(base, loaded.tokenizer, adapters, eos, config, observer=metrics)
 
 
 def _bake_jobs(loaded: LoadedModel, directions: dict[str, DirectionSet], settings: ServerSettings):
@@ -114,7 +139,8 @@ def build_app(
     metrics = Metrics()
     mml = max_model_len_for(loaded.model, model_settings.max_model_len)
     if engine is None:
-        engine = torch_engine(loaded, directions, settings, mml, model_settings.num_threads, metrics)
+        make = llamacpp_engine if model_settings.engine == "llamacpp" else torch_engine
+        engine = make(loaded, directions, settings, mml, model_settings.num_threads, metrics)
     metrics.bind_engine(engine)
     app = FastAPI(
         title="frankly",

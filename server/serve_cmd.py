@@ -12,7 +12,9 @@ from typing import Literal, get_args, get_origin
 
 from pydantic_settings import BaseSettings
 
+from directions.bake import BakeError
 from directions.fileformat import DirectionFileError
+from directions.llamacpp import LlamaCppError
 from directions.models import ModelLoadError
 from directions.writers import UnsupportedModelError
 from server.packing import PackingUnavailable
@@ -25,6 +27,7 @@ log = logging.getLogger("frankly.serve")
 # CLI > env > config file holds.
 MODEL_FLAGS = [
     ("--model", "model", {}),
+    ("--engine", "engine", {"choices": ["torch", "llamacpp"]}),
     ("--served-model-name", "served_model_name", {}),
     ("--device", "device", {}),
     ("--dtype", "dtype", {}),
@@ -111,12 +114,12 @@ def run(args) -> int:
 
     ms, ss = settings_from_args(args)
     try:
-        loaded, directions = load_served(ms)
+        loaded, directions = load_served(ms)  # --engine llamacpp: tokenizer and config only
         app = build_app(loaded, directions, ss, ms, served_id(ms))
     except PackingUnavailable as e:
         print(f"frankly: cannot start: --packed-weights: {e}", file=sys.stderr)
         return 2
-    except (ModelLoadError, DirectionFileError, UnsupportedModelError, OSError) as e:
+    except (ModelLoadError, DirectionFileError, UnsupportedModelError, LlamaCppError, BakeError, OSError) as e:
         print(f"frankly: cannot start: {e}", file=sys.stderr)
         return 2
     if not _is_loopback(ss.host) and not ss.all_api_keys():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -38,6 +38,12 @@ class ModelSettings(_Base):
     model_config = SettingsConfigDict(env_prefix="FRANKLY_", extra="ignore")
 
     model: str = Field("demo", description="hub id, local model directory, .gguf file, or 'demo'")
+    engine: Literal["torch", "llamacpp"] = Field(
+        "torch",
+        description="torch: transformers with hooks (every feature, fp32/bf16); llamacpp: llama.cpp on the "
+        "GGUF itself, quantized, steering through LoRA adapters (faster on CPUs; no conditional mode; "
+        "needs the llamacpp extra and a .gguf model or demo)",
+    )
     served_model_name: str | None = Field(
         None, description="model id clients use (default: 'qwen-demo' for demo, else the directory/file name)"
     )

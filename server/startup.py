@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from directions.demo import DEMO_NAME, shipped_demo_paths
 from directions.fileformat import DirectionSet
-from directions.models import LoadedModel, load_model
+from directions.models import LoadedModel, ModelLoadError, load_model, locate
 from directions.specs import check_fit, load_directions, parse_direction_specs
 from server.settings import ModelSettings
 
@@ -23,9 +26,47 @@ def direction_paths(ms: ModelSettings) -> dict[str, str]:
     return paths
 
 
+@dataclass
+class ConfigOnly:
+    """What the server needs of a model that another runtime (llama.cpp) runs: its configs."""
+
+    config: object
+    generation_config: object
+
+
+def _load_for_llamacpp(ms: ModelSettings) -> LoadedModel:
+    """The tokenizer and configs of a GGUF model (from its one-time converted directory, which the
+    adapter export needs too); the weights stay llama.cpp's."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    path, gguf = locate(ms.model)
+    if gguf is None:
+        raise ModelLoadError(f"--engine llamacpp runs GGUF files: {ms.model!r} is not a .gguf file (or 'demo')")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise ModelLoadError(f"could not read the tokenizer or config of {ms.model!r}: {e}") from e
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except OSError:
+        gen = GenerationConfig.from_model_config(config)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(ConfigOnly(config, gen), tok, ms.model, path, "cpu", torch.float32, gguf)
+
+
 def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]]:
-    """Load the model and its directions, each checked against the model (clear errors naming both)."""
+    """Load the model and its directions, each checked against the model (clear errors naming both).
+
+    With ``--engine llamacpp`` only the tokenizer and configs are loaded here (see
+    :func:`_load_for_llamacpp`); the engine loads the GGUF itself."""
     paths = direction_paths(ms)
+    if ms.engine == "llamacpp":
+        loaded = _load_for_llamacpp(ms)
+        directions = load_directions(paths)
+        check_fit(directions, loaded.model.config, paths, allow_mismatch=ms.allow_fingerprint_mismatch)
+        return loaded, directions
     loaded = load_model(ms.model, device=ms.device, dtype=ms.dtype)
     directions = load_directions(paths)
     check_fit(directions, loaded.model.config, paths, allow_mismatch=ms.allow_fingerprint_mismatch)

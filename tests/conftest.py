@@ -59,11 +59,23 @@ def server_factory(tmp_path_factory):
         s.stop()
 
 
-@pytest.fixture(scope="session")
-def demo_server(server_factory, tmp_path_factory) -> LiveServer:
-    """One shared server on the demo model with the shipped directions, an admin key and a bake dir."""
+ENGINES = ["torch", "llamacpp"]
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def demo_server(request, server_factory, tmp_path_factory) -> LiveServer:
+    """One shared server per engine on the demo model with the shipped directions, an admin key and a
+    bake dir: every test that uses it runs against the torch engine and against the llama.cpp engine."""
     bake = tmp_path_factory.mktemp("baked")
-    return server_factory("--admin-key", ADMIN_KEY, "--bake-dir", str(bake))
+    s = server_factory("--engine", request.param, "--admin-key", ADMIN_KEY, "--bake-dir", str(bake))
+    s.engine = request.param
+    return s
+
+
+def torch_engine_only(server, why: str) -> None:
+    """Skip the llama.cpp run of a test of something only the torch engine does (``why`` says what)."""
+    if getattr(server, "engine", "torch") != "torch":
+        pytest.skip(f"{server.engine} engine: {why}")
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from directions.fileformat import DirectionSet
+from directions.files import file_key
 from directions.llamacpp import LlamaCpp
 from server.engine.errors import GenerationFailed
 from server.engine.protocol import AsyncBridge, Emit, EngineCapabilities, EngineObserver, EngineStats, NullObserver
@@ -279,8 +280,7 @@ class LlamaCppEngine(AsyncBridge):
 
 def adapter_cache_dir(gguf: Path, directions: dict[str, DirectionSet], root: Path) -> Path:
     """One cache entry per (base GGUF file, direction contents)."""
-    st = gguf.stat()
-    h = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode())
+    h = hashlib.sha256(file_key(gguf).encode())
     for name in sorted(directions):
         ds = directions[name]
         h.update(name.encode())
