@@ -73,8 +73,10 @@ class SteeringPolicy:
         return ids
 
     # ---- body field -----------------------------------------------------------
-    def parse_body(self, value: Any) -> dict[str, DirectionRequest]:
-        """The steering of the body field: an object (or the same as a JSON string) of name -> spec."""
+    def parse_body(self, value: Any, for_engine: bool = True) -> dict[str, DirectionRequest]:
+        """The steering of the body field: an object (or the same as a JSON string) of name -> spec.
+
+        ``for_engine=False`` skips the engine's capability check (a bake or export runs no engine)."""
         if value is None:
             return {}
         if isinstance(value, str):
@@ -102,7 +104,7 @@ class SteeringPolicy:
                     raise InvalidRequest(f"unknown keys {sorted(extra)} in '{param}'", param=param)
                 when = spec.get("when", "always")
                 spec = spec.get("strength", 1.0)
-            out[name] = self._check(name, spec, when, param=param)
+            out[name] = self._check(name, spec, when, param=param, for_engine=for_engine)
         return out
 
     def resolve(self, model: str, body_value: Any) -> dict[str, DirectionRequest]:
@@ -112,14 +114,14 @@ class SteeringPolicy:
             raise InvalidRequest(f"at most {self.max_directions} directions per request", param="steering")
         return merged
 
-    def _check(self, name: str, strength: Any, when: Any, param: str) -> DirectionRequest:
+    def _check(self, name: str, strength: Any, when: Any, param: str, for_engine: bool = True) -> DirectionRequest:
         try:
             s = check_strength(name, strength, self.max_abs_strength)
         except StrengthError as e:
             raise InvalidRequest(str(e), param=param) from None
         if when not in WHEN:
             raise InvalidRequest(f"'when' for '{name}' must be one of {WHEN}", param=param)
-        if when == "auto" and not self.conditional_ok:
+        if when == "auto" and for_engine and not self.conditional_ok:
             raise InvalidRequest(
                 f"the {self.capabilities.name} engine does not support conditional steering (when: auto); "
                 "use when='always'",

@@ -23,7 +23,7 @@ async def bake(body: BakeRequest, request: Request):
     """Bake the given strengths into a copy of the weights (or, with ``format: lora``, export LoRA adapters)
     under the bake directory, by name."""
     st = state(request)
-    steering = st.policy.parse_body(body.steering)
+    steering = st.policy.parse_body(body.steering, for_engine=False)
     if not steering:
         raise InvalidRequest("steering must name at least one direction", param="steering")
     if any(d.when == "auto" for d in steering.values()):

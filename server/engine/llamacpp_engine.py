@@ -34,11 +34,12 @@ from directions.fileformat import DirectionSet
 from directions.files import file_key
 from directions.llamacpp import LlamaCpp
 from server.engine.errors import GenerationFailed
-from server.engine.protocol import AsyncBridge, Emit, EngineCapabilities, EngineObserver, EngineStats, NullObserver
+from server.engine.protocol import EngineCapabilities, EngineObserver, EngineStats, NullObserver
 from server.engine.rows import Row, RowOutput
 from server.engine.sampling import sample_rows
 from server.engine.scheduler import Scheduler
-from server.engine.types import GenerationRequest, SteeringReport
+from server.engine.threaded import ThreadedEngine
+from server.engine.types import SteeringReport
 
 log = logging.getLogger("frankly.engine.llamacpp")
 
@@ -96,10 +97,11 @@ class _Slots:
         self.rows = []
 
 
-class LlamaCppEngine(AsyncBridge):
+class LlamaCppEngine(ThreadedEngine):
     """frankly's engine protocol (:class:`server.engine.protocol.Engine`) on llama.cpp."""
 
     capabilities = CAPABILITIES
+    thread_name = "frankly-llamacpp"
 
     def __init__(
         self,
@@ -110,15 +112,15 @@ class LlamaCppEngine(AsyncBridge):
         config: LlamaCppConfig,
         observer: EngineObserver | None = None,
     ):
+        super().__init__(tokenizer, "cpu")
         self.gguf = str(gguf)
-        self.tok = tokenizer
         self.adapters = dict(adapters)
         self.config = config
         self.observer = observer or NullObserver()
-        self.slots = _Slots(config.max_batch_size)
+        self.running = _Slots(config.max_batch_size)
         self.output = RowOutput(tokenizer, eos_ids, config.max_model_len, self.observer)
         self.scheduler = Scheduler(
-            self.slots,
+            self.running,
             self.output,
             self.observer,
             config.max_batch_size,
@@ -127,91 +129,48 @@ class LlamaCppEngine(AsyncBridge):
             1,
         )
         self.ll: LlamaCpp | None = None
-        self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self.steps = 0  # decode steps (each one or more llama_decode passes)
-        self.passes = 0  # llama_decode calls of decode steps
-        self.error: BaseException | None = None
-
-    # ---- the protocol, any thread ------------------------------------------------------
-    @property
-    def num_running(self) -> int:
-        return len(self.slots)
-
-    @property
-    def num_waiting(self) -> int:
-        return self.scheduler.num_waiting
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        self.passes = 0  # llama_decode calls of decode steps (one per strength group and step)
 
     def stats(self) -> EngineStats:
         return EngineStats(self.num_running, self.num_waiting, self.steps, 0)
 
     def start(self) -> None:
-        """Load the model and adapters (on the engine thread, which owns them) and start serving."""
-        self._thread = threading.Thread(target=self._run, name="frankly-llamacpp", daemon=True)
-        self._thread.start()
+        """Load the model and adapters (on the engine thread, which owns them), then serve; load errors raise here."""
+        super().start()
         self._ready.wait()
         if self.error is not None:
             raise self.error
 
-    def submit(self, req: GenerationRequest, emit: Emit) -> None:
-        self.scheduler.submit(Row(req, emit, self.tok, "cpu"))
-
-    def cancel(self, request_id: str) -> None:
-        self.scheduler.cancel(request_id)
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        self.scheduler.drain()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                self.scheduler.stop()
-                self._thread.join(10)
-
     # ---- engine thread -----------------------------------------------------------------
-    def _load(self) -> None:
-        c = self.config
-        self.ll = LlamaCpp(
-            self.gguf,
-            n_ctx=c.max_model_len * c.max_batch_size,
-            n_seq_max=c.max_batch_size,
-            n_batch=c.n_batch,
-            n_threads=c.num_threads,
-            n_gpu_layers=c.n_gpu_layers,
-        )
-        for name, path in self.adapters.items():
-            self.ll.load_adapter(name, path)
-
     def _run(self) -> None:
+        c = self.config
         try:
-            self._load()
+            self.ll = LlamaCpp(
+                self.gguf,
+                n_ctx=c.max_model_len * c.max_batch_size,
+                n_seq_max=c.max_batch_size,
+                n_batch=c.n_batch,
+                n_threads=c.num_threads,
+                n_gpu_layers=c.n_gpu_layers,
+            )
+            for name, path in self.adapters.items():
+                self.ll.load_adapter(name, path)
         except BaseException as e:
             self.error = e
-            self._ready.set()
+            if self.ll is not None:
+                self.ll.close()
             return
-        self._ready.set()
-        sched = self.scheduler
-        try:
-            while sched.apply_commands(block=sched.idle):
-                if sched.stopping and sched.idle:
-                    break
-                sched.expire()
-                self._drop_finished()
-                sched.admit(self._prefill_group)
-                if self.slots.rows:
-                    self._step()
-        except BaseException as e:  # the engine must never die silently
-            log.exception("llama.cpp engine thread crashed")
-            self.error = e
-            sched.end_all(GenerationFailed(f"engine failure: {type(e).__name__}"))
         finally:
+            self._ready.set()
+        super()._run()
+
+    def _close(self) -> None:
+        if self.ll is not None:
             self.ll.close()
 
     def _drop_finished(self) -> None:
-        self.slots.drop_finished(lambda r: self.output.finish(r, "cancelled"), self.ll.clear)
+        self.running.drop_finished(lambda r: self.output.finish(r, "cancelled"), self.ll.clear)
 
     def _start_row(self, row: Row) -> None:
         row.strengths, row.report = {}, {}
@@ -226,7 +185,7 @@ class LlamaCppEngine(AsyncBridge):
             try:
                 self._start_row(row)
                 self.ll.set_scales(row.strengths)
-                self.slots.take(row)
+                self.running.take(row)
                 self.ll.clear(row.slot)
                 logits = self.ll.prefill(row.req.prompt_ids, seq=row.slot)
             except Exception as e:
@@ -250,7 +209,7 @@ class LlamaCppEngine(AsyncBridge):
 
     def _step(self) -> None:
         groups: dict[tuple, list[Row]] = {}
-        for r in self.slots.rows:
+        for r in self.running.rows:
             if not r.done:
                 groups.setdefault(steering_key(r.strengths), []).append(r)
         try:
@@ -269,8 +228,8 @@ class LlamaCppEngine(AsyncBridge):
                 self._sample_and_accept(rows, logits)
             self.steps += 1
         except Exception as e:  # one bad step must not take the engine down
-            log.exception("decode step failed; ending the %d running rows", len(self.slots))
-            for r in self.slots.rows:
+            log.exception("decode step failed; ending the %d running rows", len(self.running))
+            for r in self.running.rows:
                 self.output.finish(r, "error", error=GenerationFailed(f"generation failed: {type(e).__name__}"))
         self._drop_finished()
 
