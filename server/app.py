@@ -33,6 +33,16 @@ def max_model_len_for(model, requested: int | None) -> int:
     return min(requested or min(native, 8192), native)
 
 
+def engine_limits(settings: ServerSettings, max_model_len: int, num_threads: int | None) -> dict:
+    """The limits every engine's config takes from the settings."""
+    return {
+        "max_batch_size": settings.max_batch_size,
+        "max_queue": settings.max_queue,
+        "max_model_len": max_model_len,
+        "num_threads": num_threads,
+    }
+
+
 def torch_engine(
     loaded: LoadedModel,
     directions: dict[str, DirectionSet],
@@ -42,12 +52,7 @@ def torch_engine(
     metrics: Metrics,
 ) -> TorchEngine:
     """The torch engine for ``loaded``, reporting to ``metrics``."""
-    config = EngineConfig(
-        max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
-        max_model_len=max_model_len,
-        num_threads=num_threads,
-    )
+    config = EngineConfig(**engine_limits(settings, max_model_len, num_threads))
     return TorchEngine(loaded.model, loaded.tokenizer, directions, config, observer=metrics)
 
 
@@ -66,12 +71,7 @@ def llamacpp_engine(
     from server.engine.llamacpp_engine import LlamaCppConfig, LlamaCppEngine, ensure_adapters
 
     base, adapters = ensure_adapters(Path(loaded.gguf), directions, cache_root())
-    config = LlamaCppConfig(
-        max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
-        max_model_len=max_model_len,
-        num_threads=num_threads,
-    )
+    config = LlamaCppConfig(**engine_limits(settings, max_model_len, num_threads))
     eos = eos_ids(loaded.model, loaded.tokenizer)
     return LlamaCppEngine(base, loaded.tokenizer, adapters, eos, config, observer=metrics)
 

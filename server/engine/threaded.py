@@ -15,7 +15,7 @@ import threading
 
 from server.engine.errors import GenerationFailed
 from server.engine.protocol import AsyncBridge, Emit
-from server.engine.rows import Row
+from server.engine.rows import Row, RowOutput
 from server.engine.scheduler import RunningRows, Scheduler
 from server.engine.types import GenerationRequest
 
@@ -28,6 +28,7 @@ class ThreadedEngine(AsyncBridge):
     thread_name = "frankly-engine"
     scheduler: Scheduler
     running: RunningRows
+    output: RowOutput
 
     def __init__(self, tokenizer, device):
         self.tok = tokenizer
@@ -92,6 +93,12 @@ class ThreadedEngine(AsyncBridge):
             log.exception("engine thread crashed")
             self.error = e
             sched.end_all(GenerationFailed(f"engine failure: {type(e).__name__}"))
+
+    def _end_running(self, e: Exception) -> None:
+        """A decode step failed: end the running rows with an error (one bad step must not take the engine down)."""
+        log.exception("decode step failed; ending the %d running rows", len(self.running))
+        for r in self.running.rows:
+            self.output.finish(r, "error", error=GenerationFailed(f"generation failed: {type(e).__name__}"))
 
     def _prefill_group(self, group: list[Row]) -> None:
         """Prefill ``group`` (taken off the waiting queue) and add it to the running batch."""

@@ -122,9 +122,7 @@ class TorchEngine(ThreadedEngine):
             decode_step(self.model, self.batch, self.hooks, self.output, self.observer)
             self.steps += 1
         except Exception as e:  # one bad step must not take the engine down
-            log.exception("decode step failed; ending the %d running rows", len(self.batch))
-            for s in self.batch.rows:
-                self.output.finish(s, "error", error=GenerationFailed(f"generation failed: {type(e).__name__}"))
+            self._end_running(e)
             self._drop_finished()
 
     def _drop_finished(self) -> None:
