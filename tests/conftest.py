@@ -62,14 +62,33 @@ def server_factory(tmp_path_factory):
 ENGINES = ["torch", "llamacpp"]
 
 
+@pytest.fixture(scope="session")
+def demo_servers(server_factory, tmp_path_factory):
+    """engine -> its shared demo server, started on first use (one per engine for the session)."""
+    started: dict[str, LiveServer] = {}
+
+    def get(engine: str) -> LiveServer:
+        if engine not in started:
+            bake = tmp_path_factory.mktemp("baked")
+            s = server_factory("--engine", engine, "--admin-key", ADMIN_KEY, "--bake-dir", str(bake))
+            s.engine = engine
+            started[engine] = s
+        return started[engine]
+
+    return get
+
+
 @pytest.fixture(scope="session", params=ENGINES)
-def demo_server(request, server_factory, tmp_path_factory) -> LiveServer:
+def demo_server(request, demo_servers) -> LiveServer:
     """One shared server per engine on the demo model with the shipped directions, an admin key and a
     bake dir: every test that uses it runs against the torch engine and against the llama.cpp engine."""
-    bake = tmp_path_factory.mktemp("baked")
-    s = server_factory("--engine", request.param, "--admin-key", ADMIN_KEY, "--bake-dir", str(bake))
-    s.engine = request.param
-    return s
+    return demo_servers(request.param)
+
+
+@pytest.fixture(scope="session")
+def torch_demo_server(demo_servers) -> LiveServer:
+    """The torch engine's shared demo server (for tests of what only that engine does)."""
+    return demo_servers("torch")
 
 
 def torch_engine_only(server, why: str) -> None:

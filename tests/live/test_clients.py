@@ -26,7 +26,7 @@ def _directions(server) -> dict[str, dict]:
 def steer_server(request, server_factory, tmp_path_factory):
     """The demo server when the refusal direction is shipped; else one with a generated conditional test direction."""
     if (ROOT / "directions" / "shipped" / "qwen-demo-refusal.safetensors").is_file():
-        server = request.getfixturevalue("demo_server")
+        server = request.getfixturevalue("torch_demo_server")
         assert "refusal" in _directions(server), "the shipped refusal direction did not load"
         return server
     import torch

@@ -345,7 +345,7 @@ def test_page_compare_refusal(request, page, tmp_path):
 
     if not SHIPPED_REFUSAL.is_file():
         pytest.fail(f"{SHIPPED_REFUSAL.relative_to(ROOT)} is missing: this test needs the shipped refusal direction")
-    demo_server = request.getfixturevalue("demo_server")
+    demo_server = request.getfixturevalue("torch_demo_server")
 
     names = [d["name"] for d in httpx.get(demo_server.v1 + "/directions", timeout=10).json()["data"]]
     assert "refusal" in names, f"demo server did not load the shipped refusal direction (loaded: {names})"
