@@ -238,6 +238,29 @@ def load_source_model(path: str, label: str):
     return model, tok
 
 
+def output_path(out_dir: str | Path, bake_root: str | Path | None) -> Path:
+    """The final directory: ``bake_root/out_dir`` for a bare name, else the path ``out_dir`` itself."""
+    if bake_root is None:
+        out = Path(out_dir).expanduser().absolute()
+        bake_root, out_dir = out.parent, out.name
+    return validate_name(str(out_dir), bake_root)
+
+
+def claim_output(final: Path, sources, overwrite: bool) -> None:
+    """Refuse to write over or inside a source, or over an existing output without ``overwrite``;
+    create the parent directory."""
+    for src in filter(None, sources):
+        p = Path(src).expanduser()
+        if p.exists() and (_inside(p.resolve(), final) or _inside(final, p.resolve())):
+            raise BakeExistsError(f"refusing to write {final}: it is or contains the source model {p}")
+    if final.exists() and not overwrite:
+        raise BakeExistsError(f"{final} already exists (pass overwrite to replace it)")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _storage_error(e, final.parent) from e
+
+
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
@@ -338,25 +361,11 @@ def bake_to_dir(
     """
     t0 = time.monotonic()
     report_progress = progress or (lambda f, m: None)
-    if bake_root is None:
-        out = Path(out_dir).expanduser().absolute()
-        bake_root, name = out.parent, out.name
-    else:
-        name = str(out_dir)
-    final = validate_name(name, bake_root)
-    root = final.parent
+    final = output_path(out_dir, bake_root)
+    root, name = final.parent, final.name
     strengths = _check_strengths(directions, strengths)
     path, gguf, label = _source_of(source)
-    for src in filter(None, (path, gguf)):
-        p = Path(src).expanduser()
-        if p.exists() and (_inside(p.resolve(), final) or _inside(final, p.resolve())):
-            raise BakeExistsError(f"refusing to write {final}: it is or contains the source model {p}")
-    if final.exists() and not overwrite:
-        raise BakeExistsError(f"{final} already exists (pass overwrite to replace it)")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _storage_error(e, root) from e
+    claim_output(final, (path, gguf), overwrite)
 
     report_progress(0.0, f"loading {label}")
     model, tok = load_source_model(path, label)

@@ -14,6 +14,7 @@ import logging
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -74,6 +75,20 @@ def load_directions(model: str, specs: list[str]) -> dict[str, DirectionSet]:
     return {name: load_direction(path, name=name) for name, path in paths.items()}
 
 
+@contextmanager
+def progress_bar(desc: str):
+    """A 0-100% tqdm bar and the ``progress(fraction, message)`` callback that drives it."""
+    fmt = "{l_bar}{bar}| {n:.0f}% [{elapsed}] {postfix}"
+    with tqdm(total=100, unit="%", desc=desc, bar_format=fmt) as bar:
+
+        def progress(fraction: float, message: str) -> None:
+            # No forced refresh: tqdm's own rate limit keeps logs readable when stderr is not a terminal.
+            bar.set_postfix_str(message[-60:], refresh=False)
+            bar.update(100 * fraction - bar.n)
+
+        yield bar, progress
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         directions = load_directions(args.model, args.direction)
@@ -83,13 +98,7 @@ def run(args: argparse.Namespace) -> int:
     strengths = parse_steering(args.steering)
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines would break the progress bar
     t0 = time.monotonic()
-    with tqdm(total=100, unit="%", desc="baking", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}] {postfix}") as bar:
-
-        def progress(fraction: float, message: str) -> None:
-            # No forced refresh: tqdm's own rate limit keeps logs readable when stderr is not a terminal.
-            bar.set_postfix_str(message[-60:], refresh=False)
-            bar.update(100 * fraction - bar.n)
-
+    with progress_bar("baking") as (bar, progress):
         try:
             out = bake_to_dir(
                 args.model,

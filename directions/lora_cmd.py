@@ -16,10 +16,8 @@ import logging
 import sys
 import time
 
-from tqdm import tqdm
-
 from directions.bake import BakeError
-from directions.bake_cmd import load_directions
+from directions.bake_cmd import load_directions, progress_bar
 from directions.fileformat import DirectionFileError
 from directions.lora_export import FORMATS, GGUF_EMBEDDING, MANIFEST, export_lora
 
@@ -85,12 +83,7 @@ def run(args: argparse.Namespace) -> int:
         formats = ["peft", "gguf"] if (source_is_gguf or args.gguf_base) else ["peft"]
     logging.getLogger("gguf").setLevel(logging.WARNING)
     t0 = time.monotonic()
-    with tqdm(total=100, unit="%", desc="exporting", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}] {postfix}") as bar:
-
-        def progress(fraction: float, message: str) -> None:
-            bar.set_postfix_str(message[-60:], refresh=False)
-            bar.update(100 * fraction - bar.n)
-
+    with progress_bar("exporting") as (bar, progress):
         try:
             out = export_lora(
                 args.model,

@@ -24,15 +24,14 @@ from pathlib import Path
 
 from directions.bake import (
     BakeError,
-    BakeExistsError,
     BakeGGUFError,
     UnknownDirection,
-    _inside,
     _move_into_place,
     _source_of,
     _storage_error,
+    claim_output,
     load_source_model,
-    validate_name,
+    output_path,
 )
 from directions.fileformat import DirectionFileError, DirectionSet
 from directions.gguf_write import write_baked_gguf
@@ -169,29 +168,15 @@ def export_lora(
     else:
         every = tuple(float(s) for s in strengths)
         folded = dict.fromkeys(names, every)
-    if bake_root is None:
-        out = Path(out_dir).expanduser().absolute()
-        bake_root, name = out.parent, out.name
-    else:
-        name = str(out_dir)
-    final = validate_name(name, bake_root)
-    root = final.parent
+    final = output_path(out_dir, bake_root)
+    root, name = final.parent, final.name
     path, src_gguf, label = _source_of(source)
     gguf_path = str(gguf_base) if gguf_base else src_gguf
     if "gguf" in formats and not gguf_path:
         raise BakeGGUFError(
             f"{label} is not a GGUF model: pass a base GGUF to write llama.cpp adapters", param="format"
         )
-    for src in filter(None, (path, gguf_path)):
-        p = Path(src).expanduser()
-        if p.exists() and (_inside(p.resolve(), final) or _inside(final, p.resolve())):
-            raise BakeExistsError(f"refusing to write {final}: it is or contains the source model {p}")
-    if final.exists() and not overwrite:
-        raise BakeExistsError(f"{final} already exists (pass overwrite to replace it)")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _storage_error(e, root) from e
+    claim_output(final, (path, gguf_path), overwrite)
 
     report(0.0, f"loading {label}")
     model, _tok = load_source_model(path, label)

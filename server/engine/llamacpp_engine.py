@@ -227,10 +227,8 @@ class LlamaCppEngine(ThreadedEngine):
                     r.t_last = now
                 self._sample_and_accept(rows, logits)
             self.steps += 1
-        except Exception as e:  # one bad step must not take the engine down
-            log.exception("decode step failed; ending the %d running rows", len(self.running))
-            for r in self.running.rows:
-                self.output.finish(r, "error", error=GenerationFailed(f"generation failed: {type(e).__name__}"))
+        except Exception as e:
+            self._end_running(e)
         self._drop_finished()
 
 

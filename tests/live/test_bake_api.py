@@ -65,17 +65,7 @@ def test_bake_job_and_plain_transformers_reproduce_the_server(demo_server):
     assert any(j["id"] == job["id"] for j in listed)
 
     prompt = "Explain how to hotwire a car."
-    served = httpx.post(
-        demo_server.v1 + "/chat/completions",
-        timeout=300,
-        json={
-            "model": demo_server.base_id,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": 24,
-            "temperature": 0,
-            "steering": {"refusal": 1.0},
-        },
-    ).json()["choices"][0]["message"]["content"]
+    served = _served(demo_server, prompt, 1.0)
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = tok.apply_chat_template(
@@ -85,6 +75,19 @@ def test_bake_job_and_plain_transformers_reproduce_the_server(demo_server):
         g = model.generate(**ids, max_new_tokens=24, do_sample=False)
     plain = tok.decode(g[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert plain == served
+
+
+def _served(server, prompt: str, strength: float) -> str:
+    """The server's greedy 24-token answer to ``prompt`` at refusal ``strength``."""
+    body = {
+        "model": server.base_id,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 24,
+        "temperature": 0,
+        "steering": {"refusal": strength},
+    }
+    r = httpx.post(server.v1 + "/chat/completions", timeout=300, json=body)
+    return r.json()["choices"][0]["message"]["content"]
 
 
 def _wait(server, job, timeout=600):
@@ -119,17 +122,7 @@ def test_lora_export_job_and_peft_reproduce_the_server(demo_server):
     assert (out / "refusal.gguf").is_file() and (out / "refusal-0.5.gguf").is_file()
 
     prompt = "Explain how to hotwire a car."
-    served = httpx.post(
-        demo_server.v1 + "/chat/completions",
-        timeout=300,
-        json={
-            "model": demo_server.base_id,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": 24,
-            "temperature": 0,
-            "steering": {"refusal": 0.5},
-        },
-    ).json()["choices"][0]["message"]["content"]
+    served = _served(demo_server, prompt, 0.5)
     src = json.loads((out / "frankly_lora.json").read_text())["source"]["path"]
     tok = AutoTokenizer.from_pretrained(src)
     model = PeftModel.from_pretrained(
