@@ -6,7 +6,9 @@ writer the directions in the order of the strengths dict, which is the order
 ``SteeringHooks.set_strengths`` iterates), so a baked model and the hooked
 model are the same function for every strength. ``bake_to_dir`` loads a
 fresh copy of the source, bakes it and writes a complete Hugging Face
-directory (and a GGUF when the source was one) atomically under a bake root.
+directory (and a GGUF when the source was one) atomically under a bake root
+(the source and the output directory: :mod:`directions.bake_io`; the errors:
+:mod:`directions.bake_errors`, importable from here too).
 ``BakeJobs`` (in :mod:`directions.bake_jobs`) runs bakes one at a time in a
 background thread for the server.
 """
@@ -14,74 +16,68 @@ background thread for the server.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import json
 import math
-import os
-import re
 import shutil
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from directions.bake_errors import (
+    BakeBusyError,
+    BakeError,
+    BakeExistsError,
+    BakeGGUFError,
+    BakeNameError,
+    BakeSourceError,
+    BakeStorageError,
+    BakeStrengthError,
+    UnknownDirection,
+)
+from directions.bake_io import (
+    NAME_RE,
+    claim_output,
+    load_source_model,
+    output_path,
+    source_of,
+    staged_output,
+    validate_name,
+)
 from directions.edit import bake_bias, bake_embedding_weight, bake_linear_weight
 from directions.fileformat import DirectionFileError, DirectionSet
 from directions.gguf_write import GGUFWriteError, bake_kv, estimate_size, write_baked_gguf
-from directions.writers import find_writers, has_post_norm
+from directions.writers import Writer, find_writers, has_post_norm
+
+__all__ = [
+    "BAKE_FILE",
+    "NAME_RE",
+    "BakeBusyError",
+    "BakeError",
+    "BakeExistsError",
+    "BakeGGUFError",
+    "BakeNameError",
+    "BakeReport",
+    "BakeSourceError",
+    "BakeStorageError",
+    "BakeStrengthError",
+    "Progress",
+    "UnknownDirection",
+    "bake_model",
+    "bake_to_dir",
+    "check_fits",
+    "load_source_model",
+    "source_of",
+    "validate_name",
+    "write_safetensors",
+]
 
 Progress = Callable[[float, str], None]
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 EMBED_CHUNK_ROWS = 16384  # rows edited at a time: bounds the temporaries for a 150k-token vocabulary
 BAKE_FILE = "frankly_bake.json"
-
-
-class BakeError(Exception):
-    """A bake could not be done; ``param`` names the request field at fault (None: not the caller's fault)."""
-
-    param: str | None = None
-    code: str = "bake_failed"
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        if param is not None:
-            self.param = param
-
-
-class BakeNameError(BakeError):
-    param, code = "name", "invalid_name"
-
-
-class BakeExistsError(BakeError):
-    param, code = "name", "bake_exists"
-
-
-class UnknownDirection(BakeError):
-    param, code = "steering", "unknown_direction"
-
-
-class BakeStrengthError(BakeError):
-    param, code = "steering", "invalid_strength"
-
-
-class BakeSourceError(BakeError):
-    code = "source_unavailable"
-
-
-class BakeStorageError(BakeError):
-    code = "storage_error"
-
-
-class BakeBusyError(BakeError):
-    code = "bake_busy"
-
-
-class BakeGGUFError(BakeError):
-    code = "gguf_unsupported"
 
 
 @dataclass
@@ -112,17 +108,16 @@ def _check_strengths(directions: dict[str, DirectionSet], strengths: dict[str, f
     return out
 
 
-def _edit_embedding(emb: nn.Embedding, edits: list[tuple[torch.Tensor, float]]) -> None:
-    # A fresh tensor, so a tied LM head keeps the original; filled by row blocks
-    # (each row is an independent output y) to bound the temporaries.
-    src = emb.weight.detach()
-    new = torch.empty_like(src)
-    for i in range(0, src.shape[0], EMBED_CHUNK_ROWS):
-        block = src[i : i + EMBED_CHUNK_ROWS]
-        for r, c in edits:
-            block = bake_embedding_weight(block, r, c)
-        new[i : i + EMBED_CHUNK_ROWS] = block
-    emb.weight = nn.Parameter(new, requires_grad=False)
+def check_fits(directions: dict[str, DirectionSet], names: Iterable[str], config) -> None:
+    """Every named direction fits the model ``config``; one that does not is an :class:`UnknownDirection`."""
+    for name in names:
+        try:
+            directions[name].check_fits(config)
+        except DirectionFileError as e:
+            raise UnknownDirection(str(e)) from e
+
+
+# --- the edit ------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -141,11 +136,7 @@ def bake_model(
     ``config.tie_word_embeddings`` is set to False.
     """
     strengths = _check_strengths(directions, strengths)
-    for name in strengths:
-        try:
-            directions[name].check_fits(model.config)
-        except DirectionFileError as e:
-            raise UnknownDirection(str(e)) from e
+    check_fits(directions, strengths, model.config)
     active = [(directions[n], s) for n, s in strengths.items() if s != 0.0]
     writers = find_writers(model)
     module_names = {id(m): n for n, m in model.named_modules()}
@@ -157,120 +148,74 @@ def bake_model(
             "direction is not removed from the residual stream itself"
         )
     for k, w in enumerate(writers):
-        edits = [
-            (ds.directions[w.layer], s * float(ds.layer_weights[w.layer]))
-            for ds, s in active
-            if s * float(ds.layer_weights[w.layer]) != 0.0
-        ]
+        edits = _writer_edits(active, w.layer)
         if edits:
-            prefix = module_names[id(w.module)]
-            if w.kind == "embed":
-                # _edit_embedding gives the embedding a new tensor, so a head sharing the old one keeps
-                # it; the config must stop saying "tied" or loading would re-tie the head to the edit.
-                head = model.get_output_embeddings()
-                text_cfg = model.config.get_text_config()
-                report.untied = bool(
-                    (head is not None and head.weight is w.module.weight)
-                    or getattr(text_cfg, "tie_word_embeddings", False)
-                )
-                _edit_embedding(w.module, edits)
-                if report.untied:
-                    model.config.tie_word_embeddings = False
-                    text_cfg.tie_word_embeddings = False
-            else:
-                weight = w.module.weight.detach()
-                for r, c in edits:
-                    weight = bake_linear_weight(weight, r, c)
-                w.module.weight.data = weight
-            report.edited.append(f"{prefix}.weight")
-            bias = getattr(w.module, "bias", None)
-            if bias is not None:
-                b = bias.detach()
-                for r, c in edits:
-                    b = bake_bias(b, r, c)
-                bias.data = b
-                report.edited.append(f"{prefix}.bias")
+            _bake_writer(model, w, edits, module_names[id(w.module)], report)
         if progress is not None:
             progress((k + 1) / len(writers), f"baked {w.name}")
     return report
 
 
+def _writer_edits(active: list[tuple[DirectionSet, float]], layer: int) -> list[tuple[torch.Tensor, float]]:
+    """(direction ``r_l``, coefficient ``c = s * w_l``) of each active direction at ``layer``, zero ``c`` left out."""
+    return [
+        (ds.directions[layer], s * float(ds.layer_weights[layer]))
+        for ds, s in active
+        if s * float(ds.layer_weights[layer]) != 0.0
+    ]
+
+
+def _bake_writer(
+    model: nn.Module, w: Writer, edits: list[tuple[torch.Tensor, float]], prefix: str, report: BakeReport
+) -> None:
+    """Apply ``edits`` to one writer's weight and bias, in order, and list the edited keys in ``report``."""
+    if w.kind == "embed":
+        _bake_embedding(model, w.module, edits, report)
+    else:
+        weight = w.module.weight.detach()
+        for r, c in edits:
+            weight = bake_linear_weight(weight, r, c)
+        w.module.weight.data = weight
+    report.edited.append(f"{prefix}.weight")
+    bias = getattr(w.module, "bias", None)
+    if bias is not None:
+        b = bias.detach()
+        for r, c in edits:
+            b = bake_bias(b, r, c)
+        bias.data = b
+        report.edited.append(f"{prefix}.bias")
+
+
+def _bake_embedding(
+    model: nn.Module, emb: nn.Embedding, edits: list[tuple[torch.Tensor, float]], report: BakeReport
+) -> None:
+    # _edit_embedding gives the embedding a new tensor, so a head sharing the old one keeps
+    # it; the config must stop saying "tied" or loading would re-tie the head to the edit.
+    head = model.get_output_embeddings()
+    text_cfg = model.config.get_text_config()
+    report.untied = bool(
+        (head is not None and head.weight is emb.weight) or getattr(text_cfg, "tie_word_embeddings", False)
+    )
+    _edit_embedding(emb, edits)
+    if report.untied:
+        model.config.tie_word_embeddings = False
+        text_cfg.tie_word_embeddings = False
+
+
+def _edit_embedding(emb: nn.Embedding, edits: list[tuple[torch.Tensor, float]]) -> None:
+    # A fresh tensor, so a tied LM head keeps the original; filled by row blocks
+    # (each row is an independent output y) to bound the temporaries.
+    src = emb.weight.detach()
+    new = torch.empty_like(src)
+    for i in range(0, src.shape[0], EMBED_CHUNK_ROWS):
+        block = src[i : i + EMBED_CHUNK_ROWS]
+        for r, c in edits:
+            block = bake_embedding_weight(block, r, c)
+        new[i : i + EMBED_CHUNK_ROWS] = block
+    emb.weight = nn.Parameter(new, requires_grad=False)
+
+
 # --- writing a baked directory -------------------------------------------------------------------
-
-
-def validate_name(name: str, bake_root: str | Path) -> Path:
-    """The final directory for ``name`` under ``bake_root``; raises :class:`BakeNameError` if it could escape."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", ".."):
-        raise BakeNameError(
-            f"invalid bake name {name!r}: 1-64 characters of letters, digits, '.', '_', '-', starting with a letter or digit"
-        )
-    root = Path(bake_root).resolve()
-    final = (root / name).resolve()
-    if final.parent != root:
-        raise BakeNameError(f"bake name {name!r} resolves outside the bake directory {root}")
-    return final
-
-
-def _source_of(source) -> tuple[str, str | None, str]:
-    """(directory or hub id to load, original GGUF or None, what the user called it)."""
-    if isinstance(source, str | Path):
-        from directions.models import ModelLoadError, locate
-
-        try:
-            path, gguf = locate(str(source))
-        except ModelLoadError as e:
-            raise BakeSourceError(str(e), param="model") from e
-        return path, gguf, str(source)
-    return source.path, source.gguf, getattr(source, "source", source.path)
-
-
-def load_source_model(path: str, label: str):
-    """A fresh CPU copy of the source model (eval mode, no grad) and its tokenizer; never the served one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True)
-    except OSError as e:
-        raise BakeSourceError(f"could not load the source model {label!r} from {path}: {e}", param="model") from e
-    model.eval()
-    model.requires_grad_(False)
-    return model, tok
-
-
-def output_path(out_dir: str | Path, bake_root: str | Path | None) -> Path:
-    """The final directory: ``bake_root/out_dir`` for a bare name, else the path ``out_dir`` itself."""
-    if bake_root is None:
-        out = Path(out_dir).expanduser().absolute()
-        bake_root, out_dir = out.parent, out.name
-    return validate_name(str(out_dir), bake_root)
-
-
-def claim_output(final: Path, sources, overwrite: bool) -> None:
-    """Refuse to write over or inside a source, or over an existing output without ``overwrite``;
-    create the parent directory."""
-    for src in filter(None, sources):
-        p = Path(src).expanduser()
-        if p.exists() and (_inside(p.resolve(), final) or _inside(final, p.resolve())):
-            raise BakeExistsError(f"refusing to write {final}: it is or contains the source model {p}")
-    if final.exists() and not overwrite:
-        raise BakeExistsError(f"{final} already exists (pass overwrite to replace it)")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _storage_error(e, final.parent) from e
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
-def _storage_error(e: OSError, where: Path) -> BakeStorageError:
-    if e.errno == errno.ENOSPC:
-        return BakeStorageError(f"no space left on the device of {where} while writing the baked model")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return BakeStorageError(f"no permission to write the baked model under {where}: {e.strerror}")
-    return BakeStorageError(f"could not write the baked model under {where}: {e}")
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -337,6 +282,57 @@ def _save_hf_dir(model: nn.Module, tokenizer, tmp: Path, progress: Progress | No
     tokenizer.save_pretrained(str(tmp))
 
 
+def _save_gguf(
+    gguf: str, tmp: Path, state: dict[str, torch.Tensor], report: BakeReport, dtype: str, meta: dict, progress
+) -> None:
+    """``model.gguf``: the source GGUF with the edited tensors replaced, and the bake noted in ``meta``."""
+    write_baked_gguf(
+        gguf,
+        tmp / "model.gguf",
+        state,
+        report.edited,
+        dtype=dtype,
+        extra_kv=bake_kv({k: meta[k] for k in ("source", "strengths", "created")}),
+        progress=progress,
+    )
+    meta["gguf"] = {"file": "model.gguf", "edited_dtype": dtype}
+
+
+def _check_space(
+    root: Path, model: nn.Module, state: dict, report: BakeReport, gguf: str | None, gguf_dtype: str
+) -> None:
+    """Refuse before writing anything when ``root`` lacks the room for the copy (and the GGUF)."""
+    need = sum(t.numel() * t.element_size() for t in _unique_state(model).values()) + (1 << 24)
+    if gguf:
+        need += estimate_size(gguf, sum(state[k].numel() for k in report.edited), gguf_dtype)
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise BakeStorageError(
+            f"not enough disk space under {root}: the bake needs about {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
+        )
+
+
+def _bake_metadata(
+    label: str, path: str, gguf: str | None, directions: dict[str, DirectionSet], strengths: dict, report: BakeReport
+) -> dict:
+    """The content of :data:`BAKE_FILE` (``seconds`` and ``gguf`` are added once written)."""
+    return {
+        "source": {"model": label, "path": str(path), "gguf": gguf},
+        "strengths": strengths,
+        "directions": {n: directions[n].public_metadata() for n in strengths},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "edited_tensors": len(report.edited),
+        "untied_lm_head": report.untied,
+        "post_norm": report.post_norm,
+        "note": report.note,
+    }
+
+
+def _sub(progress: Progress, lo: float, hi: float) -> Progress:
+    """``progress`` for a step that spans ``lo``..``hi`` of the whole."""
+    return lambda f, m: progress(lo + (hi - lo) * f, m)
+
+
 def bake_to_dir(
     source,
     directions: dict[str, DirectionSet],
@@ -352,7 +348,7 @@ def bake_to_dir(
     """Bake ``strengths`` into a fresh copy of ``source`` and write it to ``bake_root/out_dir`` atomically.
 
     ``source`` is a ``LoadedModel`` (its directory is reloaded; the served
-    model is never touched) or a model spec for ``server.modelio.locate``.
+    model is never touched) or a model spec for ``directions.models.locate``.
     With ``bake_root`` given, ``out_dir`` is a bare name validated against
     :data:`NAME_RE`; without it, ``out_dir`` is a path and its parent is the
     root. Everything is written into a temporary directory inside the root
@@ -362,82 +358,26 @@ def bake_to_dir(
     t0 = time.monotonic()
     report_progress = progress or (lambda f, m: None)
     final = output_path(out_dir, bake_root)
-    root, name = final.parent, final.name
     strengths = _check_strengths(directions, strengths)
-    path, gguf, label = _source_of(source)
+    path, gguf, label = source_of(source)
     claim_output(final, (path, gguf), overwrite)
 
     report_progress(0.0, f"loading {label}")
     model, tok = load_source_model(path, label)
-
-    def sub(lo: float, hi: float) -> Progress:
-        return lambda f, m: report_progress(lo + (hi - lo) * f, m)
-
-    report = bake_model(model, directions, strengths, progress=sub(0.05, 0.3))
+    report = bake_model(model, directions, strengths, progress=_sub(report_progress, 0.05, 0.3))
     write_gguf = bool(write_gguf and gguf)
     sd = model.state_dict()
-    need = sum(t.numel() * t.element_size() for t in _unique_state(model).values()) + (1 << 24)
-    if write_gguf:
-        need += estimate_size(gguf, sum(sd[k].numel() for k in report.edited), gguf_dtype)
-    free = shutil.disk_usage(root).free
-    if free < need:
-        raise BakeStorageError(
-            f"not enough disk space under {root}: the bake needs about {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
-        )
+    _check_space(final.parent, model, sd, report, gguf if write_gguf else None, gguf_dtype)
 
-    meta = {
-        "source": {"model": label, "path": str(path), "gguf": gguf},
-        "strengths": strengths,
-        "directions": {n: directions[n].public_metadata() for n in strengths},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "edited_tensors": len(report.edited),
-        "untied_lm_head": report.untied,
-        "post_norm": report.post_norm,
-        "note": report.note,
-    }
-    tmp = None
+    meta = _bake_metadata(label, path, gguf, directions, strengths, report)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-        _save_hf_dir(model, tok, tmp, sub(0.3, 0.6 if write_gguf else 0.98))
-        if write_gguf:
-            write_baked_gguf(
-                gguf,
-                tmp / "model.gguf",
-                sd,
-                report.edited,
-                dtype=gguf_dtype,
-                extra_kv=bake_kv({k: meta[k] for k in ("source", "strengths", "created")}),
-                progress=sub(0.6, 0.98),
-            )
-            meta["gguf"] = {"file": "model.gguf", "edited_dtype": gguf_dtype}
-        meta["seconds"] = round(time.monotonic() - t0, 2)
-        (tmp / BAKE_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        _move_into_place(tmp, final, overwrite)
-        tmp = None
-    except OSError as e:
-        raise _storage_error(e, root) from e
+        with staged_output(final, overwrite) as tmp:
+            _save_hf_dir(model, tok, tmp, _sub(report_progress, 0.3, 0.6 if write_gguf else 0.98))
+            if write_gguf:
+                _save_gguf(gguf, tmp, sd, report, gguf_dtype, meta, _sub(report_progress, 0.6, 0.98))
+            meta["seconds"] = round(time.monotonic() - t0, 2)
+            (tmp / BAKE_FILE).write_text(json.dumps(meta, indent=2, default=str))
     except GGUFWriteError as e:
         raise BakeGGUFError(f"{e} (bake without GGUF output to get the safetensors copy)") from e
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     report_progress(1.0, f"done: {final}")
     return final
-
-
-def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    if not overwrite:
-        raise BakeExistsError(f"{final} already exists (pass overwrite to replace it)")
-    # A directory cannot be renamed over a non-empty one: park the old one, swap, then delete it.
-    old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
-    os.replace(final, old / final.name)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        os.replace(old / final.name, final)
-        os.rmdir(old)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

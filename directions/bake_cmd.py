@@ -14,17 +14,17 @@ import logging
 import resource
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
+from directions import specs
 from directions.bake import BakeError, bake_to_dir
-from directions.fileformat import DirectionFileError, DirectionSet, load_direction
+from directions.fileformat import DirectionFileError, DirectionSet
 from directions.gguf_write import GGUF_DTYPES
-
-SHIPPED = Path(__file__).resolve().parent / "shipped"
-DEMO_DIRECTIONS = {"refusal": "qwen-demo-refusal.safetensors", "slop": "qwen-demo-slop.safetensors"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,16 +63,14 @@ def parse_steering(items: list[str]) -> dict[str, float]:
     return out
 
 
-def load_directions(model: str, specs: list[str]) -> dict[str, DirectionSet]:
-    paths: dict[str, Path] = {}
-    if model == "demo":
-        paths.update({n: SHIPPED / f for n, f in DEMO_DIRECTIONS.items() if (SHIPPED / f).is_file()})
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"frankly bake: --direction wants NAME=PATH, got {spec!r}")
-        paths[name] = Path(path).expanduser()
-    return {name: load_direction(path, name=name) for name, path in paths.items()}
+def load_directions(command: str, model: str, direction_specs: list[str]) -> dict[str, DirectionSet] | None:
+    """The shipped directions for ``--model demo``, then every ``--direction NAME=PATH`` over them;
+    a bad spec or file is printed as ``frankly <command>: <error>`` (the result is None then)."""
+    try:
+        return specs.load_directions(specs.direction_paths(model, direction_specs))
+    except DirectionFileError as e:
+        print(f"frankly {command}: {e}", file=sys.stderr)
+        return None
 
 
 @contextmanager
@@ -89,31 +87,41 @@ def progress_bar(desc: str):
         yield bar, progress
 
 
+def with_progress(command: str, desc: str, work: Callable[..., Path]) -> Path | None:
+    """``work(progress=...)`` under a progress bar; a :class:`BakeError` closes the bar and is
+    printed as ``frankly <command>: <error>`` (the result is None then)."""
+    with progress_bar(desc) as (bar, progress):
+        try:
+            return work(progress=progress)
+        except BakeError as e:
+            bar.close()
+            print(f"frankly {command}: {e}", file=sys.stderr)
+            return None
+
+
 def run(args: argparse.Namespace) -> int:
-    try:
-        directions = load_directions(args.model, args.direction)
-    except DirectionFileError as e:
-        print(f"frankly bake: {e}", file=sys.stderr)
+    directions = load_directions("bake", args.model, args.direction)
+    if directions is None:
         return 2
     strengths = parse_steering(args.steering)
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines would break the progress bar
     t0 = time.monotonic()
-    with progress_bar("baking") as (bar, progress):
-        try:
-            out = bake_to_dir(
-                args.model,
-                directions,
-                strengths,
-                args.out,
-                progress=progress,
-                overwrite=args.overwrite,
-                write_gguf=not args.no_gguf,
-                gguf_dtype=args.gguf_dtype,
-            )
-        except BakeError as e:
-            bar.close()
-            print(f"frankly bake: {e}", file=sys.stderr)
-            return 2
+    out = with_progress(
+        "bake",
+        "baking",
+        partial(
+            bake_to_dir,
+            args.model,
+            directions,
+            strengths,
+            args.out,
+            overwrite=args.overwrite,
+            write_gguf=not args.no_gguf,
+            gguf_dtype=args.gguf_dtype,
+        ),
+    )
+    if out is None:
+        return 2
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
     print(f"baked {strengths} into {out} in {time.monotonic() - t0:.1f} s (peak RSS {peak_gb:.2f} GB)")
     return 0

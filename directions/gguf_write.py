@@ -109,6 +109,27 @@ def write_baked_gguf(
     if dtype not in GGUF_DTYPES:
         raise GGUFWriteError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, not {dtype!r}")
     reader = gguf.GGUFReader(str(src_gguf), "r")
+    plan = _plan(reader, _replacements(reader, src_gguf, state, edited), untie)
+    arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
+    writer = gguf.GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
+    try:
+        _copy_metadata(reader, writer, extra_kv or {})
+        total = _add_tensor_infos(writer, plan, dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        _write_tensor_data(writer, reader, plan, dtype, total, progress)
+    finally:
+        writer.close()
+    return Path(dst)
+
+
+# (name, source tensor to copy raw, replacement or None)
+_Plan = list[tuple[str, object, torch.Tensor | None]]
+
+
+def _replacements(reader, src_gguf, state: dict[str, torch.Tensor], edited: Iterable[str]) -> dict[str, torch.Tensor]:
+    """GGUF tensor name -> baked tensor, each checked against the source tensor's shape."""
     by_name = {t.name: t for t in reader.tensors}
     replace: dict[str, torch.Tensor] = {}
     for hf in edited:
@@ -119,47 +140,50 @@ def write_baked_gguf(
             found = None if t is None else tuple(int(x) for x in reversed(t.shape.tolist()))
             raise GGUFWriteError(f"{src_gguf}: tensor {name} for {hf} {want} not found or of another shape ({found})")
         replace[name] = state[hf]
+    return replace
 
-    # (name, source tensor to copy raw or None, replacement or None)
-    plan: list[tuple[str, object, torch.Tensor | None]] = []
+
+def _plan(reader, replace: dict[str, torch.Tensor], untie: bool) -> _Plan:
+    """Every tensor of the output in order: the source's, plus ``output.weight`` when the head is untied."""
+    names = {t.name for t in reader.tensors}
+    plan: _Plan = []
     for t in reader.tensors:
         plan.append((t.name, t, replace.get(t.name)))
-        if t.name == "token_embd.weight" and (untie or t.name in replace) and "output.weight" not in by_name:
+        if t.name == "token_embd.weight" and (untie or t.name in replace) and "output.weight" not in names:
             plan.append(("output.weight", t, None))  # keep the original head; the baked copy is untied
+    return plan
 
-    arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
-    writer = gguf.GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
-    try:
-        _copy_metadata(reader, writer, extra_kv or {})
-        sizes = []
-        for name, src, new in plan:
-            if new is None:
-                writer.add_tensor_info(name, src.data.shape, src.data.dtype, src.data.nbytes, src.tensor_type)
-                sizes.append(src.n_bytes)
-            else:
-                # The info needs the encoded size; encoding twice keeps at most one tensor's copy in memory.
-                arr, qtype = _encode(new, dtype)
-                writer.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes, qtype)
-                sizes.append(arr.nbytes)
-                del arr
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        total, done = sum(sizes), 0
-        for name, src, new in plan:
-            if new is None:
-                writer.write_tensor_data(src.data, tensor_endianess=reader.endianess)
-                done += src.n_bytes
-            else:
-                arr, _ = _encode(new, dtype)
-                writer.write_tensor_data(arr)
-                done += arr.nbytes
-                del arr
-            if progress is not None:
-                progress(done / max(total, 1), f"writing GGUF tensor {name}")
-    finally:
-        writer.close()
-    return Path(dst)
+
+def _add_tensor_infos(writer, plan: _Plan, dtype: str) -> int:
+    """Declare every tensor of ``plan`` to ``writer``; returns the bytes of tensor data to come."""
+    sizes = []
+    for name, src, new in plan:
+        if new is None:
+            writer.add_tensor_info(name, src.data.shape, src.data.dtype, src.data.nbytes, src.tensor_type)
+            sizes.append(src.n_bytes)
+        else:
+            # The info needs the encoded size; encoding twice keeps at most one tensor's copy in memory.
+            arr, qtype = _encode(new, dtype)
+            writer.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes, qtype)
+            sizes.append(arr.nbytes)
+            del arr
+    return sum(sizes)
+
+
+def _write_tensor_data(writer, reader, plan: _Plan, dtype: str, total: int, progress) -> None:
+    """Write the tensors' bytes: the source's raw, the replacements encoded as ``dtype``."""
+    done = 0
+    for name, src, new in plan:
+        if new is None:
+            writer.write_tensor_data(src.data, tensor_endianess=reader.endianess)
+            done += src.n_bytes
+        else:
+            arr, _ = _encode(new, dtype)
+            writer.write_tensor_data(arr)
+            done += arr.nbytes
+            del arr
+        if progress is not None:
+            progress(done / max(total, 1), f"writing GGUF tensor {name}")
 
 
 def bake_kv(meta: dict) -> dict[str, str]:

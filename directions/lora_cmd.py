@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
+from functools import partial
 
-from directions.bake import BakeError
-from directions.bake_cmd import load_directions, progress_bar
-from directions.fileformat import DirectionFileError
+from directions.bake_cmd import load_directions, with_progress
 from directions.lora_export import FORMATS, GGUF_EMBEDDING, MANIFEST, export_lora
 
 
@@ -72,10 +70,8 @@ def parse_strengths(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        directions = load_directions(args.model, args.direction)
-    except DirectionFileError as e:
-        print(f"frankly export-lora: {e}", file=sys.stderr)
+    directions = load_directions("export-lora", args.model, args.direction)
+    if directions is None:
         return 2
     formats = args.format
     if formats is None:
@@ -83,25 +79,25 @@ def run(args: argparse.Namespace) -> int:
         formats = ["peft", "gguf"] if (source_is_gguf or args.gguf_base) else ["peft"]
     logging.getLogger("gguf").setLevel(logging.WARNING)
     t0 = time.monotonic()
-    with progress_bar("exporting") as (bar, progress):
-        try:
-            out = export_lora(
-                args.model,
-                directions,
-                args.out,
-                names=args.only,
-                strengths=parse_strengths(args.strengths),
-                formats=formats,
-                gguf_base=args.gguf_base,
-                gguf_embedding=args.gguf_embedding,
-                peft_embedding=not args.no_peft_embedding,
-                overwrite=args.overwrite,
-                progress=progress,
-            )
-        except BakeError as e:
-            bar.close()
-            print(f"frankly export-lora: {e}", file=sys.stderr)
-            return 2
+    out = with_progress(
+        "export-lora",
+        "exporting",
+        partial(
+            export_lora,
+            args.model,
+            directions,
+            args.out,
+            names=args.only,
+            strengths=parse_strengths(args.strengths),
+            formats=formats,
+            gguf_base=args.gguf_base,
+            gguf_embedding=args.gguf_embedding,
+            peft_embedding=not args.no_peft_embedding,
+            overwrite=args.overwrite,
+        ),
+    )
+    if out is None:
+        return 2
     print(
         f"exported {len(directions) if args.only is None else len(args.only)} direction(s) to {out} "
         f"in {time.monotonic() - t0:.1f} s (see {out / MANIFEST})"

@@ -15,25 +15,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from directions.bake import (
-    BakeError,
-    BakeGGUFError,
-    UnknownDirection,
-    _move_into_place,
-    _source_of,
-    _storage_error,
-    claim_output,
-    load_source_model,
-    output_path,
-)
-from directions.fileformat import DirectionFileError, DirectionSet
+from directions.bake import Progress, check_fits
+from directions.bake_errors import BakeError, BakeGGUFError, UnknownDirection
+from directions.bake_io import claim_output, load_source_model, output_path, source_of, staged_output
+from directions.fileformat import DirectionSet
 from directions.gguf_write import write_baked_gguf
 from directions.lora import (
     GGUFBase,
@@ -46,7 +36,6 @@ from directions.lora import (
 from directions.lora import lora_pairs as _pairs
 from directions.writers import has_post_norm
 
-Progress = Callable[[float, str], None]
 MANIFEST = "frankly_lora.json"
 FORMATS = ("peft", "gguf")
 GGUF_EMBEDDING = ("auto", "include", "omit", "untie")
@@ -147,16 +136,73 @@ def export_lora(
     ``include`` refuses, since llama.cpp would abort. ``peft_embedding=False``
     leaves the embedding out of the PEFT adapters (vLLM 0.32 refuses an
     ``embed_tokens`` target; the manifest notes what is missing).
-    Returns the
-    final directory; raises a :class:`BakeError` subclass on bad input.
+    Returns the final directory; raises a :class:`BakeError` subclass on bad input.
     """
     t0 = time.monotonic()
     report = progress or (lambda f, m: None)
+    formats = _check_options(formats, gguf_embedding)
+    names, jobs = _jobs(directions, names, strengths)
+    final = output_path(out_dir, bake_root)
+    path, src_gguf, label = source_of(source)
+    gguf_path = _gguf_base_path(formats, gguf_base, src_gguf, label)
+    claim_output(final, (path, gguf_path), overwrite)
+
+    report(0.0, f"loading {label}")
+    model, _tok = load_source_model(path, label)
+    check_fits(directions, names, model.config)
+    base = read_gguf_base(gguf_path) if "gguf" in formats else None
+    untie = base is not None and base.tied_output and gguf_embedding == "untie"
+    opts = _Options.of(model, label, formats, gguf_embedding, peft_embedding)
+    try:
+        with staged_output(final, overwrite) as tmp:
+            if untie:
+                report(0.02, f"writing {UNTIED_BASE} (the base with its own output.weight)")
+                base = _write_untied_base(gguf_path, tmp, base)
+            adapters = []
+            for k, (dname, s) in enumerate(jobs):
+                report(0.05 + 0.9 * k / len(jobs), f"adapter {_adapter_name(dname, s)}")
+                adapters.append(_write_adapter(tmp, model, directions[dname], dname, s, base, opts))
+            manifest = _manifest(label, path, gguf_path, untie, formats, adapters, time.monotonic() - t0)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    except LoraExportError as e:
+        raise LoraUnsupportedError(str(e), param="direction") from e
+    report(1.0, f"done: {final}")
+    return final
+
+
+@dataclass
+class _Options:
+    """What every adapter of one export is written with."""
+
+    label: str  # the source, as the user called it
+    formats: tuple[str, ...]
+    gguf_embedding: str
+    peft_embedding: bool
+    model_type: str
+    post_norm: bool
+
+    @classmethod
+    def of(cls, model, label: str, formats: tuple[str, ...], gguf_embedding: str, peft_embedding: bool) -> _Options:
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        return cls(label, formats, gguf_embedding, peft_embedding, model_type, has_post_norm(model))
+
+
+def _check_options(formats: Iterable[str], gguf_embedding: str) -> tuple[str, ...]:
     formats = tuple(dict.fromkeys(formats))
     if not formats or any(f not in FORMATS for f in formats):
         raise BakeError(f"formats must be some of {', '.join(FORMATS)}, not {formats!r}", param="format")
     if gguf_embedding not in GGUF_EMBEDDING:
         raise BakeError(f"gguf_embedding must be one of {', '.join(GGUF_EMBEDDING)}", param="gguf_embedding")
+    return formats
+
+
+def _jobs(
+    directions: dict[str, DirectionSet],
+    names: Iterable[str] | None,
+    strengths: Iterable[float] | Mapping[str, Iterable[float]],
+) -> tuple[list[str], list[tuple[str, float | None]]]:
+    """The directions to export (checked), and the adapters to write: (direction, None) for each,
+    then (direction, strength) for each strength folded in."""
     names = list(dict.fromkeys(names)) if names is not None else list(directions)
     if not names:
         raise UnknownDirection("no direction to export")
@@ -168,88 +214,78 @@ def export_lora(
     else:
         every = tuple(float(s) for s in strengths)
         folded = dict.fromkeys(names, every)
-    final = output_path(out_dir, bake_root)
-    root, name = final.parent, final.name
-    path, src_gguf, label = _source_of(source)
+    return names, [(n, None) for n in names] + [(n, s) for n in names for s in dict.fromkeys(folded[n])]
+
+
+def _gguf_base_path(formats: tuple[str, ...], gguf_base, src_gguf: str | None, label: str) -> str | None:
+    """The base GGUF of the llama.cpp adapters: ``gguf_base``, else the source's own (needed for ``gguf``)."""
     gguf_path = str(gguf_base) if gguf_base else src_gguf
     if "gguf" in formats and not gguf_path:
         raise BakeGGUFError(
             f"{label} is not a GGUF model: pass a base GGUF to write llama.cpp adapters", param="format"
         )
-    claim_output(final, (path, gguf_path), overwrite)
+    return gguf_path
 
-    report(0.0, f"loading {label}")
-    model, _tok = load_source_model(path, label)
-    for n in names:
-        try:
-            directions[n].check_fits(model.config)
-        except DirectionFileError as e:
-            raise UnknownDirection(str(e)) from e
-    base = read_gguf_base(gguf_path) if "gguf" in formats else None
-    untie = base is not None and base.tied_output and gguf_embedding == "untie"
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    jobs = [(n, None) for n in names] + [(n, s) for n in names for s in dict.fromkeys(folded[n])]
-    adapters: list[ExportedAdapter] = []
-    tmp = None
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-        if untie:
-            report(0.02, f"writing {UNTIED_BASE} (the base with its own output.weight)")
-            write_baked_gguf(gguf_path, tmp / UNTIED_BASE, {}, [], untie=True)
-            base = GGUFBase(
-                str(tmp / UNTIED_BASE), base.arch, {**base.shapes, "output.weight": base.shapes["token_embd.weight"]}
-            )
-        for k, (dname, s) in enumerate(jobs):
-            aname = dname if s is None else f"{dname}-{strength_label(s)}"
-            report(0.05 + 0.9 * k / len(jobs), f"adapter {aname}")
-            pairs = _pairs(model, directions[dname], 1.0 if s is None else s)
-            ad = ExportedAdapter(aname, dname, s, modules=len(pairs))
-            meta = {
-                "direction": dname,
-                "folded_strength": s,
-                "source": label,
-                "direction_metadata": directions[dname].public_metadata(),
-            }
-            if has_post_norm(model):
-                ad.notes.append(
-                    f"{model_type} normalises each writer's output before the residual add: the adapter equals "
-                    "frankly's hooks (both edit the writer output before that norm), not an edit of the residual stream"
-                )
-            if "peft" in formats:
-                ppairs = _peft_pairs(pairs, model_type)
-                if not peft_embedding and any(p.kind == "embed" for p in ppairs):
-                    ppairs = [p for p in ppairs if p.kind != "embed"]
-                    ad.notes.append("embed_tokens left out of the PEFT adapter on request (for vLLM)")
-                write_peft_adapter(tmp / aname, ppairs, label, {**meta, "adapter": aname})
-                ad.peft = aname
-            if base is not None:
-                gpairs, ad.gguf_embedding = _gguf_pairs(pairs, base.tied_output, gguf_embedding, ad.notes)
-                write_gguf_adapter(tmp / f"{aname}.gguf", gpairs, base, {**meta, "adapter": aname, "name": aname})
-                ad.gguf = f"{aname}.gguf"
-            adapters.append(ad)
-        manifest = {
-            "source": {"model": label, "path": str(path), "gguf": gguf_path},
-            # the GGUF adapters' base: the source's GGUF, or the untied copy written here
-            "gguf_base": UNTIED_BASE if untie else gguf_path,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "formats": list(formats),
-            "rank": 1,
-            "alpha": 1,
-            "scale_is_strength": True,
-            "stacking": "several adapters add their deltas; frankly applies directions one after another: "
-            "the two agree exactly only for orthogonal directions",
-            "adapters": [a.__dict__ for a in adapters],
-            "seconds": round(time.monotonic() - t0, 2),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        _move_into_place(tmp, final, overwrite)
-        tmp = None
-    except OSError as e:
-        raise _storage_error(e, root) from e
-    except LoraExportError as e:
-        raise LoraUnsupportedError(str(e), param="direction") from e
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    report(1.0, f"done: {final}")
-    return final
+
+def _write_untied_base(gguf_path: str, tmp: Path, base: GGUFBase) -> GGUFBase:
+    """:data:`UNTIED_BASE` in ``tmp``: the base GGUF with its own ``output.weight``; returns it as the new base."""
+    write_baked_gguf(gguf_path, tmp / UNTIED_BASE, {}, [], untie=True)
+    return GGUFBase(
+        str(tmp / UNTIED_BASE), base.arch, {**base.shapes, "output.weight": base.shapes["token_embd.weight"]}
+    )
+
+
+def _adapter_name(direction: str, s: float | None) -> str:
+    return direction if s is None else f"{direction}-{strength_label(s)}"
+
+
+def _write_adapter(
+    tmp: Path, model, ds: DirectionSet, dname: str, s: float | None, base: GGUFBase | None, opts: _Options
+) -> ExportedAdapter:
+    """One adapter (``s`` None: scaled per request; else folded in) in each format asked for."""
+    aname = _adapter_name(dname, s)
+    pairs = _pairs(model, ds, 1.0 if s is None else s)
+    ad = ExportedAdapter(aname, dname, s, modules=len(pairs))
+    meta = {
+        "direction": dname,
+        "folded_strength": s,
+        "source": opts.label,
+        "direction_metadata": ds.public_metadata(),
+    }
+    if opts.post_norm:
+        ad.notes.append(
+            f"{opts.model_type} normalises each writer's output before the residual add: the adapter equals "
+            "frankly's hooks (both edit the writer output before that norm), not an edit of the residual stream"
+        )
+    if "peft" in opts.formats:
+        ppairs = _peft_pairs(pairs, opts.model_type)
+        if not opts.peft_embedding and any(p.kind == "embed" for p in ppairs):
+            ppairs = [p for p in ppairs if p.kind != "embed"]
+            ad.notes.append("embed_tokens left out of the PEFT adapter on request (for vLLM)")
+        write_peft_adapter(tmp / aname, ppairs, opts.label, {**meta, "adapter": aname})
+        ad.peft = aname
+    if base is not None:
+        gpairs, ad.gguf_embedding = _gguf_pairs(pairs, base.tied_output, opts.gguf_embedding, ad.notes)
+        write_gguf_adapter(tmp / f"{aname}.gguf", gpairs, base, {**meta, "adapter": aname, "name": aname})
+        ad.gguf = f"{aname}.gguf"
+    return ad
+
+
+def _manifest(
+    label: str, path: str, gguf_path: str | None, untie: bool, formats, adapters: list[ExportedAdapter], seconds: float
+) -> dict:
+    """The content of :data:`MANIFEST`."""
+    return {
+        "source": {"model": label, "path": str(path), "gguf": gguf_path},
+        # the GGUF adapters' base: the source's GGUF, or the untied copy written here
+        "gguf_base": UNTIED_BASE if untie else gguf_path,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "formats": list(formats),
+        "rank": 1,
+        "alpha": 1,
+        "scale_is_strength": True,
+        "stacking": "several adapters add their deltas; frankly applies directions one after another: "
+        "the two agree exactly only for orthogonal directions",
+        "adapters": [a.__dict__ for a in adapters],
+        "seconds": round(seconds, 2),
+    }

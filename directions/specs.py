@@ -1,7 +1,8 @@
 """Naming direction files: ``NAME=PATH`` specs, and loading a named set checked against a model.
 
-The server's ``--direction``, ``frankly eval`` and ``frankly bake`` all take ``NAME=PATH``;
-they parse it here, so a name means the same thing (letters, digits, '-' and '_') everywhere.
+The server's ``--direction``, ``frankly eval``, ``frankly bake`` and ``frankly export-lora`` all
+take ``NAME=PATH``; they parse it here, so a name means the same thing (letters, digits, '-' and
+'_') everywhere. ``direction_paths`` adds the directions shipped for the demo model under them.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from directions.demo import shipped_demo_paths
 from directions.fileformat import DirectionFileError, DirectionSet, FingerprintMismatch, load_direction
 
 log = logging.getLogger("frankly.directions")
@@ -28,6 +30,16 @@ def parse_direction_specs(specs: list[str]) -> dict[str, str]:
             raise DirectionFileError(f"direction name {name!r} must be letters, digits, '-' or '_'")
         out[name] = str(Path(path).expanduser())
     return out
+
+
+def direction_paths(model: str, specs: list[str], shipped: bool = True) -> dict[str, str]:
+    """The shipped directions for the ``demo`` model (unless ``shipped`` is False), then the
+    ``NAME=PATH`` ``specs`` over them (a name given again replaces the shipped file)."""
+    paths: dict[str, str] = {}
+    if model == "demo" and shipped:
+        paths.update({n: str(p) for n, p in shipped_demo_paths().items()})
+    paths.update(parse_direction_specs(specs))
+    return paths
 
 
 def load_directions(paths: dict[str, str | Path]) -> dict[str, DirectionSet]:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from directions.demo import DEMO_NAME, shipped_demo_paths
+from directions import specs
+from directions.demo import DEMO_NAME
 from directions.fileformat import DirectionSet
 from directions.models import LoadedModel, ModelLoadError, load_model, locate
-from directions.specs import check_fit, load_directions, parse_direction_specs
+from directions.specs import check_fit, load_directions
 from server.settings import ModelSettings
 
 log = logging.getLogger("frankly.startup")
@@ -19,11 +20,7 @@ log = logging.getLogger("frankly.startup")
 
 def direction_paths(ms: ModelSettings) -> dict[str, str]:
     """The shipped directions for the demo model (unless turned off), then ``--direction`` over them."""
-    paths: dict[str, str] = {}
-    if ms.model == "demo" and not ms.no_default_directions:
-        paths.update({n: str(p) for n, p in shipped_demo_paths().items()})
-    paths.update(parse_direction_specs(ms.directions))
-    return paths
+    return specs.direction_paths(ms.model, ms.directions, shipped=not ms.no_default_directions)
 
 
 @dataclass

@@ -193,7 +193,7 @@ def test_failure_mid_write_leaves_nothing(tiny_source, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bake_mod.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)  # what the final rename (directions.bake_io) calls
     with pytest.raises(BakeStorageError, match="no space left"):
         bake_to_dir(src, dirs, {"d0": 1.0}, "half", bake_root=root)
     assert os.listdir(root) == []
