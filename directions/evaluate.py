@@ -22,6 +22,7 @@ from directions.generation import GenResult
 from directions.measure import Job, Measurements
 from directions.refusal import PROMPTS_DIR, is_refusal
 from directions.slop import corpus_slop_score
+from directions.splits import eval_prompt_files
 from directions.strengths import DirectionRequest
 
 log = logging.getLogger("frankly.eval")
@@ -29,7 +30,8 @@ log = logging.getLogger("frankly.eval")
 
 @dataclass
 class EvalSets:
-    """The prompt sets ``frankly eval`` measures on (validation splits only)."""
+    """The prompt sets ``frankly eval`` measures on: the validation split by default, the
+    test split (final reported figures only) with ``split="test"``; see :mod:`directions.splits`."""
 
     harmful: list[str]
     harmless: list[str]
@@ -37,18 +39,21 @@ class EvalSets:
     creative: list[str]
     capability: list[dict]
     n_long: int = 8
+    split: str = "val"
 
     @classmethod
-    def load(cls, limit: int | None = None, n_long: int = 8, root: Path = PROMPTS_DIR) -> EvalSets:
+    def load(cls, limit: int | None = None, n_long: int = 8, root: Path = PROMPTS_DIR, split: str = "val") -> EvalSets:
+        files = eval_prompt_files(split, root)
         cut = (lambda xs: xs[:limit]) if limit else (lambda xs: xs)
         return cls(
-            harmful=cut(read_lines(root / "refusal" / "harmful_val.txt")),
-            harmless=cut(read_lines(root / "refusal" / "harmless_val.txt")),
+            harmful=cut(read_lines(files["harmful"])),
+            harmless=cut(read_lines(files["harmless"])),
             # a pool twice the size: the first n_long whose unedited continuation reaches full length are used
-            long=read_lines(root / "refusal" / "harmless_long.txt")[: 2 * min(n_long, limit or n_long)],
+            long=read_lines(files["long"])[: 2 * min(n_long, limit or n_long)],
             n_long=min(n_long, limit or n_long),
-            creative=cut(read_lines(root / "slop" / "creative_val.txt")),
-            capability=cut(read_capability(root / "capability" / "questions.jsonl")),
+            creative=cut(read_lines(files["creative"])),
+            capability=cut(read_capability(files["capability"])),
+            split=split,
         )
 
     def counts(self) -> dict[str, int]:
@@ -213,6 +218,7 @@ class _Evaluation:
     def _result(self, rows: list[dict], wall_s: float) -> dict:
         cfg = self.cfg
         return {
+            "split": self.sets.split,
             "sets": self.sets.counts(),
             "config": {
                 "strengths": cfg.strengths,

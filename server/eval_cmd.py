@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from directions.fileformat import DirectionFileError
+from directions.splits import EVAL_SPLITS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-long", type=int, default=8, help="long harmless prompts teacher-forced for the long KL")
     p.add_argument("--capability-tokens", type=int, default=48, help="tokens generated per capability question")
     p.add_argument("--limit", type=int, help="at most N prompts per set (quick runs)")
+    p.add_argument(
+        "--split",
+        choices=EVAL_SPLITS,
+        default="val",
+        help="harmful/harmless prompt split: 'val' (default, what selection uses) or 'test' "
+        "(held out from all selection and calibration; for final reported figures only)",
+    )
     p.add_argument(
         "--all-metrics",
         action="store_true",
@@ -109,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     except DirectionFileError as e:
         print(f"frankly eval: {e}", file=sys.stderr)
         return 2
-    sets = EvalSets.load(limit=args.limit, n_long=args.n_long)
+    sets = EvalSets.load(limit=args.limit, n_long=args.n_long, split=args.split)
     cfg = EvalConfig(
         strengths=strengths,
         conditional=args.conditional,
@@ -131,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     jpath.write_text(json.dumps(result, indent=2))
     ppath = plot_eval(result, out / f"{args.prefix}.png", title=f"frankly eval: {args.model}")
     print(format_table(result))
-    print(f"\nsets: {result['sets']}  long continuation tokens: {result['config']['long_continuation_tokens']}")
+    tokens = result["config"]["long_continuation_tokens"]
+    print(f"\nsplit: {result['split']}  sets: {result['sets']}  long continuation tokens: {tokens}")
     print(f"wrote {jpath} and {ppath} in {result['total_wall_s']:.0f} s")
     return 0

@@ -11,7 +11,7 @@ from tests.tiny_models import save_tiny_dir, tiny_extract_data, tiny_model, tiny
 
 
 def test_cli_eval_on_a_tiny_model_directory(tmp_path):
-    """``frankly eval`` end to end (always + auto rows, JSON, PNG) with tiny limits."""
+    """``frankly eval`` end to end (always + auto rows, JSON, PNG) with tiny limits, on the test split."""
     import json
 
     model = tiny_model("llama")
@@ -49,6 +49,8 @@ def test_cli_eval_on_a_tiny_model_directory(tmp_path):
             "--capability-tokens",
             "2",
             "--all-metrics",
+            "--split",
+            "test",
             "--out-dir",
             str(out),
         ]
@@ -56,6 +58,7 @@ def test_cli_eval_on_a_tiny_model_directory(tmp_path):
     assert rc == 0
     res = json.loads((out / "eval.json").read_text())
     assert (out / "eval.png").stat().st_size > 1000
+    assert res["split"] == "test" and res["sets"]["harmful"] == 3  # the held-out test split, cut by --limit
     rows = {(r["when"], r["strength"]): r for r in res["rows"]}
     assert set(rows) == {(w, s) for w in ("always", "auto") for s in (0.0, 0.5, 1.0)}
     assert rows[("always", 0.0)]["first_token_kl"] == 0.0 and rows[("always", 0.0)]["long_kl"] == 0.0
