@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from directions.quant import Int8Linear
+
 # Architectures that normalise a writer's output before the residual add; for
 # these, hooks on o_proj/down_proj and the bake are not the same function as
 # an edit of the residual stream itself (DESIGN.md asks us to say so).
@@ -45,7 +47,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def _child(parent: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
     for n in names:
         m = getattr(parent, n, None)
-        if isinstance(m, nn.Linear):
+        if isinstance(m, (nn.Linear, Int8Linear)):
             return n, m
     return None
 

@@ -50,6 +50,7 @@ SECTIONS = (
     "join",
     "rss",
     "frankly-packed",
+    "frankly-int8",
     "frankly-llamacpp",
     "llamacpp-server",
     "hf",
@@ -605,7 +606,7 @@ def main(argv=None) -> int:
 
     print(bench.table_header(), flush=True)
     max_n = max(args.streams_list)
-    if sec & {"frankly", "join", "rss", "frankly-packed"}:
+    if sec & {"frankly", "join", "rss", "frankly-packed", "frankly-int8"}:
         direction, origin = ensure_direction(out_dir, args.direction)
         res["direction"] = {"path": direction, "origin": origin}
         scen = []
@@ -629,18 +630,28 @@ def main(argv=None) -> int:
         res["servers"].append(info)
         res["join"] += [jl] if jl else []
         res["memory"] += [mem] if mem else []
-        if "frankly-packed" in sec:
-            # the same server with --packed-weights (oneDNN-prepacked linear layers)
-            scen_p = [
+        for name, flags in (("frankly-packed", ["--packed-weights"]), ("frankly-int8", ["--weights", "int8"])):
+            if name not in sec:
+                continue
+            # the same server with other weights: oneDNN-prepacked fp32, or int8 weight-only (bf16 activations)
+            scen_v = [
                 ("steering off", [{}], args.streams_list),
-                ("refusal=1.0", [{"steering": {"refusal": 1.0}}], [max_n]),
+                ("refusal=1.0", [{"steering": {"refusal": 1.0}}], args.streams_list),
             ]
+            if max_n > 1:
+                scen_v.append(
+                    (
+                        f"mixed {'/'.join(str(s) for s in STRENGTH_CYCLE)}",
+                        [{"steering": {"refusal": s}} for s in STRENGTH_CYCLE],
+                        [max_n],
+                    )
+                )
             rows, _, mem, info = serve_and_measure(
-                "frankly --packed-weights",
-                [*frankly_cmd(args, direction), "--packed-weights"],
+                f"frankly {' '.join(flags)}",
+                [*frankly_cmd(args, direction), *flags],
                 args,
                 out_dir,
-                scen_p,
+                scen_v,
                 False,
                 "rss" in sec,
             )

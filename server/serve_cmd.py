@@ -16,6 +16,7 @@ from directions.bake import BakeError
 from directions.fileformat import DirectionFileError
 from directions.llamacpp import LlamaCppError
 from directions.models import ModelLoadError
+from directions.quant import QuantizationError
 from directions.writers import UnsupportedModelError
 from server.packing import PackingUnavailable
 from server.settings import CONFIG_ENV, ModelSettings, ServerSettings
@@ -36,6 +37,7 @@ MODEL_FLAGS = [
     ("--allow-fingerprint-mismatch", "allow_fingerprint_mismatch", {}),
     ("--max-model-len", "max_model_len", {}),
     ("--num-threads", "num_threads", {}),
+    ("--weights", "weights", {}),
     ("--packed-weights", "packed_weights", {}),
 ]
 SERVER_FLAGS = [
@@ -119,7 +121,15 @@ def run(args) -> int:
     except PackingUnavailable as e:
         print(f"frankly: cannot start: --packed-weights: {e}", file=sys.stderr)
         return 2
-    except (ModelLoadError, DirectionFileError, UnsupportedModelError, LlamaCppError, BakeError, OSError) as e:
+    except (
+        ModelLoadError,
+        DirectionFileError,
+        UnsupportedModelError,
+        LlamaCppError,
+        BakeError,
+        QuantizationError,
+        OSError,
+    ) as e:
         print(f"frankly: cannot start: {e}", file=sys.stderr)
         return 2
     if not _is_loopback(ss.host) and not ss.all_api_keys():

@@ -60,6 +60,12 @@ def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]
     :func:`_load_for_llamacpp`); the engine loads the GGUF itself."""
     paths = direction_paths(ms)
     if ms.engine == "llamacpp":
+        if ms.weights != "float":
+            from directions.quant import QuantizationError
+
+            raise QuantizationError(
+                "--weights is for the torch engine; llama.cpp runs the GGUF's own quantized weights"
+            )
         loaded = _load_for_llamacpp(ms)
         directions = load_directions(paths)
         check_fit(directions, loaded.model.config, paths, allow_mismatch=ms.allow_fingerprint_mismatch)
@@ -67,11 +73,23 @@ def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]
     loaded = load_model(ms.model, device=ms.device, dtype=ms.dtype)
     directions = load_directions(paths)
     check_fit(directions, loaded.model.config, paths, allow_mismatch=ms.allow_fingerprint_mismatch)
+    if ms.weights == "int8":
+        _quantize_int8(loaded, ms)
     if ms.packed_weights:
         from server.packing import pack_linear_weights
 
         pack_linear_weights(loaded.model)
     return loaded, directions
+
+
+def _quantize_int8(loaded: LoadedModel, ms: ModelSettings) -> None:
+    from directions.quant import QuantizationError, quantize_model
+
+    if ms.packed_weights:
+        raise QuantizationError("--packed-weights prepacks float weights; it does not combine with --weights int8")
+    n = quantize_model(loaded.model)
+    loaded.dtype = torch.bfloat16
+    log.info("int8 weights: %d linear layers quantized per channel; activations in bfloat16", n)
 
 
 def served_id(ms: ModelSettings) -> str:
