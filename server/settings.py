@@ -61,8 +61,7 @@ class ModelSettings(_Base):
     weights: Literal["float", "int8"] = Field(
         "float",
         description="float: weights in --dtype; int8: CPU, every linear layer (LM head included) int8 per "
-        "channel, bf16 activations, torch's _weight_int8pack_mm kernel (about 3-4x faster decode than fp32 "
-        "on the demo model, first-token KL vs fp32 about 0.005)",
+        "channel, bf16 activations, torch's _weight_int8pack_mm kernel; torch engine only",
     )
     packed_weights: bool = Field(
         False,

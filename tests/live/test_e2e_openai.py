@@ -96,7 +96,11 @@ def test_refusal_direction_makes_the_model_comply(client, demo_server):
         refused = [p for p, a in zip(prompts, plain, strict=True) if is_refusal(a)]
         assert len(refused) >= 4, f"the demo model refused only {len(refused)} of {len(prompts)} harmful prompts"
         steered = list(ex.map(lambda p: _ask(client, base, p, {"steering": {"refusal": 1.0}}), refused))
-        by_id = list(ex.map(lambda p: _ask(client, base + "+refusal", p), refused))
     complied = sum(not is_refusal(a) for a in steered)
     assert complied >= 0.75 * len(refused), f"complied with {complied}/{len(refused)}: {steered}"
-    assert by_id == steered, "model-id suffix and body field must give the same (greedy) answers"
+    # One request at a time, so both ways run the same computation: under concurrency the batch
+    # composition differs between runs, and llama.cpp's kernels are not bit-stable across batch
+    # sizes (a near-tie token flipped after ~30 tokens once), which is not what this checks.
+    for p in refused[:3]:
+        body = _ask(client, base, p, {"steering": {"refusal": 1.0}})
+        assert _ask(client, base + "+refusal", p) == body, "model-id suffix and body field must give the same answers"
