@@ -86,10 +86,6 @@ def quantize_model(model: nn.Module, *, lm_head: bool = True, compute_dtype=torc
         setattr(parent, child, Int8Linear.from_linear(mod, compute_dtype))
         if progress:
             progress(i + 1, len(targets))
-    model.to(
-        compute_dtype
-    )  # norms, embedding and attention run in the compute dtype (buffers of Int8Linear: scale/bias)
-    for m in model.modules():
-        if isinstance(m, Int8Linear):
-            m.weight_q = m.weight_q.to(torch.int8)
+    # norms, embedding and attention run in the compute dtype; Module.to(dtype) leaves the int8 buffers as they are
+    model.to(compute_dtype)
     return len(targets)

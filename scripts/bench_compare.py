@@ -60,6 +60,18 @@ OPT_IN_SECTIONS = {"frankly-packed"}  # run only when named in --only
 STRENGTH_CYCLE = (0.0, 0.5, 1.0, -0.5)
 
 
+def steering_scenarios(streams: list[int]) -> list:
+    """Steering off and refusal 1.0 at every stream count; mixed strengths at the largest (if > 1)."""
+    scen = [
+        ("steering off", [{}], streams),
+        ("refusal=1.0", [{"steering": {"refusal": 1.0}}], streams),
+    ]
+    if max(streams) > 1:
+        mixed = [{"steering": {"refusal": s}} for s in STRENGTH_CYCLE]
+        scen.append((f"mixed {'/'.join(str(s) for s in STRENGTH_CYCLE)}", mixed, [max(streams)]))
+    return scen
+
+
 sys.path.insert(0, str(ROOT))
 from clients import bench  # noqa: E402
 
@@ -605,24 +617,12 @@ def main(argv=None) -> int:
         )
 
     print(bench.table_header(), flush=True)
-    max_n = max(args.streams_list)
     if sec & {"frankly", "join", "rss", "frankly-packed", "frankly-int8"}:
         direction, origin = ensure_direction(out_dir, args.direction)
         res["direction"] = {"path": direction, "origin": origin}
         scen = []
         if "frankly" in sec:
-            scen = [
-                ("steering off", [{}], args.streams_list),
-                ("refusal=1.0", [{"steering": {"refusal": 1.0}}], args.streams_list),
-            ]
-            if max_n > 1:
-                scen.append(
-                    (
-                        f"mixed {'/'.join(str(s) for s in STRENGTH_CYCLE)}",
-                        [{"steering": {"refusal": s}} for s in STRENGTH_CYCLE],
-                        [max_n],
-                    )
-                )
+            scen = steering_scenarios(args.streams_list)
         rows, jl, mem, info = serve_and_measure(
             "frankly", frankly_cmd(args, direction), args, out_dir, scen, "join" in sec, "rss" in sec
         )
@@ -634,24 +634,12 @@ def main(argv=None) -> int:
             if name not in sec:
                 continue
             # the same server with other weights: oneDNN-prepacked fp32, or int8 weight-only (bf16 activations)
-            scen_v = [
-                ("steering off", [{}], args.streams_list),
-                ("refusal=1.0", [{"steering": {"refusal": 1.0}}], args.streams_list),
-            ]
-            if max_n > 1:
-                scen_v.append(
-                    (
-                        f"mixed {'/'.join(str(s) for s in STRENGTH_CYCLE)}",
-                        [{"steering": {"refusal": s}} for s in STRENGTH_CYCLE],
-                        [max_n],
-                    )
-                )
             rows, _, mem, info = serve_and_measure(
                 f"frankly {' '.join(flags)}",
                 [*frankly_cmd(args, direction), *flags],
                 args,
                 out_dir,
-                scen_v,
+                steering_scenarios(args.streams_list),
                 False,
                 "rss" in sec,
             )
@@ -660,25 +648,13 @@ def main(argv=None) -> int:
             res["memory"] += [mem] if mem else []
     if "frankly-llamacpp" in sec:
         # frankly's llama.cpp engine on the original Q4_K_M GGUF: the same scenarios as the torch engine
-        scen_l = [
-            ("steering off", [{}], args.streams_list),
-            ("refusal=1.0", [{"steering": {"refusal": 1.0}}], args.streams_list),
-        ]
-        if max_n > 1:
-            scen_l.append(
-                (
-                    f"mixed {'/'.join(str(s) for s in STRENGTH_CYCLE)}",
-                    [{"steering": {"refusal": s}} for s in STRENGTH_CYCLE],
-                    [max_n],
-                )
-            )
         direction, _ = ensure_direction(out_dir, args.direction)
         rows, _, _, info = serve_and_measure(
             "frankly --engine llamacpp",
             [*frankly_cmd(args, direction), "--engine", "llamacpp"],
             args,
             out_dir,
-            scen_l,
+            steering_scenarios(args.streams_list),
             False,
             False,
         )
