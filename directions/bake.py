@@ -130,7 +130,7 @@ def bake_model(
     """Edit ``model`` in place so that it computes what the hooked model computes at ``strengths``.
 
     For each writer (forward order) and each direction (order of ``strengths``,
-    zero strengths skipped like the hooks skip them), with ``c = s * w_l``
+    zero strengths skipped like the hooks skip them), with ``c = s * w``
     (the embedding uses layer 0): ``W <- W - c r r^T W`` and ``b <- b - c (r.b) r``.
     A tied LM head is untied first (it keeps the original weight) and
     ``config.tie_word_embeddings`` is set to False.
@@ -148,7 +148,7 @@ def bake_model(
             "direction is not removed from the residual stream itself"
         )
     for k, w in enumerate(writers):
-        edits = _writer_edits(active, w.layer)
+        edits = _writer_edits(active, w.kind, w.layer)
         if edits:
             _bake_writer(model, w, edits, module_names[id(w.module)], report)
         if progress is not None:
@@ -156,12 +156,13 @@ def bake_model(
     return report
 
 
-def _writer_edits(active: list[tuple[DirectionSet, float]], layer: int) -> list[tuple[torch.Tensor, float]]:
-    """(direction ``r_l``, coefficient ``c = s * w_l``) of each active direction at ``layer``, zero ``c`` left out."""
+def _writer_edits(active: list[tuple[DirectionSet, float]], kind: str, layer: int) -> list[tuple[torch.Tensor, float]]:
+    """(direction ``r_l``, coefficient ``c = s * w``) of each active direction for writer ``kind`` at ``layer``
+    (``w`` from :meth:`DirectionSet.writer_weight`, as the hooks and LoRA export read it), zero ``c`` left out."""
     return [
-        (ds.directions[layer], s * float(ds.layer_weights[layer]))
+        (ds.directions[layer], s * ds.writer_weight(kind, layer))
         for ds, s in active
-        if s * float(ds.layer_weights[layer]) != 0.0
+        if s * ds.writer_weight(kind, layer) != 0.0
     ]
 
 

@@ -6,6 +6,9 @@ mapped to::
 
     y <- y - c * (y . r_l) r_l        with c = s * w_l
 
+(``w_l`` is the writer's weight, :meth:`directions.fileformat.DirectionSet.writer_weight`:
+the layer weight times the optional weight of its component, embedding/attention/MLP)
+
 and the bake applies the same map to the writer's weight and bias::
 
     W <- W - c * r_l (r_l^T W)        (Linear: W has d_model rows)

@@ -5,6 +5,13 @@ Tensors: ``directions`` (n_layers, d_model) or (d_model,), ``layer_weights``
 convention, prompt hashes, method, chosen layers, eval figures, creation time.
 Optional detection for conditional ablation: ``detect_vector`` (d_model,) with
 metadata ``detect_layer`` and ``detect_threshold``.
+
+Optional per-component weights: ``component_weights`` (3, n_layers), rows in
+:data:`COMPONENTS` order (embedding, attention output, MLP down projection). The
+weight of writer (kind, l) is ``layer_weights[l] * component_weights[kind, l]``
+(the embedding reads column 0); a file without the tensor means all ones, so
+older files load unchanged and mean what they meant. :meth:`DirectionSet.writer_weight`
+is the one accessor the hooks, the bake and the LoRA export share.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = "1"
+FORMAT_VERSION_COMPONENTS = "2"  # written only when a file carries component_weights
+COMPONENTS = ("embed", "attn", "mlp")  # rows of component_weights; Writer.kind values
 HOOK_SITES = "embed_tokens,self_attn.o_proj,mlp.down_proj"
 OPERATION = "project_out"
 # hidden_states[i] is the residual stream entering decoder layer i (index 0 = embeddings).
@@ -77,6 +86,7 @@ class DirectionSet:
     detect_vector: torch.Tensor | None = None  # (d_model,) unit, for conditional mode
     detect_layer: int | None = None
     detect_threshold: float | None = None
+    component_weights: torch.Tensor | None = None  # (3, n_layers) float32 >= 0, rows COMPONENTS
 
     @property
     def n_layers(self) -> int:
@@ -85,6 +95,23 @@ class DirectionSet:
     @property
     def d_model(self) -> int:
         return int(self.directions.shape[1])
+
+    def writer_weights(self) -> torch.Tensor:
+        """Effective weight of every writer, (3, n_layers) in :data:`COMPONENTS` row order:
+        ``layer_weights`` times ``component_weights`` (all ones when absent)."""
+        w = self.layer_weights.to(torch.float32).unsqueeze(0).repeat(len(COMPONENTS), 1)
+        if self.component_weights is not None:
+            w = w * self.component_weights.to(torch.float32)
+        return w
+
+    def writer_weight(self, kind: str, layer: int) -> float:
+        """Effective weight ``w`` of the writer ``kind`` ("embed" | "attn" | "mlp") at ``layer``
+        (the embedding uses layer 0): the coefficient is ``c = s * w``. Hooks, bake and LoRA
+        export all read weights here, so they stay one function."""
+        w = float(self.layer_weights[layer])
+        if self.component_weights is not None:
+            w *= float(self.component_weights[COMPONENTS.index(kind), layer])
+        return w
 
     @property
     def has_condition(self) -> bool:
@@ -140,6 +167,9 @@ def save_direction(ds: DirectionSet, path: str | Path, config=None) -> Path:
     md.setdefault("created", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     if config is not None:
         md["fingerprint"] = json.dumps(model_fingerprint(config))
+    if ds.component_weights is not None:
+        tensors["component_weights"] = ds.component_weights.to(torch.float32).contiguous()
+        md["format_version"] = FORMAT_VERSION_COMPONENTS
     if ds.has_condition:
         tensors["detect_vector"] = ds.detect_vector.to(torch.float32).contiguous()
         md["detect_layer"] = str(ds.detect_layer)
@@ -179,9 +209,24 @@ def load_direction(path: str | Path, name: str | None = None) -> DirectionSet:
         raise DirectionFileError(f"direction file {path} holds non-finite values or negative layer weights")
     d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     ds = DirectionSet(name=name or md.get("name") or path.stem, directions=d, layer_weights=w, metadata=md)
+    ds.component_weights = _component_weights(tensors.get("component_weights"), w.shape[0], path)
     if "detect_vector" in tensors and "detect_layer" in md and "detect_threshold" in md:
         v = tensors["detect_vector"].to(torch.float32)
         ds.detect_vector = v / v.norm().clamp_min(1e-12)
         ds.detect_layer = int(md["detect_layer"])
         ds.detect_threshold = float(md["detect_threshold"])
     return ds
+
+
+def _component_weights(cw: torch.Tensor | None, n_layers: int, path: Path) -> torch.Tensor | None:
+    """The optional ``component_weights`` tensor, checked: (3, n_layers), finite, >= 0."""
+    if cw is None:
+        return None
+    cw = cw.to(torch.float32)
+    if tuple(cw.shape) != (len(COMPONENTS), n_layers):
+        raise DirectionFileError(
+            f"direction file {path}: component_weights {tuple(cw.shape)} should be ({len(COMPONENTS)}, {n_layers})"
+        )
+    if not torch.isfinite(cw).all() or (cw < 0).any():
+        raise DirectionFileError(f"direction file {path} holds non-finite or negative component weights")
+    return cw

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from directions.edit import project_out
-from directions.fileformat import DirectionSet
+from directions.fileformat import COMPONENTS, DirectionSet
 from directions.writers import Writer, decoder_layers, find_writers
 
 
@@ -32,12 +32,13 @@ class SteeringHooks:
         self.writers: list[Writer] = find_writers(model)
         p = next(model.parameters())
         self._dtype, self._device = p.dtype, p.device
-        # Directions in the model's dtype on its device: (n_layers, d) and (n_layers,)
+        # Directions in the model's dtype on its device: (n_layers, d), and the writer weights
+        # (3, n_layers) in COMPONENTS row order (DirectionSet.writer_weights, shared with bake/LoRA)
         self.dirs = {
-            n: (ds.directions.to(self._device, self._dtype), ds.layer_weights.to(self._device, self._dtype))
+            n: (ds.directions.to(self._device, self._dtype), ds.writer_weights().to(self._device, self._dtype))
             for n, ds in directions.items()
         }
-        self._coef: dict[str, torch.Tensor] = {}  # name -> (n_layers, B, 1, 1)
+        self._coef: dict[str, torch.Tensor] = {}  # name -> (3, n_layers, B, 1, 1)
         self._handles: list = []
 
     @property
@@ -58,7 +59,7 @@ class SteeringHooks:
             if not torch.any(s != 0):
                 continue
             w = self.dirs[name][1]
-            coef[name] = (w[:, None] * s[None, :]).view(w.shape[0], s.shape[0], 1, 1)
+            coef[name] = (w[:, :, None] * s[None, None, :]).view(*w.shape, s.shape[0], 1, 1)
         self._coef = coef
         if coef and not self._handles:
             self._install()
@@ -95,18 +96,18 @@ class SteeringHooks:
 
     def _install(self) -> None:
         for w in self.writers:
-            self._handles.append(w.module.register_forward_hook(self._make_hook(w.layer)))
+            self._handles.append(w.module.register_forward_hook(self._make_hook(COMPONENTS.index(w.kind), w.layer)))
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    def _make_hook(self, layer: int):
+    def _make_hook(self, comp: int, layer: int):
         def hook(module, inputs, output):
             y = output
             for name, coef in self._coef.items():
-                c = coef[layer]
+                c = coef[comp, layer]
                 if y.dim() == 2:  # (tokens, d) layouts
                     c = c.view(-1, 1)
                 y = project_out(y, self.dirs[name][0][layer], c)

@@ -75,7 +75,7 @@ def lora_pairs(model: nn.Module, ds: DirectionSet, scale: float = 1.0) -> list[L
     names = {id(m): n for n, m in model.named_modules()}
     out = []
     for w in find_writers(model):
-        c = float(scale) * float(ds.layer_weights[w.layer])
+        c = float(scale) * ds.writer_weight(w.kind, w.layer)
         if c == 0.0:
             continue
         r = ds.directions[w.layer].to(torch.float64)

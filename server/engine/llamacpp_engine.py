@@ -242,7 +242,7 @@ def adapter_cache_dir(gguf: Path, directions: dict[str, DirectionSet], root: Pat
         ds = directions[name]
         h.update(name.encode())
         h.update(ds.directions.numpy().tobytes())
-        h.update(ds.layer_weights.numpy().tobytes())
+        h.update(ds.writer_weights().numpy().tobytes())
     return root / "lora" / f"{gguf.stem}-{h.hexdigest()[:16]}"
 
 
