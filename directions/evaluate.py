@@ -24,6 +24,7 @@ from directions.refusal import PROMPTS_DIR, is_refusal
 from directions.slop import corpus_slop_score
 from directions.splits import eval_prompt_files
 from directions.strengths import DirectionRequest
+from directions.weights_eval import models_first_token_kl, models_long_kl
 
 log = logging.getLogger("frankly.eval")
 
@@ -84,17 +85,28 @@ def _metrics_for(ds: DirectionSet, cfg: EvalConfig) -> tuple[str, ...]:
     return OBJECTIVE_METRICS.get(ds.metadata.get("objective", ""), METRICS)
 
 
-def evaluate(m: Measurements, sets: EvalSets, names: Sequence[str], cfg: EvalConfig) -> dict:
+def evaluate(
+    m: Measurements,
+    sets: EvalSets,
+    names: Sequence[str],
+    cfg: EvalConfig,
+    edited: dict[str, Measurements] | None = None,
+) -> dict:
     """Measure every direction in ``names`` at every strength (and, with ``cfg.conditional``,
-    with ``when="auto"``). Returns a JSON-ready dict with one row per (direction, when, strength)."""
-    return _Evaluation(m, sets, list(names), cfg).run()
+    with ``when="auto"``). Returns a JSON-ready dict with one row per (direction, when, strength).
+
+    ``edited``: other models' weights (same vocabulary), each measured on the same prompts with
+    its KLs against ``m``'s model, as one row ``when="weights"`` (strength 1: the edit as stored)."""
+    return _Evaluation(m, sets, list(names), cfg, edited or {}).run()
 
 
 class _Evaluation:
     """One ``evaluate`` call: the prompt ids, which conditions fire, every generation, then the rows."""
 
-    def __init__(self, m: Measurements, sets: EvalSets, names: list[str], cfg: EvalConfig):
-        self.m, self.sets, self.names, self.cfg = m, sets, names, cfg
+    def __init__(
+        self, m: Measurements, sets: EvalSets, names: list[str], cfg: EvalConfig, edited: dict[str, Measurements]
+    ):
+        self.m, self.sets, self.names, self.cfg, self.edited = m, sets, names, cfg, edited
         self.P = {
             "harmful": m.ids(sets.harmful),
             "harmless": m.ids(sets.harmless),
@@ -109,6 +121,9 @@ class _Evaluation:
             "capability": ("capability", cfg.capability_tokens),
         }
         self.wanted = {n: _metrics_for(m.directions[n], cfg) for n in names}
+        # an edited model gets every metric any direction gets
+        union = tuple(k for k in METRICS if any(k in w for w in self.wanted.values()))
+        self.wanted.update({e: union for e in edited})
         self.fired: dict[str, dict[str, list[bool]]] = {}
         self.out: dict[tuple, list[GenResult]] = {}
         self.conts: list[list[int]] = []
@@ -126,6 +141,10 @@ class _Evaluation:
             self.fired = {n: {k: self.m.fired(n, p) for k, p in self.P.items()} for n in auto_names}
         # 2. every generation in one engine submission; strength 0 (the unedited model) once
         self.out = self.m.generate(self._jobs(), desc="eval generations")
+        for e, em in self.edited.items():
+            gens = [(k, s, lim) for k, (s, lim) in self.gen_sets.items() if k in self.wanted[e]]
+            jobs = [Job((e, "weights", 1.0, k), self.P[s], lim) for k, s, lim in gens]
+            self.out.update(em.generate(jobs, desc=f"eval generations ({e})"))
         self._pick_long()
         modes = ["always"] + (["auto"] if self.cfg.conditional else [])
         rows = []
@@ -136,6 +155,7 @@ class _Evaluation:
                 for s in self.cfg.strengths:
                     rows.append(self._row(n, mode, s))
                     log.info("%s", rows[-1])
+        rows += [self._row(e, "weights", 1.0) for e in self.edited]
         return self._result(rows, time.monotonic() - t0)
 
     def _jobs(self) -> list[Job]:
@@ -170,8 +190,8 @@ class _Evaluation:
         base = self.out[("base", metric)]
         if s == 0:
             return base, 0
-        if mode == "always":
-            return self.out[(n, "always", s, metric)], 0
+        if mode in ("always", "weights"):
+            return self.out[(n, mode, s, metric)], 0
         key = next(k for k in self.out if k[:4] == (n, "auto", s, metric))
         res, mismatch = list(base), 0
         for i, r in zip(key[4], self.out[key], strict=True):
@@ -203,11 +223,17 @@ class _Evaluation:
             mismatch += mm
             row["capability"] = capability_rate([r.text for r in res], self.sets.capability)
         if "first_token_kl" in wanted:
-            row["first_token_kl"] = self.m.first_token_kl(
-                self.P["harmless"], {n: self._strengths("harmless", n, mode, s)}
-            )[0]
+            row["first_token_kl"] = (
+                models_first_token_kl(self.m, self.edited[n], self.P["harmless"])
+                if mode == "weights"
+                else self.m.first_token_kl(self.P["harmless"], {n: self._strengths("harmless", n, mode, s)})[0]
+            )
         if "long_kl" in wanted:
-            lk = self.m.long_kl(self.P["long"], self.conts, n, self._strengths("long", n, mode, s))
+            lk = (
+                models_long_kl(self.m.model, self.edited[n].model, self.P["long"], self.conts)
+                if mode == "weights"
+                else self.m.long_kl(self.P["long"], self.conts, n, self._strengths("long", n, mode, s))
+            )
             row["long_kl"], row["long_kl_positions"] = lk["mean"], lk["positions"]
         if mode == "auto":
             row["fired"] = {k: sum(v) / max(len(v), 1) for k, v in self.fired[n].items()}

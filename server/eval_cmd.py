@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from directions.fileformat import DirectionFileError
+from directions.models import ModelLoadError
 from directions.splits import EVAL_SPLITS
 
 
@@ -26,6 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a direction file to evaluate (repeatable)",
     )
     p.add_argument("--strengths", default="0,0.5,1.0", help="comma-separated strengths (0 = unedited)")
+    p.add_argument(
+        "--edited-model",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another model's weights (a weight-edited copy of --model, e.g. Heretic's export or a bake) measured "
+        "on the same prompts, its KLs against --model: one row when='weights' (repeatable)",
+    )
     p.add_argument(
         "--conditional",
         action="store_true",
@@ -93,6 +102,26 @@ def format_table(result: dict) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(x) for x in lines)])
 
 
+def _edited_models(args: argparse.Namespace, lm) -> dict:
+    """``--edited-model NAME=PATH`` models, loaded like --model, each as Measurements without directions."""
+    from directions.measure import Measurements
+    from directions.models import load_model
+    from directions.weights_eval import same_vocabulary
+    from server.engine.offline import engine_generate
+
+    out = {}
+    for spec in args.edited_model:
+        name, _, path = spec.partition("=")
+        if not name or not path or name in out:
+            raise ValueError(f"bad --edited-model {spec!r}: expected NAME=PATH with a new NAME")
+        em = load_model(path, device=args.device, dtype=args.dtype)
+        if not same_vocabulary(lm.model, em.model):
+            raise ValueError(f"--edited-model {name}: its vocabulary differs from --model's; it is not a copy of it")
+        gen = engine_generate(em.model, em.tokenizer, batch_size=args.batch_size)
+        out[name] = Measurements(em.model, em.tokenizer, gen, {}, batch_size=args.batch_size)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from directions.evaluate import EvalConfig, EvalSets, evaluate
     from directions.measure import Measurements
@@ -128,9 +157,15 @@ def run(args: argparse.Namespace) -> int:
     )
     generate = engine_generate(lm.model, lm.tokenizer, batch_size=args.batch_size)
     m = Measurements(lm.model, lm.tokenizer, generate, directions, batch_size=args.batch_size)
-    result = evaluate(m, sets, list(directions), cfg)
+    try:
+        edited = _edited_models(args, lm)
+    except (ValueError, ModelLoadError) as e:
+        print(f"frankly eval: {e}", file=sys.stderr)
+        return 2
+    result = evaluate(m, sets, list(directions), cfg, edited)
     result["model"] = args.model
     result["direction_files"] = {n: spec.partition("=")[2] for n, spec in zip(directions, args.direction, strict=True)}
+    result["edited_models"] = dict(s.partition("=")[::2] for s in args.edited_model)
     result["command"] = "frankly eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "frankly eval"
     result["total_wall_s"] = round(time.monotonic() - t0, 1)
     out = Path(args.out_dir)
