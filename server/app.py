@@ -138,6 +138,10 @@ def build_app(
     """Build the FastAPI app around a loaded model. The engine (default: the torch engine) starts in the lifespan."""
     metrics = Metrics()
     mml = max_model_len_for(loaded.model, model_settings.max_model_len)
+    if engine is None and model_settings.engine == "vllm":
+        from server.vllm_setup import vllm_engine
+
+        engine = vllm_engine(loaded, directions, settings, model_settings, mml, metrics)
     if engine is None:
         make = llamacpp_engine if model_settings.engine == "llamacpp" else torch_engine
         engine = make(loaded, directions, settings, mml, model_settings.num_threads, metrics)

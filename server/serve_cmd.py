@@ -18,6 +18,7 @@ from directions.llamacpp import LlamaCppError
 from directions.models import ModelLoadError
 from directions.quant import QuantizationError
 from directions.writers import UnsupportedModelError
+from server.engine.vllm_supervisor import VllmStartError
 from server.packing import PackingUnavailable
 from server.settings import CONFIG_ENV, ModelSettings, ServerSettings
 
@@ -28,7 +29,7 @@ log = logging.getLogger("frankly.serve")
 # CLI > env > config file holds.
 MODEL_FLAGS = [
     ("--model", "model", {}),
-    ("--engine", "engine", {"choices": ["torch", "llamacpp"]}),
+    ("--engine", "engine", {"choices": ["torch", "llamacpp", "vllm"]}),
     ("--served-model-name", "served_model_name", {}),
     ("--device", "device", {}),
     ("--dtype", "dtype", {}),
@@ -39,6 +40,11 @@ MODEL_FLAGS = [
     ("--num-threads", "num_threads", {}),
     ("--weights", "weights", {}),
     ("--packed-weights", "packed_weights", {}),
+    ("--vllm-path", "vllm_path", {}),
+    ("--vllm-strengths", "vllm_strengths", {"metavar": "S,S"}),
+    ("--vllm-combination", "vllm_combinations", {"metavar": "NAME=S,NAME=S"}),
+    ("--vllm-args", "vllm_args", {"metavar": "ARGS"}),
+    ("--vllm-ready-timeout", "vllm_ready_timeout_s", {"metavar": "SECONDS"}),
 ]
 SERVER_FLAGS = [
     ("--host", "host", {}),
@@ -118,6 +124,8 @@ def run(args) -> int:
     try:
         loaded, directions = load_served(ms)  # --engine llamacpp: tokenizer and config only
         app = build_app(loaded, directions, ss, ms, served_id(ms))
+        if ms.engine == "vllm":  # vLLM starts (a minute or more) before frankly listens; its errors end here
+            app.state.frankly.engine.start()
     except PackingUnavailable as e:
         print(f"frankly: cannot start: --packed-weights: {e}", file=sys.stderr)
         return 2
@@ -128,6 +136,7 @@ def run(args) -> int:
         LlamaCppError,
         BakeError,
         QuantizationError,
+        VllmStartError,
         OSError,
     ) as e:
         print(f"frankly: cannot start: {e}", file=sys.stderr)

@@ -38,11 +38,12 @@ class ModelSettings(_Base):
     model_config = SettingsConfigDict(env_prefix="FRANKLY_", extra="ignore")
 
     model: str = Field("demo", description="hub id, local model directory, .gguf file, or 'demo'")
-    engine: Literal["torch", "llamacpp"] = Field(
+    engine: Literal["torch", "llamacpp", "vllm"] = Field(
         "torch",
         description="torch: transformers with hooks (every feature, fp32/bf16); llamacpp: llama.cpp on the "
         "GGUF itself, quantized, steering through LoRA adapters (faster on CPUs; no conditional mode; "
-        "needs the llamacpp extra and a .gguf model or demo)",
+        "needs the llamacpp extra and a .gguf model or demo); vllm: a vllm serve that frankly starts, one "
+        "LoRA adapter per exported strength (GPU clusters; see --vllm-strengths)",
     )
     served_model_name: str | None = Field(
         None, description="model id clients use (default: 'qwen-demo' for demo, else the directory/file name)"
@@ -68,6 +69,29 @@ class ModelSettings(_Base):
         description="CPU, float32: prepack every linear weight for oneDNN once at load (batched decode much "
         "faster, single stream ~20% slower, logits differ from plain transformers by ~1e-5 relative)",
     )
+    vllm_path: str | None = Field(
+        None, description="vllm executable for --engine vllm (default: vllm on PATH, else /opt/vllmvenv/bin/vllm)"
+    )
+    vllm_strengths: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [0.5, 1.0],
+        description="--engine vllm: strengths exported as one adapter per direction each (comma-separated; "
+        "requests may ask for exactly these; default 0.5,1.0)",
+    )
+    vllm_combinations: list[str] = Field(
+        default_factory=list,
+        description="--engine vllm: also export this several-direction steering, NAME=S,NAME=S (repeat the flag)",
+    )
+    vllm_args: str = Field(
+        "", description="--engine vllm: extra vllm serve arguments, one string (e.g. '--tensor-parallel-size 2')"
+    )
+    vllm_ready_timeout_s: float = Field(900.0, gt=0, description="--engine vllm: how long vLLM may take to start")
+
+    @field_validator("vllm_strengths", mode="before")
+    @classmethod
+    def _split_strengths(cls, v):
+        if isinstance(v, str | float | int):
+            v = [v]
+        return [float(x) for item in v for x in (str(item).split(",")) if x.strip()]
 
 
 class ServerSettings(_Base):

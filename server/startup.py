@@ -59,6 +59,10 @@ def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]
     With ``--engine llamacpp`` only the tokenizer and configs are loaded here (see
     :func:`_load_for_llamacpp`); the engine loads the GGUF itself."""
     paths = direction_paths(ms)
+    if ms.engine == "vllm":  # tokenizer and configs only; vLLM loads the weights
+        from server.vllm_setup import load_for_vllm
+
+        return load_for_vllm(ms, paths)
     if ms.engine == "llamacpp":
         if ms.weights != "float":
             from directions.quant import QuantizationError

@@ -67,7 +67,8 @@ class SteeringPolicy:
     def preset_ids(self) -> list[str]:
         ids = [self.base_id]
         for name, ds in self.directions.items():
-            ids.append(f"{self.base_id}+{name}")
+            if self.runs({name: 1.0}):
+                ids.append(f"{self.base_id}+{name}")
             if ds.has_condition and self.conditional_ok:
                 ids.append(f"{self.base_id}+{name}@auto")
         return ids
@@ -112,7 +113,26 @@ class SteeringPolicy:
         merged = {**self.parse_model(model), **self.parse_body(body_value)}
         if len(merged) > self.max_directions:
             raise InvalidRequest(f"at most {self.max_directions} directions per request", param="steering")
+        self._check_combination(merged)
         return merged
+
+    def runs(self, strengths: dict[str, float]) -> bool:
+        """Whether the engine runs these strengths (engines with exported adapters run only those)."""
+        combos = self.capabilities.steering_combinations if self.capabilities is not None else None
+        key = tuple(sorted((n, float(s)) for n, s in strengths.items() if s != 0))
+        return combos is None or not key or key in combos
+
+    def _check_combination(self, steering: dict[str, DirectionRequest]) -> None:
+        if self.runs({n: d.strength for n, d in steering.items()}):
+            return
+        asked = "+".join(f"{n}={d.strength:g}" for n, d in sorted(steering.items()) if d.strength != 0)
+        exported = ", ".join("+".join(f"{n}={s:g}" for n, s in c) for c in self.capabilities.steering_combinations)
+        raise InvalidRequest(
+            f"the {self.capabilities.name} engine runs only the steering it exported adapters for "
+            f"({exported or 'none'}); {asked} is not among them (restart with that strength or combination exported)",
+            param="steering",
+            code="unsupported_by_engine",
+        )
 
     def _check(self, name: str, strength: Any, when: Any, param: str, for_engine: bool = True) -> DirectionRequest:
         try:

@@ -42,6 +42,9 @@ class EngineCapabilities:
     logprobs: bool = False  # logprobs / top_logprobs in the answer
     bit_identical_at_zero: bool = False  # strength 0 gives exactly the plain model's logits
     quantized_weights: bool = False  # runs on quantized weights (figures differ from fp32 transformers)
+    # None: any strengths. Else the only steerings it runs, each the sorted (name, strength) pairs of a
+    # request's nonzero strengths (all-zero always runs): the vLLM engine's one adapter per exported strength
+    steering_combinations: tuple[tuple[tuple[str, float], ...], ...] | None = None
 
 
 @dataclass(frozen=True)
