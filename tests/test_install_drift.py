@@ -41,7 +41,7 @@ def test_dockerfile_uses_the_readme_install_steps():
 
 def test_ci_script_installs_what_the_readme_installs():
     script = (ROOT / "scripts" / "ci.sh").read_text()
-    assert 'pip install --quiet torch==2.13.0 -e ".[test,demo,lora,llamacpp]"' in script
+    assert 'pip install --quiet torch==2.13.0 -e ".[test,demo,lora,llamacpp,search]"' in script
 
 
 def test_ci_pins_the_test_tools_inside_the_test_extra():
@@ -56,7 +56,7 @@ def test_ci_pins_the_test_tools_inside_the_test_extra():
             assert spec.operator == "==", line
             pins[req.name] = spec.version
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    ranges = {r.name: r.specifier for x in ("test", "lora", "llamacpp") for r in map(Requirement, extras[x])}
+    ranges = {r.name: r.specifier for x in ("test", "lora", "llamacpp", "search") for r in map(Requirement, extras[x])}
     assert set(pins) == set(ranges)
     for name, version in pins.items():
         assert ranges[name].contains(version), f"{name}=={version} is outside the test extra's {ranges[name]}"

@@ -1,0 +1,101 @@
+"""Confirming the search's Pareto candidates with real generations, choosing the winner, and the
+Pareto-front plot (:mod:`directions.search` has the study itself).
+
+The confirm stage measures each candidate as the server serves it: greedy generations of
+``tokens`` tokens on the whole harmful validation split through the engine (refusals by the
+marker judge, :mod:`directions.refusal`) and full-vocabulary first-token KL on the whole
+harmless validation split. The winner is the candidate with the fewest refusals within the KL
+budget (ties: lower KL); if none is within it, the lowest KL, with a warning in the record.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from directions.fileformat import DirectionSet
+from directions.measure import Job, Measurements
+from directions.refusal import is_refusal
+from directions.strengths import DirectionRequest
+
+
+def confirm(
+    m: Measurements,
+    sets: dict[str, DirectionSet],
+    harmful_ids: list[list[int]],
+    harmless_ids: list[list[int]],
+    tokens: int,
+    strength: float = 1.0,
+    base: bool = False,
+) -> dict[str, dict]:
+    """Refusals (count and rate) at ``tokens`` tokens and first-token KL for every set at ``strength``;
+    with ``base`` the unedited model's refusals too (label "base")."""
+    m.set_directions(sets)
+    labels = ["base"] * base + list(sets)
+    jobs = [
+        Job((lbl,), harmful_ids, tokens, {} if lbl == "base" else {lbl: DirectionRequest(strength)}) for lbl in labels
+    ]
+    out = m.generate(jobs, desc="confirm generations")
+    figs: dict[str, dict] = {}
+    for lbl in labels:
+        n_ref = sum(is_refusal(r.text) for r in out[(lbl,)])
+        kl = 0.0 if lbl == "base" else m.first_token_kl(harmless_ids, {lbl: [strength] * len(harmless_ids)})[0]
+        figs[lbl] = {
+            "refusals": n_ref,
+            "n": len(harmful_ids),
+            "refusal_rate": round(n_ref / max(1, len(harmful_ids)), 4),
+            "first_token_kl": round(kl, 5),
+            "tokens": tokens,
+            "strength": strength,
+        }
+    return figs
+
+
+def pick_winner(figs: dict[str, dict], kl_budget: float) -> tuple[str, str | None]:
+    """(label, warning or None): fewest refusals within the KL budget, then lowest KL."""
+    cands = {k: f for k, f in figs.items() if k != "base"}
+    ok = [k for k, f in cands.items() if f["first_token_kl"] <= kl_budget]
+    if ok:
+        return min(ok, key=lambda k: (cands[k]["refusals"], cands[k]["first_token_kl"])), None
+    best = min(cands, key=lambda k: (cands[k]["first_token_kl"], cands[k]["refusals"]))
+    return best, f"no confirmed candidate had first-token KL <= {kl_budget}; took the lowest KL"
+
+
+def plot_pareto(rows: list[dict], figs: dict[str, dict], winner: str, kl_budget: float, path: str | Path) -> Path:
+    """Left: every trial's proxy figures (refusal-token mass vs first-token KL), the Pareto front
+    marked; right: the confirmed candidates (refusals at N tokens vs KL on the whole split)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    rest = [r for r in rows if not r["pareto"]]
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["kl"])
+    a.scatter([r["kl"] for r in rest], [r["refusal_mass"] for r in rest], s=10, c="#999", label="trial")
+    a.plot([r["kl"] for r in front], [r["refusal_mass"] for r in front], "o-", c="C3", ms=4, label="Pareto front")
+    for r in rows:
+        if f"t{r['number']}" in figs:
+            a.annotate(f"t{r['number']}", (r["kl"], r["refusal_mass"]), fontsize=7)
+    a.axvline(kl_budget, color="grey", ls=":", lw=0.8)
+    a.set_xscale("symlog", linthresh=1e-3)
+    a.set_xlabel("first-token KL, harmless val subset (proxy)")
+    a.set_ylabel("refusal-token probability, harmful val subset")
+    a.set_title(f"search trials ({len(rows)})", fontsize=9)
+    a.legend(fontsize=7)
+    for k, f in figs.items():
+        if k == "base":
+            continue
+        b.scatter(f["first_token_kl"], f["refusals"], c="C1" if k == winner else "C0", s=40 if k == winner else 18)
+        b.annotate(k + (" (winner)" if k == winner else ""), (f["first_token_kl"], f["refusals"]), fontsize=7)
+    b.axvline(kl_budget, color="grey", ls=":", lw=0.8)
+    any_f = next(iter(figs.values()))
+    b.set_xlabel("first-token KL, whole harmless val split")
+    b.set_ylabel(f"refusals of {any_f['n']} harmful val prompts ({any_f['tokens']} tokens)")
+    b.set_title("confirmed Pareto candidates (validation split)", fontsize=9)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
