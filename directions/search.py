@@ -44,6 +44,16 @@ class SearchPrompts:
     harmful_val: list[str]
     harmless_val: list[str]
 
+    def thinned(self, n: int | None) -> SearchPrompts:
+        """At most ``n`` evenly spaced prompts of each train set (the means); validation unchanged."""
+
+        def pick(xs: list[str]) -> list[str]:
+            if not n or n >= len(xs):
+                return xs
+            return [xs[round(i * (len(xs) - 1) / (n - 1))] for i in range(n)] if n > 1 else xs[:1]
+
+        return SearchPrompts(pick(self.harmful_train), pick(self.harmless_train), self.harmful_val, self.harmless_val)
+
     def digest(self) -> str:
         h = hashlib.sha256()
         for part in (self.harmful_train, self.harmless_train, self.harmful_val, self.harmless_val):
@@ -70,8 +80,12 @@ def _first_probs(model, tok, ids, batch_size, desc) -> tuple[torch.Tensor, torch
     return torch.softmax(logits.double(), -1).mean(0).float(), states
 
 
-def load_or_extract(model, tok, prompts: SearchPrompts, study_dir: Path, key: str, batch_size: int) -> Activations:
-    """The cached activations of ``study_dir`` when their key matches, else extracted and cached."""
+def load_or_extract(
+    model, tok, prompts: SearchPrompts, study_dir: Path, key: str, batch_size: int, val: bool = True
+) -> Activations:
+    """The cached activations of ``study_dir`` when their key matches, else extracted and cached.
+    Without ``val`` the validation states (only the condition's calibration reads them) are left
+    empty, which saves a pass over the validation prompts."""
     path = study_dir / ACTIVATIONS
     if path.is_file():
         from safetensors import safe_open
@@ -88,8 +102,11 @@ def load_or_extract(model, tok, prompts: SearchPrompts, study_dir: Path, key: st
     ids = lambda texts: build_prompts(tok, texts)  # noqa: E731
     fp, tp = _first_probs(model, tok, ids(prompts.harmful_train), batch_size, "train activations (harmful)")
     fn, tn = _first_probs(model, tok, ids(prompts.harmless_train), batch_size, "train activations (harmless)")
-    vp = collect_states(model, tok, ids(prompts.harmful_val), batch_size, desc="val activations (harmful)")
-    vn = collect_states(model, tok, ids(prompts.harmless_val), batch_size, desc="val activations (harmless)")
+    if val:
+        vp = collect_states(model, tok, ids(prompts.harmful_val), batch_size, desc="val activations (harmful)")
+        vn = collect_states(model, tok, ids(prompts.harmless_val), batch_size, desc="val activations (harmless)")
+    else:
+        vp = vn = tp[:0]
     acts = Activations(Means.from_states(tp, tn), tp, tn, vp, vn, fp, fn)
     study_dir.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -182,8 +199,11 @@ def reference_params(layer: int) -> dict:
     return p
 
 
-def run_trials(study, scorer: ProxyScorer, acts: Activations, n_trials: int, n_layers: int) -> int:
-    """Run trials until the study holds ``n_trials`` finished ones (resuming); tqdm progress."""
+def run_trials(
+    study, scorer: ProxyScorer, acts: Activations, n_trials: int, n_layers: int, timeout: float | None = None
+) -> int:
+    """Run trials until the study holds ``n_trials`` finished ones (resuming) or ``timeout`` seconds
+    have passed (the trial running then finishes); tqdm progress. Returns how many were asked for."""
     import optuna
     from tqdm.auto import tqdm
 
@@ -205,7 +225,7 @@ def run_trials(study, scorer: ProxyScorer, acts: Activations, n_trials: int, n_l
         bar.set_postfix(refusal=f"{v[0]:.3f}", kl=f"{v[1]:.4f}", pareto=len(study.best_trials))
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=todo, callbacks=[tick], gc_after_trial=False)
+    study.optimize(objective, n_trials=todo, timeout=timeout, callbacks=[tick], gc_after_trial=False)
     bar.close()
     return todo
 

@@ -22,9 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--direction",
         action="append",
-        required=True,
+        default=[],
         metavar="NAME=PATH",
-        help="a direction file to evaluate (repeatable)",
+        help="a direction file to evaluate (repeatable; needed unless --edited-model is given)",
     )
     p.add_argument("--strengths", default="0,0.5,1.0", help="comma-separated strengths (0 = unedited)")
     p.add_argument(
@@ -138,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if 0.0 not in strengths:
         strengths = [0.0, *strengths]
+    if not args.direction and not args.edited_model:
+        print("frankly eval: give --direction NAME=PATH and/or --edited-model NAME=PATH", file=sys.stderr)
+        return 2
     try:
         paths = parse_direction_specs(args.direction)
         directions = load_directions(paths)  # a bad file fails before the model loads

@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output .safetensors path (plot and selection JSON go beside it)")
     p.add_argument("--study-dir", required=True, help="study directory: SQLite study and cached activations (resume)")
     p.add_argument("--trials", type=int, default=60, help="finished trials the study should hold (resumes)")
+    p.add_argument("--minutes", type=float, help="stop starting new trials after this many minutes (then confirm)")
     p.add_argument("--startup-trials", type=int, default=12, help="random trials before TPE takes over")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--proxy-n", type=int, default=24, help="validation prompts per side scored in each trial")
@@ -37,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confirm-tokens", type=int, default=64, help="tokens generated per prompt in the confirm stage")
     p.add_argument("--confirm-base", action="store_true", help="also count the unedited model's refusals")
     p.add_argument("--reference-layer", type=int, help="enqueue the flat orth@LAYER direction as the first trial")
+    p.add_argument("--train-n", type=int, help="evenly spaced train prompts per side for the means (default: all)")
+    p.add_argument(
+        "--detector",
+        help="take the condition (detect vector, layer, threshold) from this direction file instead of calibrating "
+        "one (saves the validation activation pass; the condition does not depend on the ablation direction)",
+    )
     p.add_argument("--no-detect", action="store_true", help="do not calibrate the condition (conditional mode)")
     p.add_argument("--detect-fpr", type=float, default=0.02, help="max firing rate on harmless validation prompts")
     p.add_argument("--batch-size", type=int, default=16, help="forward and engine batch size")
@@ -59,7 +66,9 @@ def _study(args, lm, prompts, n_layers: int):
     )
 
     study_dir = Path(args.study_dir)
-    acts = load_or_extract(lm.model, lm.tokenizer, prompts, study_dir, study_key(args.model, prompts), args.batch_size)
+    val = not (args.no_detect or args.detector)
+    key = study_key(args.model, prompts) + f"/val={val}"
+    acts = load_or_extract(lm.model, lm.tokenizer, prompts, study_dir, key, args.batch_size, val)
     ref_ids = refusal_tokens(acts)
     if not ref_ids:
         raise SystemExit("no refusal-opening tokens found: does the unedited model refuse the harmful train prompts?")
@@ -71,7 +80,7 @@ def _study(args, lm, prompts, n_layers: int):
     study = open_study(study_dir, args.name, args.seed, args.startup_trials)
     if args.reference_layer is not None and not study.trials:
         study.enqueue_trial(reference_params(args.reference_layer))
-    run_trials(study, scorer, acts, args.trials, n_layers)
+    run_trials(study, scorer, acts, args.trials, n_layers, args.minutes * 60 if args.minutes else None)
     rows = trial_rows(study)
     (study_dir / "trials.json").write_text(json.dumps(rows, indent=1))
     return acts, rows, ref_ids
@@ -80,9 +89,21 @@ def _study(args, lm, prompts, n_layers: int):
 def _detect(args, ds, acts, n_layers: int) -> dict | None:
     from directions.detection import calibrate_detection
     from directions.extract import default_layers
+    from directions.fileformat import load_direction
 
     if args.no_detect:
         return None
+    if args.detector:
+        src = load_direction(args.detector)
+        if not src.has_condition:
+            raise SystemExit(f"--detector {args.detector} has no condition")
+        ds.detect_vector, ds.detect_layer, ds.detect_threshold = (
+            src.detect_vector,
+            src.detect_layer,
+            src.detect_threshold,
+        )
+        sel = json.loads(src.metadata.get("selection", "{}") or "{}")
+        return {**sel.get("detection", {}), "copied_from": Path(args.detector).name}
     chosen = int(ds.metadata["chosen_layer"])
     det = calibrate_detection(
         acts.means.diff[chosen].float(),
@@ -110,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     files = {"positive": args.positive, "negative": args.negative}
     files |= {"val_positive": args.val_positive, "val_negative": args.val_negative}
     prompts = SearchPrompts(*(read_lines(files[k]) for k in ("positive", "negative", "val_positive", "val_negative")))
+    prompts = prompts.thinned(args.train_n)
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     n_layers = lm.model.config.num_hidden_layers
     acts, rows, ref_ids = _study(args, lm, prompts, n_layers)

@@ -136,3 +136,11 @@ def test_frankly_search_end_to_end(tmp_path, capsys):
     assert out.with_suffix(".pareto.png").stat().st_size > 5000
     assert json.loads(out.with_suffix(".selection.json").read_text())["selection"]["chosen"] == sel["chosen"]
     assert "<- winner" in capsys.readouterr().out
+
+
+def test_thinned_train_sets_are_evenly_spaced_and_keep_validation():
+    p = search.SearchPrompts([f"a{i}" for i in range(10)], [f"b{i}" for i in range(9)], ["v"], ["w"])
+    t = p.thinned(4)
+    assert t.harmful_train == ["a0", "a3", "a6", "a9"] and t.harmless_train == ["b0", "b3", "b5", "b8"]
+    assert t.harmful_val == ["v"] and p.thinned(None) == p and p.thinned(50) == p
+    assert t.digest() != p.digest()
