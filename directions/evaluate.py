@@ -121,8 +121,9 @@ class _Evaluation:
             "capability": ("capability", cfg.capability_tokens),
         }
         self.wanted = {n: _metrics_for(m.directions[n], cfg) for n in names}
-        # an edited model gets every metric any direction gets
+        # an edited model gets every metric any direction gets (without directions: the refusal objective's)
         union = tuple(k for k in METRICS if any(k in w for w in self.wanted.values()))
+        union = union or (METRICS if cfg.all_metrics else OBJECTIVE_METRICS["refusal"])
         self.wanted.update({e: union for e in edited})
         self.fired: dict[str, dict[str, list[bool]]] = {}
         self.out: dict[tuple, list[GenResult]] = {}

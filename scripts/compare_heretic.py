@@ -12,11 +12,13 @@ Four stages, each announced as it starts:
    frankly's own selection uses), TPE for ``--trials`` trials, non-interactively
    (scripts/heretic_driver.py answers its questions), and exports the merged model. The
    export is cached under ``--heretic-dir`` by configuration, so a rerun skips this stage;
-3. ``frankly eval --split test`` on the plain model, frankly ``always`` and ``when: auto`` at
-   the direction's strength, and Heretic's model (``--edited-model``): refusals at
-   ``--max-tokens`` generated tokens, full-vocabulary first-token KL and long-continuation
-   KL against the plain model, capability. ``--skip-heretic`` re-measures only the frankly
-   rows and keeps Heretic's row from the previous comparison JSON in ``--out``;
+3. ``frankly eval --split test`` twice: the plain model, frankly ``always`` and ``when: auto``
+   at the direction's strength (``eval-frankly.json``); Heretic's model against the plain
+   model (``--edited-model``, ``eval-heretic.json``): refusals at ``--max-tokens`` generated
+   tokens, full-vocabulary first-token KL and long-continuation KL, capability. Each is
+   skipped when ``--out`` holds its result from the same command on the same files (a
+   ``.key`` beside it), so after a direction is re-shipped a rerun measures only frankly's
+   rows; ``--skip-heretic`` also skips stages 1 and 2 (the export must exist);
 4. one table (stdout and ``comparison.md``), ``comparison.json`` and ``comparison.png``.
 
 Which split each figure comes from is in the table's notes: refusals and first-token KL on
@@ -43,7 +45,6 @@ from heretic_report import (
     comparison_rows,
     format_table,
     plot_comparison,
-    previous_heretic,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--skip-heretic",
         action="store_true",
-        help="neither run nor re-measure Heretic: keep its row from the previous comparison JSON in --out",
+        help="skip stages 1-2: use the Heretic export a previous run left for this configuration",
     )
     p.add_argument("--dry-run", action="store_true", help="write Heretic's config, print the commands, run nothing")
     a = p.parse_args(argv)
@@ -292,31 +293,69 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def eval_settings(args: argparse.Namespace) -> dict:
-    """What a Heretic row depends on besides its model: a kept row is reused only under the same settings."""
-    return {"split": "test", "max_tokens": args.max_tokens, "n_long": args.n_long, "limit": args.limit}
+def _eval_args(args: argparse.Namespace, out: Path, prefix: str) -> list[str]:
+    cmd = ["--split", "test", "--max-tokens", str(args.max_tokens), "--n-long", str(args.n_long)]
+    cmd += ["--batch-size", str(args.batch_size), "--out-dir", str(out), "--prefix", prefix]
+    return cmd + (["--limit", str(args.limit)] if args.limit is not None else [])
 
 
-def eval_command(
-    args: argparse.Namespace, direction: Path, strength: float, heretic: Path | None, out: Path
-) -> list[str]:
+def frankly_eval_command(args: argparse.Namespace, direction: Path, strength: float, out: Path) -> list[str]:
+    """``frankly eval`` of the direction: the plain model (strength 0), ``always`` and ``when: auto``."""
     cmd = [sys.executable, "-m", "server.cli", "eval", "--model", "demo", "--direction", f"refusal={direction}"]
-    cmd += ["--strengths", f"{strength:g}", "--conditional", "--split", "test", "--max-tokens", str(args.max_tokens)]
-    cmd += [
-        "--n-long",
-        str(args.n_long),
-        "--batch-size",
-        str(args.batch_size),
-        "--out-dir",
-        str(out),
-        "--prefix",
-        "eval-test",
-    ]
-    if args.limit is not None:
-        cmd += ["--limit", str(args.limit)]
-    if heretic is not None:
-        cmd += ["--edited-model", f"heretic={heretic}"]
-    return cmd
+    return [*cmd, "--strengths", f"{strength:g}", "--conditional", *_eval_args(args, out, "eval-frankly")]
+
+
+def heretic_eval_command(args: argparse.Namespace, heretic_model: Path, out: Path) -> list[str]:
+    """``frankly eval`` of Heretic's weights against the plain model (no direction: only its row)."""
+    cmd = [sys.executable, "-m", "server.cli", "eval", "--model", "demo", "--edited-model", f"heretic={heretic_model}"]
+    return cmd + _eval_args(args, out, "eval-heretic")
+
+
+def _stamp(path: Path) -> list:
+    """What identifies a file's content cheaply enough for a cache key (sha256 of small files, else size+mtime)."""
+    st = path.stat()
+    return [path.name, _sha256(path)] if st.st_size < 64 << 20 else [path.name, st.st_size, st.st_mtime_ns]
+
+
+def cached_eval(cmd: list[str], inputs: list[Path], out: Path, prefix: str) -> tuple[dict, bool]:
+    """Run ``cmd`` (a ``frankly eval``) unless ``out/<prefix>.json`` came from the same command on the same
+    input files (``<prefix>.key``); returns (result, reused)."""
+    key = hashlib.sha256(json.dumps([cmd[1:], [_stamp(p) for p in inputs]]).encode()).hexdigest()
+    jpath, kpath = out / f"{prefix}.json", out / f"{prefix}.key"
+    if jpath.is_file() and kpath.is_file() and kpath.read_text().strip() == key:
+        print(f"   reusing {jpath} (same command and inputs)", flush=True)
+        return json.loads(jpath.read_text()), True
+    kpath.unlink(missing_ok=True)
+    print("   " + " ".join(cmd[2:]), flush=True)
+    if subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode:
+        raise SystemExit(f"frankly eval failed: {' '.join(cmd)}")
+    kpath.write_text(key + "\n")
+    return json.loads(jpath.read_text()), False
+
+
+def heretic_stage(args: argparse.Namespace, model_dir: str, t0: float, walls: dict) -> tuple[Path, dict]:
+    """Stages 1 and 2 (or, with --skip-heretic, the export a previous run left for this config)."""
+    work, _ = write_heretic_config(args, model_dir)
+    model, report = work / "model", work / "report.json"
+    if args.skip_heretic:
+        print("[1/4] Heretic venv: skipped (--skip-heretic)\n[2/4] Heretic run: skipped (--skip-heretic)", flush=True)
+        if not (model / "config.json").is_file() or not report.is_file():
+            raise SystemExit(f"--skip-heretic: no Heretic export for this configuration in {work}; run without it")
+        print(f"   Heretic's export from {model}", flush=True)
+        rep = json.loads(report.read_text())
+    else:
+        print(f"[1/4] Heretic {HERETIC_VERSION} virtual environment: {args.venv}", flush=True)
+        py = ensure_venv(args, args.heretic_dir / "venv-install.log")
+        walls["venv_s"] = round(time.monotonic() - t0, 1)
+        print(f"[2/4] Heretic on {model_dir}: {args.trials} trials, config {work / 'config.toml'}", flush=True)
+        model, rep = run_heretic(args, py, work)
+        walls["heretic_s"] = round(time.monotonic() - t0 - walls["venv_s"], 1)
+    return model, {
+        "version": HERETIC_VERSION,
+        "run_dir": str(work),
+        "config": (work / "config.toml").read_text(),
+        **rep,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,65 +364,49 @@ def main(argv: list[str] | None = None) -> int:
     from directions.models import locate
 
     t0, walls = time.monotonic(), {}
-    direction = args.direction or shipped_demo_paths()["refusal"]
+    direction = Path(args.direction or shipped_demo_paths()["refusal"])
     strength = args.strength if args.strength is not None else direction_strength(direction)
     model_dir, _ = locate("demo")
     args.out.mkdir(parents=True, exist_ok=True)
-    heretic_model, heretic, kept_row = None, {}, None
-    if args.skip_heretic:
-        print("[1/4] Heretic venv: skipped (--skip-heretic)\n[2/4] Heretic run: skipped (--skip-heretic)", flush=True)
-        kept_row, heretic = previous_heretic(args.out, eval_settings(args))
-    else:
-        print(f"[1/4] Heretic {HERETIC_VERSION} virtual environment: {args.venv}", flush=True)
+    if args.dry_run:
         work, _ = write_heretic_config(args, model_dir)
-        if args.dry_run:
-            print(
-                f"   config: {work / 'config.toml'}\n   eval: {' '.join(eval_command(args, direction, strength, work / 'model', args.out))}"
-            )
-            return 0
-        py = ensure_venv(args, args.heretic_dir / "venv-install.log")
-        walls["venv_s"] = round(time.monotonic() - t0, 1)
-        print(f"[2/4] Heretic on {model_dir}: {args.trials} trials, config {work / 'config.toml'}", flush=True)
-        heretic_model, report = run_heretic(args, py, work)
-        walls["heretic_s"] = round(time.monotonic() - t0 - walls["venv_s"], 1)
-        heretic = {
-            "version": HERETIC_VERSION,
-            "run_dir": str(work),
-            "config": (work / "config.toml").read_text(),
-            **report,
-        }
-    print(f"[3/4] frankly eval on the test split: {direction} at strength {strength:g}", flush=True)
+        print(f"Heretic config: {work / 'config.toml'}")
+        print(" ".join(frankly_eval_command(args, direction, strength, args.out)))
+        print(" ".join(heretic_eval_command(args, work / "model", args.out)))
+        return 0
+    heretic_model, heretic = heretic_stage(args, model_dir, t0, walls)
+    print(
+        f"[3/4] frankly eval on the test split: {direction} at strength {strength:g}, and Heretic's model", flush=True
+    )
     t3 = time.monotonic()
-    cmd = eval_command(args, direction, strength, heretic_model, args.out)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if subprocess.run(cmd, cwd=ROOT, env=env).returncode:
-        raise SystemExit(f"frankly eval failed: {' '.join(cmd)}")
+    cmds = [
+        frankly_eval_command(args, direction, strength, args.out),
+        heretic_eval_command(args, heretic_model, args.out),
+    ]
+    frankly, reused_f = cached_eval(cmds[0], [direction], args.out, "eval-frankly")
+    weights = [*sorted(heretic_model.glob("*.safetensors")), heretic_model / "config.json"]
+    her, reused_h = cached_eval(cmds[1], weights, args.out, "eval-heretic")
     walls["eval_s"] = round(time.monotonic() - t3, 1)
-    result = json.loads((args.out / "eval-test.json").read_text())
-    heretic_row = kept_row or next((r for r in result["rows"] if r["when"] == "weights"), None)
-    rows = comparison_rows(result, strength, heretic_row)
+    heretic_row = next(r for r in her["rows"] if r["when"] == "weights")
+    rows = comparison_rows(frankly, strength, heretic_row)
     print("[4/4] comparison", flush=True)
-    table = format_table(rows)
-    notes = "\n".join(f"- {n}" for n in SPLIT_NOTES)
-    kept = " (Heretic's row kept from the previous run: --skip-heretic)" if kept_row else ""
-    (args.out / "comparison.md").write_text(f"{table}\n\n{notes}{kept}\n")
+    table, notes = format_table(rows), "\n".join(f"- {n}" for n in SPLIT_NOTES)
+    (args.out / "comparison.md").write_text(f"{table}\n\n{notes}\n")
     summary = {
         "command": "python scripts/compare_heretic.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows,
         "split_notes": SPLIT_NOTES,
-        "sets": result["sets"],
-        "eval_settings": eval_settings(args),
+        "sets": frankly["sets"],
         "frankly": {"direction": str(direction), "strength": strength, "sha256": _sha256(direction)},
-        "heretic": {k: v for k, v in heretic.items() if k != "trials"} | {"trials": heretic.get("trials", [])},
-        "heretic_eval_row": heretic_row,
-        "heretic_row_kept": bool(kept_row),
-        "eval_command": " ".join(cmd),
+        "heretic": heretic,
+        "eval_commands": [" ".join(c[2:]) for c in cmds],
+        "eval_reused": {"frankly": reused_f, "heretic": reused_h},
         "wall_s": {**walls, "total_s": round(time.monotonic() - t0, 1)},
     }
     (args.out / "comparison.json").write_text(json.dumps(summary, indent=2))
     png = plot_comparison(rows, heretic.get("trials", []), heretic.get("chosen"), args.out / "comparison.png")
-    print(table + "\n\n" + notes + kept)
+    print(table + "\n\n" + notes)
     print(f"\nwrote {args.out / 'comparison.md'}, {args.out / 'comparison.json'} and {png}")
     return 0
 

@@ -1,9 +1,8 @@
 """The comparison of scripts/compare_heretic.py: rows from a ``frankly eval`` result, the
-Markdown table, the bar chart, and Heretic's row kept from a previous run (``--skip-heretic``)."""
+Markdown table and the bar chart."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 HERETIC_VERSION = "1.4.0"
@@ -115,14 +114,3 @@ def plot_comparison(rows: list[dict], trials: list[dict], chosen: dict | None, p
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def previous_heretic(out: Path, settings: dict) -> tuple[dict, dict]:
-    """Heretic's eval row and search report from the previous comparison JSON in ``out`` (same eval settings)."""
-    prev = out / "comparison.json"
-    if not prev.is_file():
-        raise SystemExit(f"--skip-heretic: no previous comparison in {prev}; run once without it")
-    old = json.loads(prev.read_text())
-    if old.get("eval_settings") != settings or not old.get("heretic_eval_row"):
-        raise SystemExit(f"--skip-heretic: {prev} was measured with {old.get('eval_settings')}, not {settings}")
-    return old["heretic_eval_row"], old.get("heretic", {})

@@ -5,7 +5,6 @@ split), the driver's answers to Heretic's questions, the comparison table, JSON 
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -117,10 +116,9 @@ def test_heretic_config_reads_train_and_val_prompts_only(tmp_path):
     assert cfg["bad_prompts"]["split"] == "[:3]" and cfg["batch_size"] == 3
 
 
-def test_eval_command_measures_the_test_split_with_heretic_as_edited_model(tmp_path):
+def test_eval_commands_measure_the_test_split(tmp_path):
     args = ch.parse_args(["--limit", "4"])
-    cmd = ch.eval_command(args, Path("r.safetensors"), 0.75, tmp_path / "model", tmp_path)
-    joined = " ".join(cmd)
+    joined = " ".join(ch.frankly_eval_command(args, Path("r.safetensors"), 0.75, tmp_path))
     for part in (
         "eval --model demo",
         "--direction refusal=r.safetensors",
@@ -129,10 +127,34 @@ def test_eval_command_measures_the_test_split_with_heretic_as_edited_model(tmp_p
         "--split test",
         "--max-tokens 100",
         "--limit 4",
-        f"--edited-model heretic={tmp_path / 'model'}",
+        "--prefix eval-frankly",
     ):
         assert part in joined
-    assert "--edited-model" not in ch.eval_command(args, Path("r"), 1.0, None, tmp_path)
+    assert "--edited-model" not in joined
+    joined = " ".join(ch.heretic_eval_command(args, tmp_path / "model", tmp_path))
+    assert f"--edited-model heretic={tmp_path / 'model'}" in joined and "--split test" in joined
+    assert "--direction" not in joined and "--prefix eval-heretic" in joined
+
+
+def test_cached_eval_reruns_only_when_the_command_or_an_input_changes(tmp_path):
+    """A rerun after a re-shipped direction measures again; the same command on the same files does not."""
+    out, inp, runs = tmp_path / "out", tmp_path / "d.safetensors", tmp_path / "runs.txt"
+    out.mkdir()
+    inp.write_bytes(b"v1")
+    fake = "import json, sys; open(sys.argv[1], 'a').write('x'); json.dump({'rows': []}, open(sys.argv[2], 'w'))"
+
+    def cmd(extra="a"):
+        return [sys.executable, "-c", fake, str(runs), str(out / "e.json"), extra]
+
+    assert ch.cached_eval(cmd(), [inp], out, "e") == ({"rows": []}, False)
+    assert ch.cached_eval(cmd(), [inp], out, "e")[1] is True and runs.read_text() == "x"
+    inp.write_bytes(b"v2")  # the direction was re-shipped
+    assert ch.cached_eval(cmd(), [inp], out, "e")[1] is False and runs.read_text() == "xx"
+    assert ch.cached_eval(cmd("b"), [inp], out, "e")[1] is False and runs.read_text() == "xxx"
+    bad = [sys.executable, "-c", "raise SystemExit(3)"]
+    with pytest.raises(SystemExit, match="frankly eval failed"):
+        ch.cached_eval(bad, [inp], out, "e")
+    assert not (out / "e.key").exists()  # a failed run leaves no key behind
 
 
 def test_direction_strength_from_metadata(tmp_path):
@@ -232,16 +254,3 @@ def test_comparison_rows_table_and_plot(tmp_path):
     trials = [{"kl": 0.01, "refusals": 5}, {"kl": 0.2, "refusals": 0}]
     png = ch.plot_comparison(rows, trials, trials[1], tmp_path / "c.png")
     assert png.stat().st_size > 5000
-
-
-def test_skip_heretic_keeps_the_previous_row_only_under_the_same_settings(tmp_path):
-    settings = ch.eval_settings(ch.parse_args([]))
-    with pytest.raises(SystemExit, match="no previous comparison"):
-        ch.previous_heretic(tmp_path, settings)
-    row = _eval_result()["rows"][-1]
-    (tmp_path / "comparison.json").write_text(
-        json.dumps({"eval_settings": settings, "heretic_eval_row": row, "heretic": {"chosen": {"index": 3}}})
-    )
-    assert ch.previous_heretic(tmp_path, settings) == (row, {"chosen": {"index": 3}})
-    with pytest.raises(SystemExit, match="measured with"):
-        ch.previous_heretic(tmp_path, ch.eval_settings(ch.parse_args(["--max-tokens", "64"])))

@@ -12,12 +12,13 @@ from server.cli import main
 from tests.tiny_models import random_direction_set, save_tiny_dir, tiny_model
 
 
-def _run(tmp_path, *extra) -> tuple[int, dict | None]:
+def _run(tmp_path, *extra, direction: bool = True) -> tuple[int, dict | None]:
     model = tiny_model("llama")
     model_dir = save_tiny_dir(model, tmp_path / "model")
     path = save_direction(random_direction_set(model, "refusal"), tmp_path / "r.safetensors", config=model.config)
     out = tmp_path / "eval"
-    argv = ["eval", "--model", model_dir, "--direction", f"refusal={path}", "--strengths", "1", "--limit", "3"]
+    argv = ["eval", "--model", model_dir, "--strengths", "1", "--limit", "3"]
+    argv += ["--direction", f"refusal={path}"] if direction else []
     argv += ["--max-tokens", "3", "--long-tokens", "4", "--n-long", "2", "--capability-tokens", "2", "--all-metrics"]
     argv += ["--split", "test", "--out-dir", str(out), *extra]
     rc = main(argv)
@@ -53,3 +54,14 @@ def test_eval_edited_model_bad_specs_exit_2(tmp_path, capsys):
     d = save_tiny_dir(other_vocab, tmp_path / "v100")
     assert _run(tmp_path, "--edited-model", f"v={d}")[0] == 2
     assert "vocabulary differs" in capsys.readouterr().err
+
+
+def test_eval_edited_model_without_a_direction_measures_only_its_row(tmp_path, capsys):
+    same = str(tmp_path / "model")
+    rc, res = _run(tmp_path, "--edited-model", f"same={same}", direction=False)
+    assert rc == 0
+    assert [(r["direction"], r["when"]) for r in res["rows"]] == [("same", "weights")]
+    row = res["rows"][0]
+    assert row["first_token_kl"] == 0.0 and row["long_kl"] == 0.0 and row["n_harmful"] == 3
+    assert _run(tmp_path, direction=False)[0] == 2
+    assert "--direction NAME=PATH and/or --edited-model" in capsys.readouterr().err
