@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--heretic-tokens", type=int, default=64, help="tokens Heretic generates per prompt to count refusals"
     )
     p.add_argument(
+        "--heretic-prompts",
+        type=int,
+        help="score Heretic's trials on the first N prompts of each val file (default: all 65; fewer = faster trials)",
+    )
+    p.add_argument(
         "--heretic-minutes",
         type=float,
         help="stop Heretic's search after this long (Ctrl+C: it keeps the trials completed and exports)",
@@ -93,8 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.startup_trials = max(1, a.trials // 3)
     if not 0 <= a.startup_trials <= a.trials:
         p.error("--startup-trials must be between 0 and --trials")
-    if a.limit is not None and a.limit < 1:
-        p.error("--limit must be >= 1")
+    for k in ("limit", "heretic_prompts"):
+        if getattr(a, k) is not None and getattr(a, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
     return a
 
 
@@ -160,8 +166,14 @@ def heretic_config(args: argparse.Namespace, model_dir: str, system: str | None,
     split = {} if args.limit is None else {"split": f"[:{args.limit}]"}
     cfg["good_prompts"] = {"dataset": files["harmless_train"], **split}
     cfg["bad_prompts"] = {"dataset": files["harmful_train"], **split}
-    cfg["good_evaluation_prompts"] = {"dataset": files["harmless_val"], **split}
-    cfg["bad_evaluation_prompts"] = {"dataset": files["harmful_val"], **split}
+    n_eval = (
+        min(x for x in (args.limit, args.heretic_prompts) if x is not None)
+        if (args.limit or args.heretic_prompts)
+        else None
+    )
+    split_eval = {} if n_eval is None else {"split": f"[:{n_eval}]"}
+    cfg["good_evaluation_prompts"] = {"dataset": files["harmless_val"], **split_eval}
+    cfg["bad_evaluation_prompts"] = {"dataset": files["harmful_val"], **split_eval}
     return cfg
 
 

@@ -114,6 +114,12 @@ def test_heretic_config_reads_train_and_val_prompts_only(tmp_path):
         ch.write_heretic_config(ch.parse_args(["--limit", "3", "--heretic-dir", str(tmp_path)]), model_dir)[1]
     )
     assert cfg["bad_prompts"]["split"] == "[:3]" and cfg["batch_size"] == 3
+    # --heretic-prompts cuts only the val files Heretic scores its trials on
+    cfg = tomllib.loads(
+        ch.write_heretic_config(ch.parse_args(["--heretic-prompts", "5", "--heretic-dir", str(tmp_path)]), model_dir)[1]
+    )
+    assert cfg["bad_evaluation_prompts"]["split"] == cfg["good_evaluation_prompts"]["split"] == "[:5]"
+    assert "split" not in cfg["bad_prompts"]
 
 
 def test_eval_commands_measure_the_test_split(tmp_path):
