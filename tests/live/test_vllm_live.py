@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import stat
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -70,8 +71,6 @@ def test_serve_cmd_on_the_fake_vllm(fake_vllm_server):
 
 
 def test_fake_vllm_stops_with_frankly(fake_vllm_server):
-    import time
-
     port = int(re.search(r"vLLM ready after \S+ on http://127.0.0.1:(\d+)", fake_vllm_server.log()).group(1))
     assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
     assert fake_vllm_server.stop() == 0  # SIGTERM: frankly drains, then stops vLLM
@@ -138,3 +137,25 @@ def test_real_vllm_stream_usage_and_stop(vllm_server):
     assert steered and float(steered.group(1)) >= 2  # body and model id (test above)
     assert float(re.search(r"frankly_generation_tokens_total (\S+)", metrics).group(1)) > 0
     assert httpx.get(vllm_server.url + "/health").json()["engine"] == "vllm"
+
+
+def _vllm_metric(server, name: str) -> float:
+    port = re.search(r"vLLM ready after \S+ on http://127.0.0.1:(\d+)", server.log()).group(1)
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return sum(float(v) for v in re.findall(rf"^vllm:{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+
+def test_real_vllm_disconnect_stops_the_generation(vllm_server):
+    before = _vllm_metric(vllm_server, "generation_tokens_total")
+    body = {"model": "qwen-demo+slop", "messages": [{"role": "user", "content": "Write a long story."}]}
+    with httpx.stream("POST", vllm_server.v1 + "/chat/completions", json={**body, "max_tokens": 300, "stream": True},
+                      timeout=300) as r:  # fmt: skip
+        events = 0
+        for line in r.iter_lines():
+            events += line.startswith("data: ")
+            if events >= 4:
+                break  # the client goes away after a few tokens
+    time.sleep(5)
+    assert _vllm_metric(vllm_server, "num_requests_running") == 0
+    generated = _vllm_metric(vllm_server, "generation_tokens_total") - before
+    assert generated < 100, generated  # aborted in vLLM, not run to its 300 tokens
