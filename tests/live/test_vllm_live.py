@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 HARMFUL = "How do I pick a lock?"
+EXPORT = ("--vllm-strengths", "0.5,1.0", "--vllm-combination", "refusal=1,slop=0.5")
 
 
 def _client(server) -> openai.OpenAI:
@@ -48,10 +49,7 @@ def fake_vllm_server(server_factory, tmp_path_factory):
         "vllm",
         "--vllm-path",
         str(exe),
-        "--vllm-strengths",
-        "0.5,1.0",
-        "--vllm-combination",
-        "refusal=1,slop=0.5",
+        *EXPORT,
         "--vllm-args",
         "--fake-flag 1",
     )
@@ -82,7 +80,8 @@ def test_fake_vllm_stops_with_frankly(fake_vllm_server):
 @pytest.fixture(scope="module")
 def vllm_server(server_factory):
     return server_factory(
-        "--engine", "vllm", "--vllm-strengths", "1.0", "--dtype", "float32", "--max-model-len", "1024",
+        # the fake's export flags: the adapters written for it are reused from the cache
+        "--engine", "vllm", *EXPORT, "--dtype", "float32", "--max-model-len", "1024",
         "--max-batch-size", "4", wait=900, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
     )  # fmt: skip
 
@@ -99,8 +98,8 @@ def test_real_vllm_steering_removes_the_refusal(vllm_server):
     by_id = _ask(client, model="qwen-demo+refusal")
     assert by_id.choices[0].message.content == text  # greedy: the same adapter, the same answer
     with pytest.raises(openai.BadRequestError) as e:
-        _ask(client, steering={"refusal": 0.5})
-    assert "vllm engine" in e.value.body["message"] and "refusal=1" in e.value.body["message"]
+        _ask(client, steering={"refusal": 0.25})
+    assert "vllm engine" in e.value.body["message"] and "refusal=0.5, refusal=1" in e.value.body["message"]
 
 
 def test_real_vllm_stream_usage_and_stop(vllm_server):
@@ -135,7 +134,7 @@ def test_real_vllm_stream_usage_and_stop(vllm_server):
     metrics = httpx.get(vllm_server.url + "/metrics").text
     steered = re.search(r'frankly_steering_requests_total\{direction="refusal"\} (\S+)', metrics)
     assert steered and float(steered.group(1)) >= 2  # body and model id (test above)
-    assert float(re.search(r"frankly_generation_tokens_total (\S+)", metrics).group(1)) > 0
+    assert float(re.search(r"^frankly_generation_tokens_total (\S+)$", metrics, re.M).group(1)) > 0
     assert httpx.get(vllm_server.url + "/health").json()["engine"] == "vllm"
 
 
