@@ -25,8 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from directions.extract import Means, build_prompts, collect_states
 from directions.fileformat import DirectionSet
-from directions.forward import forward_last
+from directions.forward import forward_last, pad_id, pad_left
+from directions.hooks import edited
 from directions.kl import kl_divergence
+from directions.refusal import is_refusal
 from directions.search_space import build_set, params_from_dict, suggest
 
 log = logging.getLogger("frankly.search")
@@ -136,9 +138,35 @@ def refusal_tokens(acts: Activations, min_prob: float = 0.01, ratio: float = 4.0
     return sorted(idx, key=lambda i: -float(p[i]))[:top]
 
 
+@torch.inference_mode()
+def greedy_short(model, tok, prompts, ds: DirectionSet, strength: float, n_tokens: int, batch_size: int):
+    """Greedy ``n_tokens``-token replies to ``prompts`` with ``ds`` at ``strength`` through the server's
+    hooks (transformers' ``generate``, left padded): (texts, first-position logits (N, vocab))."""
+    texts, first = [], []
+    with edited(model, {"s": ds}) as hooks:
+        for a in range(0, len(prompts), batch_size):
+            batch = prompts[a : a + batch_size]
+            hooks.set_strengths({"s": [strength] * len(batch)})
+            ids, mask, _ = pad_left(batch, pad_id(tok), next(model.parameters()).device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n_tokens,
+                do_sample=False,
+                pad_token_id=pad_id(tok),
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+            texts += tok.batch_decode(out.sequences[:, ids.shape[1] :], skip_special_tokens=True)
+            first.append(out.scores[0].float().cpu())
+    return texts, torch.cat(first)
+
+
 @dataclass
 class ProxyScorer:
-    """Per-trial proxy figures on fixed validation subsets at strength ``strength`` (one prefill pass each)."""
+    """Per-trial proxy figures on fixed validation subsets at strength ``strength``: short greedy
+    replies to the harmful subset (refusals by the marker judge, plus the refusal-token mass at the
+    first position) and one prefill pass over the harmless subset (first-token KL)."""
 
     model: object
     tok: object
@@ -147,6 +175,7 @@ class ProxyScorer:
     refusal_ids: list[int]
     strength: float = 1.0
     batch_size: int = 16
+    gen_tokens: int = 24
     _base: torch.Tensor | None = field(default=None, repr=False)
 
     def base_logits(self) -> torch.Tensor:
@@ -155,26 +184,30 @@ class ProxyScorer:
         return self._base
 
     def score(self, ds: DirectionSet) -> dict[str, float]:
-        """``kl``: mean first-token KL on the harmless subset; ``refusal_mass``: mean probability of the
-        refusal tokens at the first position on the harmful subset; ``refusal_logp``: mean log of it."""
-        dirs = {"s": ds}
-        rows = lambda ids: {"s": [self.strength] * len(ids)}  # noqa: E731
+        """``refusal``: share of the harmful subset refused within ``gen_tokens`` tokens (the objective,
+        with ``refusal_mass`` / 10 added to break ties: see :func:`objective_value`); ``kl``: mean
+        first-token KL on the harmless subset; ``refusal_mass``: mean first-position probability of
+        the refusal-opening tokens on the harmful subset."""
         bs = self.batch_size
-        harm, _ = forward_last(self.model, self.tok, self.harmful_ids, dirs, rows(self.harmful_ids), batch_size=bs)
-        harmless, _ = forward_last(
-            self.model, self.tok, self.harmless_ids, dirs, rows(self.harmless_ids), batch_size=bs
-        )
-        mass = torch.softmax(harm.double(), -1)[:, self.refusal_ids].sum(-1)
-        kl = kl_divergence(self.base_logits(), harmless)
+        texts, first = greedy_short(self.model, self.tok, self.harmful_ids, ds, self.strength, self.gen_tokens, bs)
+        rows = {"s": [self.strength] * len(self.harmless_ids)}
+        harmless, _ = forward_last(self.model, self.tok, self.harmless_ids, {"s": ds}, rows, batch_size=bs)
+        mass = torch.softmax(first.double(), -1)[:, self.refusal_ids].sum(-1)
         return {
-            "kl": float(kl.mean()),
+            "refusal": sum(map(is_refusal, texts)) / max(1, len(texts)),
+            "kl": float(kl_divergence(self.base_logits(), harmless).mean()),
             "refusal_mass": float(mass.mean()),
-            "refusal_logp": float(mass.clamp_min(1e-12).log().mean()),
         }
 
 
+def objective_value(f: dict[str, float]) -> float:
+    """The refusal objective of a trial: refusal share at ``gen_tokens`` tokens, ties broken by a tenth
+    of the first-position refusal-token mass (a share moves in steps of 1/n, the mass continuously)."""
+    return f["refusal"] + 0.1 * f["refusal_mass"]
+
+
 def open_study(study_dir: Path, name: str, seed: int, n_startup: int):
-    """The resumable two-objective (refusal mass, KL) TPE study in ``study_dir``/study.db."""
+    """The resumable two-objective (refusal, KL) TPE study in ``study_dir``/study.db."""
     import optuna
 
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +250,7 @@ def run_trials(
         for k, v in f.items():
             trial.set_user_attr(k, v)
         trial.set_user_attr("label", p.label)
-        return f["refusal_mass"], f["kl"]
+        return objective_value(f), f["kl"]
 
     def tick(study, trial) -> None:
         bar.update(1)
@@ -242,9 +275,10 @@ def trial_rows(study) -> list[dict]:
         out.append(
             {
                 "number": t.number,
-                "refusal_mass": t.values[0],
+                "objective": t.values[0],
                 "kl": t.values[1],
-                "refusal_logp": t.user_attrs.get("refusal_logp"),
+                "refusal": t.user_attrs.get("refusal"),
+                "refusal_mass": t.user_attrs.get("refusal_mass"),
                 "label": t.user_attrs.get("label"),
                 "pareto": t.number in pareto,
                 "params": dict(t.params),
@@ -254,10 +288,10 @@ def trial_rows(study) -> list[dict]:
 
 
 def pareto_candidates(rows: list[dict], kl_budget: float, top: int, slack: float = 1.5) -> list[dict]:
-    """Pareto trials whose proxy KL is within ``slack`` times the budget, lowest refusal mass first;
+    """Pareto trials whose proxy KL is within ``slack`` times the budget, lowest refusal objective first;
     at most ``top`` (the proxy KL is on a subset, so the budget is checked again on the whole split)."""
     front = [r for r in rows if r["pareto"] and r["kl"] <= slack * kl_budget]
-    return sorted(front, key=lambda r: (r["refusal_mass"], r["kl"]))[:top]
+    return sorted(front, key=lambda r: (r["objective"], r["kl"]))[:top]
 
 
 def build_from_row(acts: Activations, row: dict, name: str) -> DirectionSet:

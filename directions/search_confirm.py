@@ -61,7 +61,7 @@ def pick_winner(figs: dict[str, dict], kl_budget: float) -> tuple[str, str | Non
 
 
 def plot_pareto(rows: list[dict], figs: dict[str, dict], winner: str, kl_budget: float, path: str | Path) -> Path:
-    """Left: every trial's proxy figures (refusal-token mass vs first-token KL), the Pareto front
+    """Left: every trial's proxy figures (refusal objective vs first-token KL), the Pareto front
     marked; right: the confirmed candidates (refusals at N tokens vs KL on the whole split)."""
     import matplotlib
 
@@ -71,15 +71,15 @@ def plot_pareto(rows: list[dict], figs: dict[str, dict], winner: str, kl_budget:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     rest = [r for r in rows if not r["pareto"]]
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["kl"])
-    a.scatter([r["kl"] for r in rest], [r["refusal_mass"] for r in rest], s=10, c="#999", label="trial")
-    a.plot([r["kl"] for r in front], [r["refusal_mass"] for r in front], "o-", c="C3", ms=4, label="Pareto front")
+    a.scatter([r["kl"] for r in rest], [r["objective"] for r in rest], s=10, c="#999", label="trial")
+    a.plot([r["kl"] for r in front], [r["objective"] for r in front], "o-", c="C3", ms=4, label="Pareto front")
     for r in rows:
         if f"t{r['number']}" in figs:
-            a.annotate(f"t{r['number']}", (r["kl"], r["refusal_mass"]), fontsize=7)
+            a.annotate(f"t{r['number']}", (r["kl"], r["objective"]), fontsize=7)
     a.axvline(kl_budget, color="grey", ls=":", lw=0.8)
     a.set_xscale("symlog", linthresh=1e-3)
     a.set_xlabel("first-token KL, harmless val subset (proxy)")
-    a.set_ylabel("refusal-token probability, harmful val subset")
+    a.set_ylabel("refusals (short replies) + refusal-token mass / 10, harmful val subset")
     a.set_title(f"search trials ({len(rows)})", fontsize=9)
     a.legend(fontsize=7)
     for k, f in figs.items():

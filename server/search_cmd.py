@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--startup-trials", type=int, default=12, help="random trials before TPE takes over")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--proxy-n", type=int, default=24, help="validation prompts per side scored in each trial")
+    p.add_argument("--proxy-tokens", type=int, default=24, help="tokens of the short replies judged in each trial")
     p.add_argument("--kl-budget", type=float, default=0.02, help="max first-token KL of the winner (whole val split)")
     p.add_argument("--confirm-top", type=int, default=4, help="Pareto candidates confirmed with generations")
     p.add_argument("--confirm-tokens", type=int, default=64, help="tokens generated per prompt in the confirm stage")
@@ -75,7 +76,14 @@ def _study(args, lm, prompts, n_layers: int):
     print("refusal-opening tokens:", [lm.tokenizer.decode([i]) for i in ref_ids])
     ids = lambda texts: build_prompts(lm.tokenizer, texts[: args.proxy_n])  # noqa: E731
     scorer = ProxyScorer(
-        lm.model, lm.tokenizer, ids(prompts.harmful_val), ids(prompts.harmless_val), ref_ids, 1.0, args.batch_size
+        lm.model,
+        lm.tokenizer,
+        ids(prompts.harmful_val),
+        ids(prompts.harmless_val),
+        ref_ids,
+        1.0,
+        args.batch_size,
+        args.proxy_tokens,
     )
     study = open_study(study_dir, args.name, args.seed, args.startup_trials)
     if args.reference_layer is not None and not study.trials:
@@ -148,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
     ds = build_from_row(acts, row, args.name)
     record = {
         "objective": "refusal",
-        "search": "optuna TPE, two objectives: refusal-token mass (harmful val) and first-token KL (harmless val)",
+        "search": "optuna TPE, two objectives: refusals in short greedy replies (+ refusal-token mass / 10) on "
+        "harmful val, first-token KL on harmless val",
+        "proxy_tokens": args.proxy_tokens,
         "trials": len(rows),
         "proxy_n": args.proxy_n,
         "refusal_tokens": [lm.tokenizer.decode([i]) for i in ref_ids],
@@ -157,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         "n_val": [len(prompts.harmful_val), len(prompts.harmless_val)],
         "confirm": figs,
         "chosen": winner,
-        "chosen_trial": {k: row[k] for k in ("number", "refusal_mass", "kl", "label", "params")},
+        "chosen_trial": {k: row[k] for k in ("number", "refusal", "refusal_mass", "kl", "label", "params")},
     }
     if warning:
         record["warning"] = warning

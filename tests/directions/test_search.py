@@ -91,7 +91,9 @@ def test_study_resumes_and_pareto_candidates_respect_the_budget(tmp_path):
     assert search.load_or_extract(model, tok, prompts, tmp_path, "k", 4).means.pos.equal(acts.means.pos)  # cached
     ref = search.refusal_tokens(acts)
     assert ref
-    scorer = search.ProxyScorer(model, tok, build_prompts(tok, d.pos_val), build_prompts(tok, d.neg_val), ref, 1.0, 4)
+    scorer = search.ProxyScorer(
+        model, tok, build_prompts(tok, d.pos_val), build_prompts(tok, d.neg_val), ref, 1.0, 4, 3
+    )
     study = search.open_study(tmp_path, "t", 0, 2)
     study.enqueue_trial(search.reference_params(1))
     assert search.run_trials(study, scorer, acts, 3, 3) == 3
@@ -100,7 +102,8 @@ def test_study_resumes_and_pareto_candidates_respect_the_budget(tmp_path):
     rows = search.trial_rows(again)
     assert len(rows) == 5 and any(r["pareto"] for r in rows)
     assert rows[0]["label"].startswith("idx1.00-orth")
-    assert all(r["kl"] >= 0 and 0 <= r["refusal_mass"] <= 1 for r in rows)
+    assert all(r["kl"] >= 0 and 0 <= r["refusal_mass"] <= 1 and 0 <= r["refusal"] <= 1 for r in rows)
+    assert all(r["objective"] == pytest.approx(search.objective_value(r)) for r in rows)
     budget = sorted(r["kl"] for r in rows)[2]
     picked = search.pareto_candidates(rows, budget, top=10, slack=1.0)
     assert all(r["pareto"] and r["kl"] <= budget for r in picked)
