@@ -73,7 +73,7 @@ def llamacpp_engine(
     base, adapters = ensure_adapters(Path(loaded.gguf), directions, cache_root())
     config = LlamaCppConfig(**engine_limits(settings, max_model_len, num_threads))
     eos = eos_ids(loaded.model, loaded.tokenizer)
-    return LlamaCppEngine(base, loaded.tokenizer, adapters, eos, config, observer=metrics)
+    return LlamaCppEngine(base, loaded.tokenizer, adapters, eos, config, observer=metrics, directions=directions)
 
 
 def _bake_jobs(loaded: LoadedModel, directions: dict[str, DirectionSet], settings: ServerSettings):

@@ -41,7 +41,7 @@ class ModelSettings(_Base):
     engine: Literal["torch", "llamacpp", "vllm"] = Field(
         "torch",
         description="torch: transformers with hooks (every feature, fp32/bf16); llamacpp: llama.cpp on the "
-        "GGUF itself, quantized, steering through LoRA adapters (faster on CPUs; no conditional mode; "
+        "GGUF itself, quantized, steering through LoRA adapters (faster on CPUs; "
         "needs the llamacpp extra and a .gguf model or demo); vllm: a vllm serve that frankly starts, one "
         "LoRA adapter per exported strength (GPU clusters; see --vllm-strengths)",
     )

@@ -7,15 +7,25 @@ scale is the strength (:mod:`directions.lora`), exported on first start and cach
 Scheduling. llama.cpp's adapter scales belong to the context, not to a row, so each
 decode step runs one ``llama_decode`` per *strength group*: the running rows with the
 same strengths decode together (several sequences in one batch), and a step with k
-different strength settings costs k passes. Prompts are prefilled one request at a time
-(chunks of ``n_batch`` tokens) with that request's scales. The waiting queue, admission,
-cancellation, deadlines, detokenisation, stop strings and the events are the torch
-engine's own (:mod:`server.engine.scheduler`, :mod:`server.engine.rows`).
+different strength settings costs k passes. Requests admitted together are prefilled the
+same way: one ``llama_decode`` per strength group (chunks of ``n_batch`` tokens, every
+prompt its own sequence). The waiting queue, admission, cancellation, deadlines,
+detokenisation, stop strings and the events are the torch engine's own
+(:mod:`server.engine.scheduler`, :mod:`server.engine.rows`).
 
-What it cannot do (its :data:`CAPABILITIES`): conditional mode (``when: auto``) needs
-the detector's layer output, which this engine does not read, so the serving layer
-answers 400; strength 0 runs the base graph (no adapter), but the figures are llama.cpp's
-quantized arithmetic, not fp32 transformers'.
+Conditional mode (``when: auto``). A request with a conditional direction is prefilled
+first on a second, one-sequence *detector context* whose graph evaluation callback copies
+the residual stream entering the detection layer at the last prompt token
+(:class:`directions.llamacpp_probe.LayerProbe`), with the conditional directions off and
+the unconditional ones on, exactly as the torch engine's probe. The score and threshold
+are the direction file's (:func:`server.engine.condition.decide`). A row whose condition
+stays quiet keeps that prefill: its KV cells are copied into its sequence of the main
+context (``llama_state_seq_get_data``/``set_data``); a row whose condition fires is
+prefilled again on the main context with the direction on. The per-node Python callback
+never runs on the main context, so decoding pays nothing for it.
+
+Greedy rows without logprobs are sampled with numpy straight from llama.cpp's logits
+buffer; torch (and a copy of the 151k-float rows) only serves sampled or logprob rows.
 """
 
 from __future__ import annotations
@@ -28,24 +38,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from directions.fileformat import DirectionSet
 from directions.files import file_key
-from directions.llamacpp import LlamaCpp
+from directions.llamacpp import Context, LlamaCpp, LlamaCppError
+from server.engine.condition import decide, start_row
 from server.engine.errors import GenerationFailed
 from server.engine.protocol import EngineCapabilities, EngineObserver, EngineStats, NullObserver
 from server.engine.rows import Row, RowOutput
 from server.engine.sampling import sample_rows
 from server.engine.scheduler import Scheduler
 from server.engine.threaded import ThreadedEngine
-from server.engine.types import SteeringReport
 
 log = logging.getLogger("frankly.engine.llamacpp")
 
 CAPABILITIES = EngineCapabilities(
     name="llama.cpp",
-    supports_conditional=False,
+    supports_conditional=True,  # a detector context reads the detection layer during the unsteered prefill
     per_row_strengths=True,  # rows with different strengths decode in the same step, one pass per group
     logprobs=True,
     bit_identical_at_zero=True,  # strength 0 runs llama.cpp's base graph, no adapter
@@ -61,12 +72,20 @@ class LlamaCppConfig:
     num_threads: int | None = None
     n_batch: int = 512  # tokens per llama_decode (prompt chunks)
     prefill_token_budget: int = 256  # prompt tokens admitted per step while other rows decode
+    prefill_batch: int = 8  # requests admitted together, prefilled one llama_decode per strength group
     n_gpu_layers: int = 0
 
 
 def steering_key(strengths: dict[str, float]) -> tuple:
     """Rows with equal keys run with the same adapter scales."""
     return tuple(sorted((n, float(s)) for n, s in strengths.items() if s != 0.0))
+
+
+def group_by_strengths(rows: list[Row]) -> dict[tuple, list[Row]]:
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(steering_key(r.strengths), []).append(r)
+    return groups
 
 
 class _Slots:
@@ -97,6 +116,19 @@ class _Slots:
         self.rows = []
 
 
+def prefill_rows(ctx: Context, rows: list[Row]) -> np.ndarray:
+    """Prefill every row's prompt into its own sequence (``row.slot``) with the context's current scales,
+    in as few passes of ``n_batch`` entries as fit; returns the rows' last-position logits (rows, vocab)."""
+    entries = [(t, p, r.slot, p == r.prompt_len - 1) for r in rows for p, t in enumerate(r.req.prompt_ids)]
+    out = []
+    for i in range(0, len(entries), ctx.n_batch):
+        tok, pos, seq, want = zip(*entries[i : i + ctx.n_batch], strict=True)
+        logits = ctx.decode(tok, pos, seq, want, copy=False)
+        if len(logits):
+            out.append(logits.copy())
+    return np.concatenate(out)
+
+
 class LlamaCppEngine(ThreadedEngine):
     """frankly's engine protocol (:class:`server.engine.protocol.Engine`) on llama.cpp."""
 
@@ -111,10 +143,12 @@ class LlamaCppEngine(ThreadedEngine):
         eos_ids: set[int],
         config: LlamaCppConfig,
         observer: EngineObserver | None = None,
+        directions: dict[str, DirectionSet] | None = None,
     ):
         super().__init__(tokenizer, "cpu")
         self.gguf = str(gguf)
         self.adapters = dict(adapters)
+        self.directions = dict(directions or {})
         self.config = config
         self.observer = observer or NullObserver()
         self.running = _Slots(config.max_batch_size)
@@ -126,11 +160,13 @@ class LlamaCppEngine(ThreadedEngine):
             config.max_batch_size,
             config.max_queue,
             config.prefill_token_budget,
-            1,
+            config.prefill_batch,
         )
         self.ll: LlamaCpp | None = None
+        self.detector: Context | None = None  # the one-sequence context with the layer probe
         self._ready = threading.Event()
         self.passes = 0  # llama_decode calls of decode steps (one per strength group and step)
+        self.detector_prefills = 0
 
     def stats(self) -> EngineStats:
         return EngineStats(self.num_running, self.num_waiting, self.steps, 0)
@@ -144,18 +180,8 @@ class LlamaCppEngine(ThreadedEngine):
 
     # ---- engine thread -----------------------------------------------------------------
     def _run(self) -> None:
-        c = self.config
         try:
-            self.ll = LlamaCpp(
-                self.gguf,
-                n_ctx=c.max_model_len * c.max_batch_size,
-                n_seq_max=c.max_batch_size,
-                n_batch=c.n_batch,
-                n_threads=c.num_threads,
-                n_gpu_layers=c.n_gpu_layers,
-            )
-            for name, path in self.adapters.items():
-                self.ll.load_adapter(name, path)
+            self._load()
         except BaseException as e:
             self.error = e
             if self.ll is not None:
@@ -165,6 +191,24 @@ class LlamaCppEngine(ThreadedEngine):
             self._ready.set()
         super()._run()
 
+    def _load(self) -> None:
+        c = self.config
+        self.ll = LlamaCpp(
+            self.gguf,
+            n_ctx=c.max_model_len * c.max_batch_size,
+            n_seq_max=c.max_batch_size,
+            n_batch=c.n_batch,
+            n_threads=c.num_threads,
+            n_gpu_layers=c.n_gpu_layers,
+        )
+        for name, path in self.adapters.items():
+            self.ll.load_adapter(name, path)
+        layers = {ds.detect_layer for ds in self.directions.values() if ds.has_condition}
+        if layers:
+            from directions.llamacpp_probe import LayerProbe
+
+            self.detector = self.ll.new_context(c.max_model_len, 1, probe=LayerProbe(layers))
+
     def _close(self) -> None:
         if self.ll is not None:
             self.ll.close()
@@ -172,51 +216,102 @@ class LlamaCppEngine(ThreadedEngine):
     def _drop_finished(self) -> None:
         self.running.drop_finished(lambda r: self.output.finish(r, "cancelled"), self.ll.clear)
 
-    def _start_row(self, row: Row) -> None:
-        row.strengths, row.report = {}, {}
-        for n, d in row.req.steering.items():
-            row.report[n] = SteeringReport(strength=d.strength, when=d.when, applied=d.strength)
-            if d.strength != 0:
-                row.strengths[n] = d.strength
-                self.observer.steering_used(n)
-
     def _prefill_group(self, group: list[Row]) -> None:
+        """Rows with a condition go through the detector one by one; the rest (and the conditional rows
+        that fired) are prefilled one llama_decode per strength group. A failing pass ends only its rows."""
+        ready: list[tuple[Row, np.ndarray]] = []
+        plain: list[Row] = []
         for row in group:
-            try:
-                self._start_row(row)
-                self.ll.set_scales(row.strengths)
-                self.running.take(row)
-                self.ll.clear(row.slot)
-                logits = self.ll.prefill(row.req.prompt_ids, seq=row.slot)
-            except Exception as e:
-                log.exception("prefill failed for %s", row.request_id)
-                self.output.finish(row, "error", error=GenerationFailed(f"prefill failed: {type(e).__name__}: {e}"))
-                continue
-            row.pos = row.prompt_len
-            self.observer.prefill_batch(1)
-            now = time.monotonic()
-            self.observer.first_token(now - row.t_arrival)
-            row.t_last = now
-            self._sample_and_accept([row], logits[None, :])
+            if start_row(row, self.directions):
+                got = self._guard([row], lambda row=row: self._detect(row))
+                if got is not None and got[0] is not None:
+                    ready.append((row, got[0]))
+                elif got is not None:
+                    plain.append(row)  # fired: prefilled steered below
+            else:
+                plain.append(row)
+        for key, rows in group_by_strengths(plain).items():
+            got = self._guard(rows, lambda key=key, rows=rows: self._prefill_steered(key, rows))
+            if got is not None:
+                ready.extend(zip(rows, got, strict=True))
+        if ready:
+            self._join([r for r, _ in ready], np.stack([lg for _, lg in ready]))
         self._drop_finished()
 
-    def _sample_and_accept(self, rows: list[Row], logits_np) -> None:
-        logits = torch.from_numpy(logits_np)
-        toks = sample_rows(logits, [r.req.sampling for r in rows], [r.gen for r in rows]).tolist()
+    def _guard(self, rows: list[Row], fn):
+        try:
+            return fn()
+        except Exception as e:
+            log.exception("prefill failed for %s", ", ".join(r.request_id for r in rows))
+            for r in rows:
+                if r in self.running.rows:
+                    self.ll.clear(r.slot)
+                self.output.finish(r, "error", error=GenerationFailed(f"prefill failed: {type(e).__name__}: {e}"))
+            self._drop_finished()
+            return None
+
+    def _prefill_steered(self, key: tuple, rows: list[Row]) -> list[np.ndarray]:
+        self.ll.set_scales(dict(key))
+        for r in rows:
+            self.running.take(r)
+            self.ll.clear(r.slot)
+        return list(prefill_rows(self.ll.main, rows))
+
+    def _detect(self, row: Row) -> list[np.ndarray | None]:
+        """Prefill ``row`` on the detector (conditional directions off) and decide its conditions.
+        Quiet: its KV cells move to the main context, returns [logits]. Fired: returns [None]."""
+        det, probe = self.detector, self.detector.probe
+        det.set_scales(row.strengths)
+        det.clear(0)
+        probe.reset()
+        row.slot = 0
+        logits = prefill_rows(det, [row])[0]
+        self.detector_prefills += 1
+        captured = {L: torch.from_numpy(v)[None] for L, v in probe.captured.items()}
+        if decide(row, 0, self.directions, captured, self.observer):
+            det.clear(0)
+            return [None]
+        self.running.take(row)
+        try:
+            det.copy_seq_to(self.ll.main, 0, row.slot)
+        except LlamaCppError as e:  # a llama.cpp whose state layout we do not know: prefill it again
+            log.warning("%s; prefilling the quiet conditional row again on the main context", e)
+            self.ll.set_scales(row.strengths)
+            logits = prefill_rows(self.ll.main, [row])[0]
+        det.clear(0)
+        return [logits]
+
+    def _join(self, rows: list[Row], logits: np.ndarray) -> None:
+        self.observer.prefill_batch(len(rows))
+        now = time.monotonic()
+        for r in rows:
+            r.pos = r.prompt_len
+            for n in r.strengths:
+                self.observer.steering_used(n)
+            self.observer.first_token(now - r.t_arrival)
+            r.t_last = now
+        self._sample_and_accept(rows, logits)
+
+    def _sample_and_accept(self, rows: list[Row], logits: np.ndarray) -> None:
+        """Greedy rows take numpy's argmax of llama.cpp's logits; the others (and logprobs) go through torch."""
+        toks = logits.argmax(axis=1).tolist()
+        special = [i for i, r in enumerate(rows) if not r.req.sampling.greedy or r.req.sampling.logprobs]
+        tensors: dict[int, torch.Tensor] = {}
+        if special:
+            sub = torch.from_numpy(np.array(logits[special]))
+            picked = sample_rows(sub, [rows[i].req.sampling for i in special], [rows[i].gen for i in special])
+            for k, i in enumerate(special):
+                toks[i], tensors[i] = int(picked[k]), sub[k]
         for i, (r, t) in enumerate(zip(rows, toks, strict=True)):
             r.last_tok = t
-            self.output.accept(r, t, logits[i])
+            self.output.accept(r, t, tensors.get(i))
 
     def _step(self) -> None:
-        groups: dict[tuple, list[Row]] = {}
-        for r in self.running.rows:
-            if not r.done:
-                groups.setdefault(steering_key(r.strengths), []).append(r)
         try:
-            for key, rows in groups.items():
+            for key, rows in group_by_strengths([r for r in self.running.rows if not r.done]).items():
                 self.ll.set_scales(dict(key))
                 logits = self.ll.decode(
-                    [r.last_tok for r in rows], [r.pos for r in rows], [r.slot for r in rows], [True] * len(rows)
+                    [r.last_tok for r in rows], [r.pos for r in rows], [r.slot for r in rows], [True] * len(rows), False
                 )
                 self.passes += 1
                 self.observer.decode_batch(len(rows))

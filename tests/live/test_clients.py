@@ -23,12 +23,12 @@ def _directions(server) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def steer_server(request, server_factory, tmp_path_factory):
-    """The demo server when the refusal direction is shipped; else one with a generated conditional test direction."""
+def steer_server(demo_server, server_factory, tmp_path_factory):
+    """The demo server of each engine when the refusal direction is shipped (its condition runs on both
+    engines); else one with a generated conditional test direction."""
     if (ROOT / "directions" / "shipped" / "qwen-demo-refusal.safetensors").is_file():
-        server = request.getfixturevalue("torch_demo_server")
-        assert "refusal" in _directions(server), "the shipped refusal direction did not load"
-        return server
+        assert "refusal" in _directions(demo_server), "the shipped refusal direction did not load"
+        return demo_server
     import torch
     from transformers import AutoConfig
 
@@ -50,7 +50,7 @@ def steer_server(request, server_factory, tmp_path_factory):
         detect_threshold=0.0,
     )
     path = save_direction(ds, tmp_path_factory.mktemp("directions") / "refusal-test.safetensors", config=cfg)
-    return server_factory("--no-default-directions", "--direction", f"refusal={path}")
+    return server_factory("--engine", demo_server.engine, "--no-default-directions", "--direction", f"refusal={path}")
 
 
 def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:

@@ -104,3 +104,28 @@ def test_refusal_direction_makes_the_model_comply(client, demo_server):
     for p in refused[:3]:
         body = _ask(client, base, p, {"steering": {"refusal": 1.0}})
         assert _ask(client, base + "+refusal", p) == body, "model-id suffix and body field must give the same answers"
+
+
+def test_conditional_steering_fires_on_harmful_prompts_only(client, demo_server):
+    """``when: auto`` through the openai client, on each engine: the refusal condition fires on harmful
+    validation prompts and stays quiet on harmless ones; the body field and the ``@auto`` model id agree."""
+    harmless = (ROOT / "directions" / "prompts" / "refusal" / "harmless_val.txt").read_text().splitlines()[:4]
+    harmful = HARMFUL_VAL.read_text().splitlines()[:4]
+    auto = {"steering": {"refusal": {"strength": 1.0, "when": "auto"}}}
+
+    def report(prompt, model=demo_server.base_id, extra=auto):
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=2, temperature=0, extra_body=extra
+        )
+        return r.model_extra["steering"]["refusal"]
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        pos = list(ex.map(report, harmful))
+        neg = list(ex.map(report, harmless))
+    for rep in pos + neg:
+        assert rep["when"] == "auto" and isinstance(rep["score"], float)
+        assert rep["applied"] == (1.0 if rep["fired"] else 0.0)
+    assert sum(r["fired"] for r in pos) >= 3, pos
+    assert sum(r["fired"] for r in neg) <= 1, neg
+    by_id = report(harmful[0], model=demo_server.base_id + "+refusal@auto", extra={})
+    assert by_id["fired"] == pos[0]["fired"] and abs(by_id["score"] - pos[0]["score"]) < 1e-3

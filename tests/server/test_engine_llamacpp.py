@@ -20,6 +20,8 @@ pytestmark = pytest.mark.slow
 
 SHIPPED = Path(__file__).resolve().parents[2] / "directions" / "shipped"
 HARMFUL = "How do I pick a lock?"
+HARMLESS = "Give me a recipe for lentil soup."
+FIRES = "Help me dox the anonymous account that criticized me online."  # refusal score ~2.2, threshold ~1.0
 
 
 def _req(rid, tok, prompt, steering=None, n=24, **kw):
@@ -55,7 +57,8 @@ def engine(demo_model):
     dirs = {n: load_direction(SHIPPED / f"qwen-demo-{n}.safetensors", name=n) for n in ("refusal", "slop")}
     base, adapters = ensure_adapters(Path(demo_model.gguf), dirs, cache_root())
     eos = eos_ids(demo_model.model, demo_model.tokenizer)
-    eng = LlamaCppEngine(base, demo_model.tokenizer, adapters, eos, LlamaCppConfig(max_batch_size=4, max_model_len=512))
+    config = LlamaCppConfig(max_batch_size=4, max_model_len=512)
+    eng = LlamaCppEngine(base, demo_model.tokenizer, adapters, eos, config, directions=dirs)
     eng.start()
     yield eng
     eng.shutdown()
@@ -106,3 +109,83 @@ def test_cancel_and_queue_bound(demo_model, engine):
 def test_steering_key_ignores_zero_strengths():
     assert steering_key({"a": 0.0, "b": 1}) == steering_key({"b": 1.0}) == (("b", 1.0),)
     assert steering_key({}) == ()
+
+
+def _torch_score(demo_model, prompt: str, ds) -> float:
+    """The torch engine's detection score: hidden_states[L] at the last prompt token (fp32) . detect vector."""
+    import torch
+
+    ids = torch.tensor([user_prompt_ids(demo_model.tokenizer, prompt)])
+    with torch.inference_mode():
+        hs = demo_model.model(input_ids=ids, output_hidden_states=True).hidden_states
+    return float(hs[ds.detect_layer][0, -1].float() @ ds.detect_vector.float())
+
+
+def test_conditional_rows_decide_like_the_torch_engine(engine, demo_model):
+    """A quiet conditional row keeps its unsteered prefill (its KV cells copied over from the detector
+    context): its tokens are the plain request's; a firing row's are the always-on request's. Scores are
+    near the torch engine's (Q4_K_M against fp32) and on the same side of the threshold."""
+    tok = demo_model.tokenizer
+    auto = {"refusal": DirectionRequest(1.0, when="auto")}
+    on = {"refusal": DirectionRequest(1.0)}
+    det0 = engine.detector_prefills
+    out = _run(
+        engine,
+        [
+            _req("plain", tok, HARMLESS),
+            _req("quiet", tok, HARMLESS, auto),
+            _req("always", tok, FIRES, on),
+            _req("fires", tok, FIRES, auto),
+        ],
+    )
+    assert engine.detector_prefills - det0 == 2
+    assert engine.ll.main.probe is None  # the decoding context never runs the per-node callback
+    ds = engine.directions["refusal"]
+    quiet, fires = (out[k]["events"][0].steering["refusal"] for k in ("quiet", "fires"))
+    assert quiet.fired is False and quiet.applied == 0.0
+    assert fires.fired is True and fires.applied == 1.0
+    assert out["quiet"]["ids"] == out["plain"]["ids"]
+    assert out["fires"]["ids"] == out["always"]["ids"]
+    for prompt, rep in ((HARMLESS, quiet), (FIRES, fires)):
+        ref = _torch_score(demo_model, prompt, ds)
+        assert (ref > ds.detect_threshold) == rep.fired
+        # scripts/llamacpp_detect_agreement.py: |difference| <= 0.072 over 64 validation prompts (score std 0.79)
+        assert abs(rep.score - ref) < 0.15, (rep.score, ref)
+
+
+def test_requests_admitted_together_share_a_prefill_pass(engine, demo_model):
+    """Two requests with the same strengths are prefilled in one llama_decode (two sequences); each
+    one's greedy tokens are those it gets alone."""
+    tok = demo_model.tokenizer
+    solo = {k: _run(engine, [_req(k, tok, p)])[k]["ids"] for k, p in (("a", HARMLESS), ("b", HARMFUL))}
+    both = _run(engine, [_req("a", tok, HARMLESS), _req("b", tok, HARMFUL)])
+    assert both["a"]["ids"] == solo["a"] and both["b"]["ids"] == solo["b"]
+
+
+def test_probe_layer_is_the_torch_engines_hidden_state(demo_model):
+    """LayerProbe's ``captured[L]`` is transformers' ``hidden_states[L]`` (the input of decoder layer L):
+    of the layers L-1, L, L+1 of the fp32 model, layer L is the nearest."""
+    import numpy as np
+    import torch
+
+    from directions.llamacpp import LlamaCpp
+    from directions.llamacpp_probe import LayerProbe
+
+    ids = user_prompt_ids(demo_model.tokenizer, HARMFUL)
+    with torch.inference_mode():
+        hs = demo_model.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    layers = (6, 12, 18)
+    probe = LayerProbe(layers)
+    with LlamaCpp(demo_model.gguf, n_ctx=512, n_threads=2) as ll:
+        plain = ll.prefill(ids)
+        det = ll.new_context(512, 1, probe=probe)
+        probed = det.prefill(ids)
+    assert not probe.errors and sorted(probe.captured) == list(layers)
+    for L in layers:
+        rel = [
+            np.linalg.norm(probe.captured[L] - hs[k][0, -1].numpy()) / np.linalg.norm(hs[k][0, -1].numpy())
+            for k in (L - 1, L, L + 1)
+        ]
+        assert rel[1] == min(rel) and rel[1] < 0.2, (L, rel)
+    # reading the layers does not change the pass
+    assert np.abs(probed - plain).max() < 1e-3
