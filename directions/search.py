@@ -288,10 +288,19 @@ def trial_rows(study) -> list[dict]:
 
 
 def pareto_candidates(rows: list[dict], kl_budget: float, top: int, slack: float = 1.5) -> list[dict]:
-    """Pareto trials whose proxy KL is within ``slack`` times the budget, lowest refusal objective first;
-    at most ``top`` (the proxy KL is on a subset, so the budget is checked again on the whole split)."""
-    front = [r for r in rows if r["pareto"] and r["kl"] <= slack * kl_budget]
-    return sorted(front, key=lambda r: (r["objective"], r["kl"]))[:top]
+    """At most ``top`` Pareto trials whose proxy KL is within ``slack`` times the budget, spread evenly
+    along the front: always the one with the lowest refusal objective, then points towards lower KL.
+    The proxy KL is a subset's, so where the whole split lands is unknown until the confirm stage;
+    spreading the candidates keeps one that fits the budget there more likely than the top few."""
+    front = sorted(
+        (r for r in rows if r["pareto"] and r["kl"] <= slack * kl_budget), key=lambda r: (r["objective"], r["kl"])
+    )
+    if len(front) <= top:
+        return front
+    if top <= 1:
+        return front[:top]
+    idx = sorted({round(i * (len(front) - 1) / (top - 1)) for i in range(top)})
+    return [front[i] for i in idx]
 
 
 def build_from_row(acts: Activations, row: dict, name: str) -> DirectionSet:

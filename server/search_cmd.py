@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         "prompt_hashes": json.dumps({r: {"file": Path(p).name, "sha256": sha256_file(p)} for r, p in files.items()}),
         "selection": json.dumps(record),
         "eval": json.dumps(figs[winner]),
+        "strength": "1.0",  # the strength the search and the confirm stage measured
         "extract_wall_s": str(round(time.monotonic() - t0, 1)),
     }
     _write(args, ds, lm, rows, figs, winner)

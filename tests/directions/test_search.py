@@ -147,3 +147,12 @@ def test_thinned_train_sets_are_evenly_spaced_and_keep_validation():
     assert t.harmful_train == ["a0", "a3", "a6", "a9"] and t.harmless_train == ["b0", "b3", "b5", "b8"]
     assert t.harmful_val == ["v"] and p.thinned(None) == p and p.thinned(50) == p
     assert t.digest() != p.digest()
+
+
+def test_pareto_candidates_spread_along_the_front_within_the_budget():
+    rows = [{"number": i, "pareto": True, "objective": 1 - i / 10, "kl": i / 100} for i in range(8)]
+    rows.append({"number": 99, "pareto": False, "objective": 0.0, "kl": 0.0})
+    got = [r["number"] for r in search.pareto_candidates(rows, kl_budget=0.04, top=3, slack=1.5)]
+    assert got == [6, 3, 0]  # within 0.06: lowest objective first, then spread towards lower KL
+    assert [r["number"] for r in search.pareto_candidates(rows, 0.04, top=1)] == [6]
+    assert len(search.pareto_candidates(rows, 1.0, top=20)) == 8
