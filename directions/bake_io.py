@@ -28,6 +28,10 @@ def source_of(source) -> tuple[str, str | None, str]:
         except ModelLoadError as e:
             raise BakeSourceError(str(e), param="model") from e
         return path, gguf, str(source)
+    if source.gguf and not Path(source.path, "config.json").is_file():
+        from directions.models import convert_gguf
+
+        convert_gguf(Path(source.gguf))  # an int8 server read the GGUF directly; a bake edits the fp32 copy
     return source.path, source.gguf, getattr(source, "source", source.path)
 
 

@@ -120,15 +120,10 @@ class LoadedModel:
 
 def locate(spec: str) -> tuple[str, str | None]:
     """Turn a model spec into (directory or hub id, original gguf path or None)."""
-    if spec == "demo":
-        try:
-            gguf = ensure_demo_gguf()
-        except DemoModelError as e:
-            raise ModelLoadError(str(e)) from e
+    gguf = locate_gguf(spec)
+    if gguf is not None:
         return str(convert_gguf(gguf)), str(gguf)
     p = Path(spec).expanduser()
-    if p.suffix == ".gguf":
-        return str(convert_gguf(p)), str(p)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"model directory {p} has no config.json")
@@ -140,11 +135,80 @@ def locate(spec: str) -> tuple[str, str | None]:
     return spec, None  # a hub id
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(spec: str, device: str = "auto", dtype: str = "auto", weights: str = "float") -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no grad).
 
     ``dtype``: ``auto`` (see :func:`resolve_dtype`), a dtype name, or ``stored`` for the
-    checkpoint's own dtype (what a bake edits and writes back)."""
+    checkpoint's own dtype (what a bake edits and writes back). ``weights="int8"``: every linear
+    layer int8 per channel, bfloat16 activations (CPU only; :mod:`directions.quant`); a GGUF source
+    is then read tensor by tensor (:mod:`directions.gguf_load`), never as a whole fp32 model.
+    ``weights="int4"`` (GGUF only): its Q4_K / Q4_0 / Q4_1 tensors as they are, the rest int8."""
+    if weights in ("int8", "int4"):
+        return _load_quantized(spec, device, weights)
+    if weights != "float":
+        raise ModelLoadError(f"unknown weights format {weights!r}; choose float, int8 or int4")
+    return _load_float(spec, device, dtype)
+
+
+def _load_quantized(spec: str, device: str, weights: str) -> LoadedModel:
+    from directions.quant import QuantizationError, quantize_model
+
+    dev = resolve_device(device)
+    if dev != "cpu":
+        raise QuantizationError(
+            f"--weights {weights} runs torch's CPU kernels; use --device cpu (on GPUs use --dtype bfloat16)"
+        )
+    gguf = locate_gguf(spec)
+    if gguf is None and weights == "int4":
+        raise QuantizationError("--weights int4 loads a GGUF's own 4-bit tensors: give a .gguf model (or demo)")
+    if gguf is None:  # safetensors / hub: load in fp32, then quantize layer by layer
+        lm = _load_float(spec, dev, "float32")
+        quantize_model(lm.model)
+        lm.dtype = torch.bfloat16
+        return lm
+    from transformers import AutoConfig, AutoTokenizer
+
+    from directions.gguf_load import GGUFLoadError, load_quantized_from_gguf, meta_dir
+
+    try:
+        cfg_dir = meta_dir(gguf, _gguf_cache_dir(gguf))
+        tok = AutoTokenizer.from_pretrained(str(cfg_dir))
+        model = load_quantized_from_gguf(gguf, AutoConfig.from_pretrained(str(cfg_dir)), torch.bfloat16, weights)
+    except GGUFLoadError as e:
+        raise ModelLoadError(str(e)) from e
+    model.generation_config = _generation_config(cfg_dir, model.config)
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    # path: where the fp32 copy lives (a bake loads it from there; convert_gguf makes it on first use)
+    return LoadedModel(model, tok, spec, str(_gguf_cache_dir(gguf)), dev, torch.bfloat16, str(gguf))
+
+
+def _generation_config(path: Path, config):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(path))
+    except OSError:
+        return GenerationConfig.from_model_config(config)
+
+
+def locate_gguf(spec: str) -> Path | None:
+    """The GGUF file a model spec names (the demo's, once installed), or None for a directory or hub id."""
+    if spec == "demo":
+        try:
+            return ensure_demo_gguf()
+        except DemoModelError as e:
+            raise ModelLoadError(str(e)) from e
+    p = Path(spec).expanduser()
+    if p.suffix != ".gguf":
+        return None
+    if not p.is_file():
+        raise ModelLoadError(f"GGUF file not found: {p}")
+    return p
+
+
+def _load_float(spec: str, device: str, dtype: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf = locate(spec)

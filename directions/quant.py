@@ -66,6 +66,46 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
+INT4_GROUP = 32  # the CPU kernel's group along the input dimension; one Q4_K / Q4_0 / Q4_1 sub-block
+
+
+class Int4Linear(nn.Module):
+    """A linear layer with 4-bit weights in groups of :data:`INT4_GROUP` inputs, one scale and one
+    offset per group: ``w = (q - 8) * scale + zero``, ``q`` in 0..15; torch's CPU kernel
+    ``aten._weight_int4pack_mm_for_cpu``. llama.cpp's Q4_K, Q4_1 and Q4_0 blocks are this form exactly
+    (:func:`directions.gguf_load.int4_groups`), so a GGUF's 4-bit tensors load without a second rounding
+    (in ``compute_dtype`` float32; bfloat16 rounds the scales)."""
+
+    def __init__(
+        self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, compute_dtype
+    ):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.compute_dtype = compute_dtype
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+        self.register_buffer("weight_packed", packed)
+        # the kernel's layout: (in_features / group, out_features, 2) of (scale, zero)
+        self.register_buffer("scale_zero", torch.stack([scale.T, zero.T], -1).to(compute_dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype).clone())
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer multiplies by, in fp32 (for checks)."""
+        eye = torch.eye(self.in_features, dtype=self.compute_dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight_packed, INT4_GROUP, self.scale_zero)
+        return y.float().T.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, INT4_GROUP, self.scale_zero)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {INT4_GROUP}"
+
+
 def quantize_model(model: nn.Module, *, lm_head: bool = True, compute_dtype=torch.bfloat16, progress=None) -> int:
     """Replace every ``nn.Linear`` of ``model`` (the LM head too unless ``lm_head=False``; a head
     tied to the embedding is left alone) by an :class:`Int8Linear`, one layer at a time so the
@@ -86,6 +126,14 @@ def quantize_model(model: nn.Module, *, lm_head: bool = True, compute_dtype=torc
         setattr(parent, child, Int8Linear.from_linear(mod, compute_dtype))
         if progress:
             progress(i + 1, len(targets))
-    # norms, embedding and attention run in the compute dtype; Module.to(dtype) leaves the int8 buffers as they are
-    model.to(compute_dtype)
+    cast_parameters(model, compute_dtype)
     return len(targets)
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Norms, embedding and biases into ``dtype``, in place (tied weights stay tied). Buffers are left
+    alone: ``Module.to`` would round the rotary ``inv_freq`` to bf16, an angle error that grows with the
+    position (about 0.7 rad at position 500 for a mid frequency)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)

@@ -409,6 +409,43 @@ def serve_and_measure(label: str, cmd: list[str], args, out_dir: Path, scenarios
 
 
 # ---- report ----------------------------------------------------------------------------
+def format_bytes() -> dict:
+    """Bytes one decode step reads per weight format: fp32 (the converted directory), int8 as
+    ``--weights int8`` holds it, and the GGUF as llama.cpp runs it (``directions.gguf_load``)."""
+    from directions.demo import ensure_demo_gguf
+    from directions.gguf_load import bytes_per_token
+
+    b = bytes_per_token(ensure_demo_gguf())
+    return {"fp32": weight_bytes(model_dir())["bytes_read_per_decode_step"], "int8": b["int8"], "gguf": b["gguf"]}
+
+
+FORMAT_OF_SYSTEM = {
+    "frankly": "fp32",
+    "frankly --weights int8": "int8",
+    "frankly --engine llamacpp": "gguf",
+    "llama_cpp.server (bare)": "gguf",
+}
+
+
+def limit_report(res: dict) -> str:
+    """Single-stream, steering-off speed of each system as a fraction of its own weight format's limit:
+    measured read bandwidth (torch_read) / bytes read per token."""
+    bw, fb = res.get("bandwidth"), (res.get("weights") or {}).get("format_bytes_per_token")
+    if not bw or not fb:
+        return ""
+    rows = [("model.generate fp32", "fp32", (res.get("generate") or {}).get("batch1_decode_tok_s"))]
+    for r in res.get("runs", []):
+        if r.get("streams") == 1 and r.get("scenario") in ("steering off", "") and r["system"] in FORMAT_OF_SYSTEM:
+            rows.append((r["system"], FORMAT_OF_SYSTEM[r["system"]], r.get("per_stream_tok_s")))
+    out = f"\n\nSingle stream, steering off, against each format's bandwidth limit ({bw['torch_read_gbs']} GB/s read):\n\n"
+    out += "| system | weights | MB read per token | limit tok/s | tok/s | fraction of limit |\n|---|---|---|---|---|---|\n"
+    for system, fmt, tps in rows:
+        if tps:
+            limit = bw["torch_read_gbs"] * 1e9 / fb[fmt]
+            out += f"| {system} | {fmt} | {fb[fmt] / 1e6:.0f} | {limit:.1f} | {tps} | {100 * tps / limit:.0f}% |\n"
+    return out
+
+
 def report(res: dict) -> str:
     lines = [bench.table_header()]
     mt = res["config"]["max_tokens"]
@@ -480,6 +517,7 @@ def report(res: dict) -> str:
                 f"{j.get('join_penalty_s')} | {ls.get('max_gap_near_join_s')} | {ls.get('itl_p50_s')} | "
                 f"{j.get('other_cores')} |\n"
             )
+    out += limit_report(res)
     if res.get("memory") and wb:
         out += f"\n\nMemory (weights {wb['weight_bytes'] / 2**20:.0f} MiB on disk, {', '.join(wb['dtypes'])}; "
         out += f"KV cache {wb['kv_cache_bytes_per_token_fp32'] / 1024:.1f} KiB per token):\n\n"
@@ -591,6 +629,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     res["weights"] = weight_bytes(model_dir())
+    res["weights"]["format_bytes_per_token"] = format_bytes()
     res["runs"], res["join"], res["memory"], res["servers"] = [], [], [], []
 
     if "bandwidth" in sec:

@@ -9,9 +9,12 @@ and first-token KL against fp32 on chat-templated harmless validation prompts.
 Formats: fp32; bf16; ``int8-dynamic`` (torch.ao ``quantize_dynamic``, fbgemm,
 int8 activations, per-channel weights: the fast kernel that loses quality);
 ``int8`` (frankly's ``--weights int8``: weight-only per-channel int8,
-``aten._weight_int8pack_mm`` on bf16 activations).
+``aten._weight_int8pack_mm`` on bf16 activations, quantized from the fp32 load);
+``int8-gguf`` (the same format read straight from the GGUF, ``directions.gguf_load``);
+``int4-gguf`` (the GGUF's Q4_K / Q4_0 / Q4_1 tensors as they are on
+``aten._weight_int4pack_mm_for_cpu``, the other tensors int8).
 
-    python scripts/int8_kernels.py [--prompts 16] [--tokens 24]
+    python scripts/int8_kernels.py [--model demo|FILE.gguf] [--formats fp32,int8,...] [--prompts 16] [--tokens 24]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from directions.models import load_model
-from directions.quant import Int8Linear, quantize_model
+from directions.quant import Int4Linear, Int8Linear, quantize_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bandwidth import measure
@@ -59,6 +62,8 @@ def bytes_per_token(model) -> int:
     for m in model.modules():
         if isinstance(m, Int8Linear):
             total += m.weight_q.numel() + m.scale.numel() * m.scale.element_size()
+        elif isinstance(m, Int4Linear):
+            total += m.weight_packed.numel() + m.scale_zero.numel() * m.scale_zero.element_size()
         elif isinstance(m, torch.nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
         elif type(m).__name__ == "Linear" and hasattr(m, "_packed_params"):  # torch.ao dynamic
@@ -66,26 +71,36 @@ def bytes_per_token(model) -> int:
     return total
 
 
-def formats(base):
-    yield "fp32", base
-    yield "bf16", copy.deepcopy(base).to(torch.bfloat16)
+def formats(base, spec: str, wanted: set[str]):
+    if "fp32" in wanted:
+        yield "fp32", base
+    for name in ("int8-gguf", "int4-gguf"):
+        if name in wanted:
+            yield name, load_model(spec, device="cpu", weights=name.split("-")[0]).model
+    if "bf16" in wanted:
+        yield "bf16", copy.deepcopy(base).to(torch.bfloat16)
+    if "int8" in wanted:
+        q = copy.deepcopy(base)
+        quantize_model(q)
+        yield "int8", q
+    if "int8-dynamic" not in wanted:
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        spec = {n: per_channel_dynamic_qconfig for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
-        yield "int8-dynamic", quantize_dynamic(copy.deepcopy(base), spec, dtype=torch.qint8)
-    q = copy.deepcopy(base)
-    quantize_model(q)
-    yield "int8", q
+        qspec = {n: per_channel_dynamic_qconfig for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+        yield "int8-dynamic", quantize_dynamic(copy.deepcopy(base), qspec, dtype=torch.qint8)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=16, help="harmless validation prompts for the KL")
     ap.add_argument("--tokens", type=int, default=24, help="decode steps timed per batch size")
+    ap.add_argument("--model", default="demo", help="demo or a .gguf file (the *-gguf formats need one)")
+    ap.add_argument("--formats", default="fp32,bf16,int8-dynamic,int8,int8-gguf,int4-gguf", help="comma-separated")
     args = ap.parse_args(argv)
-    lm = load_model("demo")
+    lm = load_model(args.model)
     tok = lm.tokenizer
     lines = VAL.read_text().splitlines()[: args.prompts]
     prompts = [
@@ -102,7 +117,7 @@ def main(argv=None) -> int:
         f"{'KL mean':>8} {'KL max':>8} {'same top1':>9}"
     )
     base_tps = None
-    for name, model in formats(lm.model):
+    for name, model in formats(lm.model, args.model, set(args.formats.split(","))):
         b1 = decode_tps(model, prompts[0], 1, args.tokens)
         b8 = decode_tps(model, prompts[0], 8, args.tokens)
         base_tps = base_tps or b1

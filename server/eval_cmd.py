@@ -64,6 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--weights",
+        choices=("float", "int8"),
+        default="float",
+        help="weights format of --model, as frankly serve --weights (int8: CPU); a non-float format also "
+        "reports first-token KL against the float32 model on the harmless prompts",
+    )
 
 
 def _fmt(v, pct=False) -> str:
@@ -122,11 +129,32 @@ def _edited_models(args: argparse.Namespace, lm) -> dict:
     return out
 
 
+def _weights_kl(args: argparse.Namespace, m, sets) -> dict:
+    """First-token KL(P_float32 || P_weights) on the harmless prompts: what the weights format costs."""
+    from directions.kl import first_token_kl
+    from directions.measure import Measurements
+    from directions.models import load_model
+
+    ref = load_model(args.model, device=args.device, dtype="float32")
+    rm = Measurements(ref.model, ref.tokenizer, batch_size=args.batch_size)
+    prompts = m.ids(sets.harmless)
+    mean, per = first_token_kl(rm.base_logits(prompts), m.base_logits(prompts))
+    return {
+        "weights": args.weights,
+        "reference": "float32",
+        "n": len(prompts),
+        "first_token_kl_mean": mean,
+        "first_token_kl_max": max(per, default=0.0),
+        "first_token_kl_per_prompt": per,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     from directions.evaluate import EvalConfig, EvalSets, evaluate
     from directions.measure import Measurements
     from directions.models import load_model
     from directions.plots import plot_eval
+    from directions.quant import QuantizationError
     from directions.specs import check_fit, load_directions, parse_direction_specs
     from server.engine.offline import engine_generate
 
@@ -144,9 +172,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         paths = parse_direction_specs(args.direction)
         directions = load_directions(paths)  # a bad file fails before the model loads
-        lm = load_model(args.model, device=args.device, dtype=args.dtype)
+        lm = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
         check_fit(directions, lm.model.config, paths)
-    except DirectionFileError as e:
+    except (DirectionFileError, QuantizationError) as e:
         print(f"frankly eval: {e}", file=sys.stderr)
         return 2
     sets = EvalSets.load(limit=args.limit, n_long=args.n_long, split=args.split)
@@ -166,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"frankly eval: {e}", file=sys.stderr)
         return 2
     result = evaluate(m, sets, list(directions), cfg, edited)
+    if args.weights != "float":
+        result["weights_vs_float32"] = _weights_kl(args, m, sets)
     result["model"] = args.model
     result["direction_files"] = {n: spec.partition("=")[2] for n, spec in zip(directions, args.direction, strict=True)}
     result["edited_models"] = dict(s.partition("=")[::2] for s in args.edited_model)
@@ -179,5 +209,11 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     tokens = result["config"]["long_continuation_tokens"]
     print(f"\nsplit: {result['split']}  sets: {result['sets']}  long continuation tokens: {tokens}")
+    if "weights_vs_float32" in result:
+        w = result["weights_vs_float32"]
+        print(
+            f"{w['weights']} weights vs float32, first-token KL on {w['n']} harmless prompts: "
+            f"mean {w['first_token_kl_mean']:.4f}, max {w['first_token_kl_max']:.4f}"
+        )
     print(f"wrote {jpath} and {ppath} in {result['total_wall_s']:.0f} s")
     return 0

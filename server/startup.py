@@ -74,26 +74,20 @@ def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]
         directions = load_directions(paths)
         check_fit(directions, loaded.model.config, paths, allow_mismatch=ms.allow_fingerprint_mismatch)
         return loaded, directions
-    loaded = load_model(ms.model, device=ms.device, dtype=ms.dtype)
-    directions = load_directions(paths)
+    if ms.weights == "int8" and ms.packed_weights:
+        from directions.quant import QuantizationError
+
+        raise QuantizationError("--packed-weights prepacks float weights; it does not combine with --weights int8")
+    directions = load_directions(paths)  # a bad direction file fails before the model loads
+    loaded = load_model(ms.model, device=ms.device, dtype=ms.dtype, weights=ms.weights)
     check_fit(directions, loaded.model.config, paths, allow_mismatch=ms.allow_fingerprint_mismatch)
     if ms.weights == "int8":
-        _quantize_int8(loaded, ms)
+        log.info("int8 weights: linear layers int8 per channel (a GGUF read tensor by tensor); activations in bfloat16")
     if ms.packed_weights:
         from server.packing import pack_linear_weights
 
         pack_linear_weights(loaded.model)
     return loaded, directions
-
-
-def _quantize_int8(loaded: LoadedModel, ms: ModelSettings) -> None:
-    from directions.quant import QuantizationError, quantize_model
-
-    if ms.packed_weights:
-        raise QuantizationError("--packed-weights prepacks float weights; it does not combine with --weights int8")
-    n = quantize_model(loaded.model)
-    loaded.dtype = torch.bfloat16
-    log.info("int8 weights: %d linear layers quantized per channel; activations in bfloat16", n)
 
 
 def served_id(ms: ModelSettings) -> str:
