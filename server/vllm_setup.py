@@ -71,6 +71,7 @@ def vllm_command(
     port: int,
 ) -> tuple[VllmCommand, dict]:
     """The ``vllm serve`` command (adapters written first, once) and combination -> vLLM model name."""
+    executable = find_vllm(ms.vllm_path)  # before the (slow, first-time) adapter export
     try:
         extra = [parse_combination(c, directions) for c in ms.vllm_combinations]
     except ValueError as e:
@@ -80,7 +81,7 @@ def vllm_command(
     adapters = ensure_adapters(loaded.path, directions, combos, root)
     rank = max((len(c) for c in combos), default=1)
     cmd = VllmCommand(
-        executable=find_vllm(ms.vllm_path),
+        executable=executable,
         model=vllm_model_dir(loaded.path, root),
         served_name=BASE_NAME,
         port=port,

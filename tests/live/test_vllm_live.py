@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from directions.refusal import is_refusal
+from tests.conftest import start_server
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +41,13 @@ def _ask(client, model="qwen-demo", steering=None, prompt=HARMFUL, n=32):
 
 
 @pytest.fixture(scope="module")
-def fake_vllm_server(server_factory, tmp_path_factory):
+def fake_vllm_server(tmp_path_factory):
     exe = tmp_path_factory.mktemp("bin") / "vllm"
     exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_vllm.py"}" "$@"\n')
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
-    return server_factory(
+    # module-scoped (not the session's server_factory): vLLM's memory is freed when this module ends
+    server = start_server(
+        tmp_path_factory.mktemp("vllm-fake"),
         "--engine",
         "vllm",
         "--vllm-path",
@@ -53,6 +56,8 @@ def fake_vllm_server(server_factory, tmp_path_factory):
         "--vllm-args",
         "--fake-flag 1",
     )
+    yield server
+    server.stop()
 
 
 def test_serve_cmd_on_the_fake_vllm(fake_vllm_server):
@@ -78,12 +83,15 @@ def test_fake_vllm_stops_with_frankly(fake_vllm_server):
 
 
 @pytest.fixture(scope="module")
-def vllm_server(server_factory):
-    return server_factory(
+def vllm_server(tmp_path_factory):
+    server = start_server(
+        tmp_path_factory.mktemp("vllm"),
         # the fake's export flags: the adapters written for it are reused from the cache
         "--engine", "vllm", *EXPORT, "--dtype", "float32", "--max-model-len", "1024",
         "--max-batch-size", "4", wait=900, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
     )  # fmt: skip
+    yield server
+    server.stop()
 
 
 def test_real_vllm_steering_removes_the_refusal(vllm_server):
