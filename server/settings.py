@@ -58,7 +58,9 @@ class ModelSettings(_Base):
     max_model_len: int | None = Field(
         None, ge=16, description="context limit (default: the model's max_position_embeddings, capped at 8192)"
     )
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU threads: torch's (default: all cores), or llama.cpp's (default: half the cores)"
+    )
     weights: Literal["float", "int8"] = Field(
         "float",
         description="float: weights in --dtype; int8: CPU, every linear layer (LM head included) int8 per "

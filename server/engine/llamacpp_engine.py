@@ -5,9 +5,10 @@ unchanged base GGUF, quantized; each loaded direction is a rank-1 LoRA adapter w
 scale is the strength (:mod:`directions.lora`), exported on first start and cached.
 
 Scheduling. llama.cpp's adapter scales belong to the context, not to a row, so each
-decode step runs one ``llama_decode`` per *strength group*: the running rows with the
-same strengths decode together (several sequences in one batch), and a step with k
-different strength settings costs k passes. Requests admitted together are prefilled the
+decode step runs at least one ``llama_decode`` per *strength group*: the running rows with
+the same strengths decode together (several sequences in one batch), and a step with k
+different strength settings costs k passes. A group is split further where single-row
+passes measured faster than one pass over the group (:mod:`server.engine.llamacpp_passes`). Requests admitted together are prefilled the
 same way: one ``llama_decode`` per strength group (chunks of ``n_batch`` tokens, every
 prompt its own sequence). The waiting queue, admission, cancellation, deadlines,
 detokenisation, stop strings and the events are the torch engine's own
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +48,7 @@ from directions.files import file_key
 from directions.llamacpp import Context, LlamaCpp, LlamaCppError
 from server.engine.condition import decide, start_row
 from server.engine.errors import GenerationFailed
+from server.engine.llamacpp_passes import PassPlanner
 from server.engine.protocol import EngineCapabilities, EngineObserver, EngineStats, NullObserver
 from server.engine.rows import Row, RowOutput
 from server.engine.sampling import sample_rows
@@ -74,6 +77,14 @@ class LlamaCppConfig:
     prefill_token_budget: int = 256  # prompt tokens admitted per step while other rows decode
     prefill_batch: int = 8  # requests admitted together, prefilled one llama_decode per strength group
     n_gpu_layers: int = 0
+
+
+def default_threads() -> int:
+    """Half the logical cores (about the physical ones, as llama-cpp-python's own server defaults to).
+    llama.cpp's threads spin at a barrier after every graph node: when one loses its core (to the HTTP
+    and tokenizer threads, the client, another process) the others wait out its time slice. On the
+    2-core test machine under load, 2 threads decoded at 673 ms/token and 1 thread at 77 ms/token."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def steering_key(strengths: dict[str, float]) -> tuple:
@@ -165,7 +176,8 @@ class LlamaCppEngine(ThreadedEngine):
         self.ll: LlamaCpp | None = None
         self.detector: Context | None = None  # the one-sequence context with the layer probe
         self._ready = threading.Event()
-        self.passes = 0  # llama_decode calls of decode steps (one per strength group and step)
+        self.passes = 0  # llama_decode calls of decode steps (at least one per strength group and step)
+        self.planner = PassPlanner(config.max_batch_size)
         self.detector_prefills = 0
 
     def stats(self) -> EngineStats:
@@ -198,7 +210,7 @@ class LlamaCppEngine(ThreadedEngine):
             n_ctx=c.max_model_len * c.max_batch_size,
             n_seq_max=c.max_batch_size,
             n_batch=c.n_batch,
-            n_threads=c.num_threads,
+            n_threads=c.num_threads or default_threads(),
             n_gpu_layers=c.n_gpu_layers,
         )
         for name, path in self.adapters.items():
@@ -308,23 +320,29 @@ class LlamaCppEngine(ThreadedEngine):
 
     def _step(self) -> None:
         try:
-            for key, rows in group_by_strengths([r for r in self.running.rows if not r.done]).items():
+            for key, group in group_by_strengths([r for r in self.running.rows if not r.done]).items():
                 self.ll.set_scales(dict(key))
-                logits = self.ll.decode(
-                    [r.last_tok for r in rows], [r.pos for r in rows], [r.slot for r in rows], [True] * len(rows), False
-                )
-                self.passes += 1
-                self.observer.decode_batch(len(rows))
-                now = time.monotonic()
-                for r in rows:
-                    r.pos += 1
-                    self.observer.inter_token(now - r.t_last)
-                    r.t_last = now
-                self._sample_and_accept(rows, logits)
+                for rows in self.planner.split(group):
+                    self._decode_pass(rows)
             self.steps += 1
         except Exception as e:
             self._end_running(e)
         self._drop_finished()
+
+    def _decode_pass(self, rows: list[Row]) -> None:
+        t0 = time.perf_counter()
+        logits = self.ll.decode(
+            [r.last_tok for r in rows], [r.pos for r in rows], [r.slot for r in rows], [True] * len(rows), False
+        )
+        self.planner.record(len(rows), time.perf_counter() - t0)
+        self.passes += 1
+        self.observer.decode_batch(len(rows))
+        now = time.monotonic()
+        for r in rows:
+            r.pos += 1
+            self.observer.inter_token(now - r.t_last)
+            r.t_last = now
+        self._sample_and_accept(rows, logits)
 
 
 # --- adapters: exported on first start, cached -----------------------------------------------------
