@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-tokens", type=int, default=24, help="tokens of the short replies judged in each trial")
     p.add_argument("--kl-budget", type=float, default=0.02, help="max first-token KL of the winner (whole val split)")
     p.add_argument("--confirm-top", type=int, default=4, help="Pareto candidates confirmed with generations")
+    p.add_argument(
+        "--confirm-trials", help="comma list of trial numbers to confirm instead of the automatic Pareto pick"
+    )
     p.add_argument("--confirm-tokens", type=int, default=64, help="tokens generated per prompt in the confirm stage")
     p.add_argument("--confirm-base", action="store_true", help="also count the unedited model's refusals")
     p.add_argument("--reference-layer", type=int, help="enqueue the flat orth@LAYER direction as the first trial")
@@ -143,7 +146,11 @@ def run(args: argparse.Namespace) -> int:
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     n_layers = lm.model.config.num_hidden_layers
     acts, rows, ref_ids = _study(args, lm, prompts, n_layers)
-    cands = pareto_candidates(rows, args.kl_budget, args.confirm_top)
+    if args.confirm_trials:
+        wanted = {int(x) for x in args.confirm_trials.split(",")}
+        cands = [r for r in rows if r["number"] in wanted]
+    else:
+        cands = pareto_candidates(rows, args.kl_budget, args.confirm_top)
     if not cands:
         cands = sorted((r for r in rows if r["pareto"]), key=lambda r: r["kl"])[:1]
     sets = {f"t{r['number']}": build_from_row(acts, r, f"t{r['number']}") for r in cands}
