@@ -77,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strength", type=float, help="frankly's strength (default: the file's own, else 1.0)")
     p.add_argument("--max-tokens", type=int, default=100, help="tokens generated per harmful test prompt")
     p.add_argument("--n-long", type=int, default=8, help="long harmless prompts for the long-continuation KL")
-    p.add_argument("--limit", type=int, help="at most N prompts per set (quick runs; not for reported figures)")
+    p.add_argument(
+        "--limit", type=int, help="frankly eval: at most N prompts per set (quick runs; not for reported figures)"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "heretic", help="where the table, JSON and PNG go")
     p.add_argument("--venv", type=Path, default=CACHE / "heretic-venv", help="Heretic's virtual environment")
@@ -151,7 +153,7 @@ def heretic_config(args: argparse.Namespace, model_dir: str, system: str | None,
         "model": model_dir,
         "dtypes": ["float32"],
         "device_map": "auto",
-        "batch_size": 128 if args.limit is None else args.limit,
+        "batch_size": 128,
         "max_response_length": args.heretic_tokens,
         "response_prefix": "",  # Qwen answers have no common prefix; skips Heretic's 200-generation probe
         "n_trials": args.trials,
@@ -163,15 +165,9 @@ def heretic_config(args: argparse.Namespace, model_dir: str, system: str | None,
     }
     if system is not None:
         cfg["system_prompt"] = system
-    split = {} if args.limit is None else {"split": f"[:{args.limit}]"}
-    cfg["good_prompts"] = {"dataset": files["harmless_train"], **split}
-    cfg["bad_prompts"] = {"dataset": files["harmful_train"], **split}
-    n_eval = (
-        min(x for x in (args.limit, args.heretic_prompts) if x is not None)
-        if (args.limit or args.heretic_prompts)
-        else None
-    )
-    split_eval = {} if n_eval is None else {"split": f"[:{n_eval}]"}
+    cfg["good_prompts"] = {"dataset": files["harmless_train"]}
+    cfg["bad_prompts"] = {"dataset": files["harmful_train"]}
+    split_eval = {} if args.heretic_prompts is None else {"split": f"[:{args.heretic_prompts}]"}
     cfg["good_evaluation_prompts"] = {"dataset": files["harmless_val"], **split_eval}
     cfg["bad_evaluation_prompts"] = {"dataset": files["harmful_val"], **split_eval}
     return cfg

@@ -109,17 +109,19 @@ def test_heretic_config_reads_train_and_val_prompts_only(tmp_path):
         ch.write_heretic_config(ch.parse_args(["--trials", "7", "--heretic-dir", str(tmp_path / "runs")]), model_dir)[0]
         != work
     )
-    # --limit cuts every prompt file (quick runs) and sets the batch to match
-    cfg = tomllib.loads(
-        ch.write_heretic_config(ch.parse_args(["--limit", "3", "--heretic-dir", str(tmp_path)]), model_dir)[1]
-    )
-    assert cfg["bad_prompts"]["split"] == "[:3]" and cfg["batch_size"] == 3
     # --heretic-prompts cuts only the val files Heretic scores its trials on
     cfg = tomllib.loads(
         ch.write_heretic_config(ch.parse_args(["--heretic-prompts", "5", "--heretic-dir", str(tmp_path)]), model_dir)[1]
     )
     assert cfg["bad_evaluation_prompts"]["split"] == cfg["good_evaluation_prompts"]["split"] == "[:5]"
     assert "split" not in cfg["bad_prompts"]
+    # --limit is for the evaluation only: Heretic's configuration (and its run folder) stays the same
+    assert (
+        ch.write_heretic_config(
+            ch.parse_args(["--trials", "6", "--limit", "3", "--heretic-dir", str(tmp_path / "runs")]), model_dir
+        )[0]
+        == work
+    )
 
 
 def test_eval_commands_measure_the_test_split(tmp_path):
