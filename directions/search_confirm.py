@@ -5,7 +5,8 @@ The confirm stage measures each candidate as the server serves it: greedy genera
 ``tokens`` tokens on the whole harmful validation split through the engine (refusals by the
 marker judge, :mod:`directions.refusal`) and full-vocabulary first-token KL on the whole
 harmless validation split. The winner is the candidate with the fewest refusals within the KL
-budget (ties: lower KL); if none is within it, the lowest KL, with a warning in the record.
+budget (ties: lower KL); if none is within it, the fewest refusals (a refusal direction that leaves
+refusals is no use at any KL), with a warning in the record.
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ def confirm(
 
 
 def pick_winner(figs: dict[str, dict], kl_budget: float) -> tuple[str, str | None]:
-    """(label, warning or None): fewest refusals within the KL budget, then lowest KL."""
+    """(label, warning or None): fewest refusals within the KL budget, then lowest KL; if no candidate
+    is within the budget, fewest refusals overall (then lowest KL), with a warning."""
     cands = {k: f for k, f in figs.items() if k != "base"}
     ok = [k for k, f in cands.items() if f["first_token_kl"] <= kl_budget]
     if ok:
         return min(ok, key=lambda k: (cands[k]["refusals"], cands[k]["first_token_kl"])), None
-    best = min(cands, key=lambda k: (cands[k]["first_token_kl"], cands[k]["refusals"]))
-    return best, f"no confirmed candidate had first-token KL <= {kl_budget}; took the lowest KL"
+    best = min(cands, key=lambda k: (cands[k]["refusals"], cands[k]["first_token_kl"]))
+    return best, f"no confirmed candidate had first-token KL <= {kl_budget}; took the fewest refusals"
 
 
 def plot_pareto(rows: list[dict], figs: dict[str, dict], winner: str, kl_budget: float, path: str | Path) -> Path:

@@ -129,14 +129,45 @@ def _detect(args, ds, acts, n_layers: int) -> dict | None:
     return det.record
 
 
-def run(args: argparse.Namespace) -> int:
+def _confirmed(args, lm, acts, rows, prompts) -> tuple[list[dict], dict[str, dict]]:
+    """The candidates to confirm and their confirm figures; figures already in ``study_dir``/confirm.json
+    for the same token count and prompt count are reused, new ones are measured and added there."""
     from directions.extract import build_prompts
-    from directions.files import read_lines, sha256_file
     from directions.measure import Measurements
-    from directions.models import load_model
-    from directions.search import SearchPrompts, build_from_row, pareto_candidates
-    from directions.search_confirm import confirm, pick_winner
+    from directions.search import build_from_row, pareto_candidates
+    from directions.search_confirm import confirm
     from server.engine.offline import engine_generate
+
+    if args.confirm_trials:
+        wanted = {int(x) for x in args.confirm_trials.split(",")}
+        cands = [r for r in rows if r["number"] in wanted]
+    else:
+        cands = pareto_candidates(rows, args.kl_budget, args.confirm_top)
+    if not cands:
+        cands = sorted((r for r in rows if r["pareto"]), key=lambda r: r["kl"])[:1]
+    cache_path = Path(args.study_dir) / "confirm.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    n = len(prompts.harmful_val)
+    fits = lambda f: f.get("tokens") == args.confirm_tokens and f.get("n") == n  # noqa: E731
+    labels = [f"t{r['number']}" for r in cands] + ["base"] * args.confirm_base
+    todo = [r for r in cands if not fits(cache.get(f"t{r['number']}", {}))]
+    need_base = args.confirm_base and not fits(cache.get("base", {}))
+    if todo or need_base:
+        sets = {f"t{r['number']}": build_from_row(acts, r, f"t{r['number']}") for r in todo}
+        gen = engine_generate(lm.model, lm.tokenizer, batch_size=args.batch_size)
+        m = Measurements(lm.model, lm.tokenizer, gen)
+        ids = lambda texts: build_prompts(lm.tokenizer, texts)  # noqa: E731
+        harmful, harmless = ids(prompts.harmful_val), ids(prompts.harmless_val)
+        cache |= confirm(m, sets, harmful, harmless, args.confirm_tokens, 1.0, need_base)
+        cache_path.write_text(json.dumps(cache, indent=1))
+    return cands, {k: cache[k] for k in labels}
+
+
+def run(args: argparse.Namespace) -> int:
+    from directions.files import read_lines, sha256_file
+    from directions.models import load_model
+    from directions.search import SearchPrompts, build_from_row
+    from directions.search_confirm import pick_winner
 
     t0 = time.monotonic()
     files = {"positive": args.positive, "negative": args.negative}
@@ -146,18 +177,7 @@ def run(args: argparse.Namespace) -> int:
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     n_layers = lm.model.config.num_hidden_layers
     acts, rows, ref_ids = _study(args, lm, prompts, n_layers)
-    if args.confirm_trials:
-        wanted = {int(x) for x in args.confirm_trials.split(",")}
-        cands = [r for r in rows if r["number"] in wanted]
-    else:
-        cands = pareto_candidates(rows, args.kl_budget, args.confirm_top)
-    if not cands:
-        cands = sorted((r for r in rows if r["pareto"]), key=lambda r: r["kl"])[:1]
-    sets = {f"t{r['number']}": build_from_row(acts, r, f"t{r['number']}") for r in cands}
-    m = Measurements(lm.model, lm.tokenizer, engine_generate(lm.model, lm.tokenizer, batch_size=args.batch_size))
-    ids = lambda texts: build_prompts(lm.tokenizer, texts)  # noqa: E731
-    harmful, harmless = ids(prompts.harmful_val), ids(prompts.harmless_val)
-    figs = confirm(m, sets, harmful, harmless, args.confirm_tokens, 1.0, args.confirm_base)
+    cands, figs = _confirmed(args, lm, acts, rows, prompts)
     winner, warning = pick_winner(figs, args.kl_budget)
     row = next(r for r in cands if f"t{r['number']}" == winner)
     ds = build_from_row(acts, row, args.name)

@@ -111,7 +111,7 @@ def test_study_resumes_and_pareto_candidates_respect_the_budget(tmp_path):
     assert plain["kl"] == pytest.approx(0.0, abs=1e-9)  # zero weights: the unedited model
 
 
-def test_frankly_search_end_to_end(tmp_path, capsys):
+def test_frankly_search_end_to_end(tmp_path, capsys, monkeypatch):
     from server import search_cmd
 
     model = tiny_model("llama")
@@ -139,6 +139,29 @@ def test_frankly_search_end_to_end(tmp_path, capsys):
     assert out.with_suffix(".pareto.png").stat().st_size > 5000
     assert json.loads(out.with_suffix(".selection.json").read_text())["selection"]["chosen"] == sel["chosen"]
     assert "<- winner" in capsys.readouterr().out
+    # a rerun reuses the study and the confirm figures (study_dir/confirm.json): nothing is generated
+    import server.engine.offline as offline
+
+    def no_generation(*a, **k):
+        raise AssertionError("confirm figures should have come from confirm.json")
+
+    monkeypatch.setattr(offline, "engine_generate", no_generation)
+    assert search_cmd.run(parser.parse_args(argv)) == 0
+    assert json.loads(load_direction(out).metadata["selection"])["confirm"] == sel["confirm"]
+
+
+def test_winner_within_budget_else_fewest_refusals():
+    from directions.search_confirm import pick_winner
+
+    figs = {
+        "base": {"refusals": 40, "first_token_kl": 0.0},
+        "t1": {"refusals": 1, "first_token_kl": 0.05},
+        "t2": {"refusals": 5, "first_token_kl": 0.015},
+        "t3": {"refusals": 9, "first_token_kl": 0.01},
+    }
+    assert pick_winner(figs, 0.02) == ("t2", None)
+    label, warning = pick_winner(figs, 0.005)
+    assert label == "t1" and "fewest refusals" in warning
 
 
 def test_thinned_train_sets_are_evenly_spaced_and_keep_validation():
