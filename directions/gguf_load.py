@@ -192,10 +192,9 @@ def load_quantized_from_gguf(
 
 def meta_dir(gguf: Path, converted: Path | None = None) -> Path:
     """A directory with the config, generation config and tokenizer of ``gguf`` and no weights (one-time,
-    seconds to a minute). Written by a child process:
-    transformers' GGUF tokenizer conversion peaks at several GiB (3.7 GiB for the demo's 151k-token
-    vocabulary), which would otherwise stay in the serving process's peak RSS. ``converted``: the fp32
-    conversion's directory, used when it exists."""
+    seconds to a minute), written by a child process: transformers' GGUF tokenizer conversion peaks at
+    over 3 GiB for the demo's 151k-token vocabulary, which would otherwise stay in the serving process's
+    peak RSS. ``converted``: the fp32 conversion's directory, used when it exists."""
     if converted is not None and (converted / "config.json").is_file():
         return converted
     out = cache_root() / "converted" / f"{gguf.stem}-{file_key(gguf)}-config"
