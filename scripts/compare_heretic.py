@@ -71,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help="stop Heretic's search after this long (Ctrl+C: it keeps the trials completed and exports)",
     )
+    p.add_argument(
+        "--heretic-export-only",
+        action="store_true",
+        help="run no more Heretic trials: export the best of those an interrupted run left (it still recomputes "
+        "its directions and baselines first)",
+    )
     p.add_argument("--heretic-max-kl", type=float, help="choose Heretic's trial among those with KL <= this")
     p.add_argument("--seed", type=int, default=0, help="Heretic's random seed")
     p.add_argument("--direction", type=Path, help="frankly refusal direction (default: the shipped demo direction)")
@@ -270,6 +276,8 @@ def run_heretic(args: argparse.Namespace, py: Path, work: Path) -> tuple[Path, d
     cmd = [str(py), str(driver), "--save-dir", str(model), "--report", str(report)]
     if args.heretic_max_kl is not None:
         cmd += ["--max-kl", str(args.heretic_max_kl)]
+    if args.heretic_export_only:
+        cmd += ["--export-only"]
     t0 = time.monotonic()
     budget = args.heretic_minutes * 60 if args.heretic_minutes else None
     stopped = run_logged(cmd, work / "heretic.log", cwd=work, show=_heretic_line, interrupt_after=budget)

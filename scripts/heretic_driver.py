@@ -90,6 +90,26 @@ class Answers:
         raise RuntimeError(f"unexpected Heretic question: {message!r}")
 
 
+def _patch_heretic(hm, export_only: bool) -> None:
+    """Heretic 1.4.0 on a directory converted from GGUF: its config keeps a ``quantization_config``
+    (gguf, already dequantized to plain fp32 weights), and transformers refuses to save a model
+    with that quantizer attached. The merged weights are plain, so the export drops it.
+    ``export_only``: run no more trials, export the best of those already in the study."""
+    merged = hm.Model.get_merged_model
+
+    def get_merged_model(self):
+        m = merged(self)
+        m.hf_quantizer = None
+        m.config.__dict__.pop("quantization_config", None)
+        return m
+
+    hm.Model.get_merged_model = get_merged_model
+    if export_only:
+        import optuna
+
+        optuna.study.Study.optimize = lambda self, *a, **k: print("[driver] --export-only: no more trials", flush=True)
+
+
 def _all_trials(checkpoint_dir: Path) -> list[dict]:
     """Every completed trial in Heretic's Optuna journal (its study is named 'heretic')."""
     import optuna
@@ -109,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", required=True, help="JSON file with the trials, the front and the chosen trial")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="Heretic's study_checkpoint_dir (config.toml)")
     p.add_argument("--max-kl", type=float, help="choose only among front trials with KL <= this")
+    p.add_argument("--export-only", action="store_true", help="run no more trials; export from the study as it is")
     a = p.parse_args(argv)
     final = Path(a.save_dir)
     tmp = final.with_name(final.name + ".partial")
@@ -118,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     import heretic.main as hm
 
     hm.prompt_select, hm.prompt_path, hm.prompt_text = answers.select, answers.path, answers.text
+    _patch_heretic(hm, a.export_only)
     sys.argv = ["heretic"]  # every setting comes from config.toml in the working directory
     hm.main()
     if not (tmp / "config.json").is_file() or not list(tmp.glob("*.safetensors")):
