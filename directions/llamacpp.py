@@ -83,9 +83,15 @@ class Context:
         self._scales: tuple = ()
         self._batch = C.llama_batch_init(n_batch, 0, 1)
 
+    @property
+    def scales(self) -> tuple:
+        """The active (name, scale) pairs, sorted by name (zero scales left out)."""
+        return self._scales
+
     def set_scales(self, scales: dict[str, float]) -> bool:
         """Activate adapters at these scales for the next passes; zero scales are left out entirely,
-        so all-zero runs the base graph. Returns whether anything changed."""
+        so all-zero runs the base graph. Returns whether anything changed. A change makes llama.cpp
+        reserve its compute graphs again at the next pass (~30 ms for the demo model on this machine)."""
         active = tuple(sorted((n, float(s)) for n, s in scales.items() if s != 0.0))
         if active == self._scales:
             return False

@@ -320,9 +320,11 @@ class LlamaCppEngine(ThreadedEngine):
 
     def _step(self) -> None:
         try:
-            for key, group in group_by_strengths([r for r in self.running.rows if not r.done]).items():
+            groups = group_by_strengths([r for r in self.running.rows if not r.done])
+            # the group whose scales are active goes first: each change of scales re-reserves llama.cpp's graphs
+            for key in sorted(groups, key=lambda k: k != self.ll.main.scales):
                 self.ll.set_scales(dict(key))
-                for rows in self.planner.split(group):
+                for rows in self.planner.split(groups[key]):
                     self._decode_pass(rows)
             self.steps += 1
         except Exception as e:
