@@ -262,3 +262,18 @@ def test_comparison_rows_table_and_plot(tmp_path):
     trials = [{"kl": 0.01, "refusals": 5}, {"kl": 0.2, "refusals": 0}]
     png = ch.plot_comparison(rows, trials, trials[1], tmp_path / "c.png")
     assert png.stat().st_size > 5000
+
+
+def test_driver_export_drops_the_gguf_quantizer_of_a_converted_directory():
+    """frankly's GGUF-converted directory keeps quantization_config (gguf, dequantized); transformers will
+    not save a model with that quantizer attached, so the driver's export drops it from the merged model."""
+
+    class Model:
+        def get_merged_model(self):
+            cfg = SimpleNamespace(quantization_config={"quant_method": "gguf"}, hidden_size=8)
+            return SimpleNamespace(hf_quantizer=object(), config=cfg)
+
+    hm = SimpleNamespace(Model=Model)
+    drv._patch_heretic(hm, export_only=False)
+    m = Model().get_merged_model()
+    assert m.hf_quantizer is None and not hasattr(m.config, "quantization_config") and m.config.hidden_size == 8
