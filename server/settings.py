@@ -64,7 +64,8 @@ class ModelSettings(_Base):
     weights: Literal["float", "int8"] = Field(
         "float",
         description="float: weights in --dtype; int8: CPU, every linear layer (LM head included) int8 per "
-        "channel, bf16 activations, torch's _weight_int8pack_mm kernel; torch engine only",
+        "channel, bf16 activations, torch's _weight_int8pack_mm kernel, a GGUF read tensor by tensor without "
+        "an fp32 copy; torch engine only",
     )
     packed_weights: bool = Field(
         False,
