@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from directions.gguf_load import load_quantized_from_gguf, meta_dir, unpermute_rows
+from directions.gguf_load import bytes_per_token, load_quantized_from_gguf, meta_dir, unpermute_rows
 from directions.gguf_read import dequantize_rows, gguf_architecture, int4_groups, open_gguf
 from directions.models import load_model
 from directions.quant import Int8Linear, quantize_model
@@ -59,6 +59,10 @@ def _compare_to_fp32_quantized(gguf: Path) -> dict:
         assert torch.equal(a, b), k
     if cfg.tie_word_embeddings:
         assert got.get_output_embeddings().weight is got.get_input_embeddings().weight
+    held = {t.data_ptr(): t.numel() * t.element_size() for t in got_sd.values()}  # tied: one tensor
+    embed = got.get_input_embeddings().weight
+    read = sum(held.values()) - (0 if cfg.tie_word_embeddings else embed.numel() * embed.element_size())
+    assert bytes_per_token(gguf)["int8"] == read  # the benchmark's bandwidth limit counts what the model holds
     ids = torch.tensor([[1, 20, 300, 4000, 50]])
     with torch.no_grad():
         assert torch.equal(got(ids).logits, ref(ids).logits)
@@ -157,3 +161,25 @@ def test_int4_groups_are_the_files_own_values(kind, demo_gguf):
     torch.testing.assert_close(lin(x), x @ ref.T, atol=1e-4, rtol=1e-4)
     lin16 = Int4Linear(q, scale, zero, torch.ones(64), torch.bfloat16)  # bf16: the scales are rounded
     assert (lin16(x).float() - (x @ ref.T + 1)).abs().max() < 0.05 * (x @ ref.T).abs().max()
+
+
+def test_weights_format_errors(tmp_path, monkeypatch):
+    from directions.gguf_read import GGUFLoadError
+    from directions.models import ModelLoadError
+    from directions.quant import QuantizationError
+
+    monkeypatch.setenv("FRANKLY_CACHE_DIR", str(tmp_path / "cache"))
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(QuantizationError, match="int4 loads a GGUF"):
+        load_model(str(tmp_path), device="cpu", weights="int4")
+    with pytest.raises(ModelLoadError, match="unknown weights format"):
+        load_model("demo", weights="int3")
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(str(tmp_path / "missing.gguf"), device="cpu", weights="int8")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(GGUFLoadError, match="not a little-endian GGUF"):
+        open_gguf(bad)
+    with pytest.raises(ModelLoadError, match="could not read the config or tokenizer of GGUF file"):
+        load_model(str(bad), device="cpu", weights="int8")
