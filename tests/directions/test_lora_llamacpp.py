@@ -100,10 +100,16 @@ def llama(demo_model, exported):
 
 
 def test_manifest_includes_the_embedding_on_the_untied_demo_gguf(exported):
-    _, out = exported
+    """Every writer with a nonzero weight gets an adapter, the embedding included (the demo GGUF is
+    untied); the shipped refusal direction leaves the embedding alone (its component weight is 0)."""
+    dirs, out = exported
     man = json.loads((out / MANIFEST).read_text())
-    refusal = next(a for a in man["adapters"] if a["name"] == "refusal")
-    assert refusal["gguf_embedding"] is True and refusal["modules"] == 49  # embedding + 24 x (o_proj, down_proj)
+    for a in man["adapters"]:
+        w = dirs[a["direction"]].writer_weights()  # (embed, attn, mlp) x layers
+        touches_embed = bool(w[0, 0] != 0)
+        assert a["gguf_embedding"] is touches_embed, a
+        assert a["modules"] == int(touches_embed) + int((w[1:] != 0).sum()), a
+    assert any(a["gguf_embedding"] for a in man["adapters"]), "no shipped direction exercises the embedding adapter"
 
 
 def test_scale_zero_is_the_base_exactly(demo_model, llama):
