@@ -24,9 +24,9 @@ from directions.refusal import is_refusal  # noqa: E402
 from server.testing import ServerProcess, frankly_cmd  # noqa: E402
 
 PROMPTS = ROOT / "directions" / "prompts" / "refusal" / "harmful_test.txt"
-ENGINES = {
-    "torch": [],
+ENGINES = {  # vLLM first: the torch engine is the slow one on a CPU
     "vllm": ["--engine", "vllm", "--dtype", "float32", "--max-model-len", "1024", "--vllm-strengths", "1.0"],
+    "torch": [],
 }
 
 
@@ -60,6 +60,7 @@ def main() -> int:
     for engine, flags in ENGINES.items():
         env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
         logs = Path(args.out).parent
+        flags = [*flags, "--request-timeout", "7200"]  # queued requests on a slow CPU
         with ServerProcess(frankly_cmd(*flags), label=engine, ready_timeout=900, env=env, log_dir=logs) as srv:
             for label, steering in (("base", {}), ("refusal 1.0", {"refusal": 1.0})):
                 texts = answers(srv.v1, prompts, steering, args.max_tokens)
