@@ -56,7 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog="Stages and files: see the module docstring."
     )
-    p.add_argument("--trials", type=int, default=24, help="Heretic TPE trials (24 fit in about 30 minutes on 2 cores)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=24,
+        help="Heretic TPE trials (24: about 30 min on a quiet 2-core machine, estimated from 16 in 19 min)",
+    )
     p.add_argument("--startup-trials", type=int, help="Heretic's random startup trials (default: a third of --trials)")
     p.add_argument(
         "--heretic-tokens", type=int, default=64, help="tokens Heretic generates per prompt to count refusals"
