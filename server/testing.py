@@ -7,7 +7,6 @@ library and httpx.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import signal
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from server.procs import stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,16 +102,7 @@ class ServerProcess:
         """Signal the process group, wait up to ``timeout`` (then kill it); the exit status."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_group(self.proc, sig, timeout)
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -40,22 +40,12 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256)  # --max-lora-rank values vLLM accepts
 def load_for_vllm(ms: ModelSettings, paths: dict[str, str]) -> tuple[LoadedModel, dict[str, DirectionSet]]:
     """The tokenizer and configs of ``ms.model`` (a directory, a .gguf via its converted directory, or
     'demo') and its directions; the weights are vLLM's."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from server.startup import read_configs
 
     if ms.weights != "float" or ms.packed_weights:
         raise ModelLoadError("--weights int8 and --packed-weights are for the torch engine; vLLM loads its own weights")
     path, gguf = locate(ms.model)
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
-    except OSError as e:
-        raise ModelLoadError(f"could not read the tokenizer or config of {ms.model!r}: {e}") from e
-    try:
-        gen = GenerationConfig.from_pretrained(path)
-    except OSError:
-        gen = GenerationConfig.from_model_config(config)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok, config, gen = read_configs(ms.model, path)
     directions = load_directions(paths)
     check_fit(directions, config, paths, allow_mismatch=ms.allow_fingerprint_mismatch)
     model = SimpleNamespace(config=config, generation_config=gen)  # what the server reads of a model it does not run

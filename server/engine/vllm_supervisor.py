@@ -23,6 +23,8 @@ from pathlib import Path
 
 import httpx
 
+from server.procs import stop_group
+
 log = logging.getLogger("frankly.engine.vllm")
 
 DEFAULT_VENV_VLLM = "/opt/vllmvenv/bin/vllm"  # where scripts/install_vllm.sh puts it
@@ -188,12 +190,5 @@ class VllmSupervisor:
         self.stopping = True
         if self.proc is None or self.proc.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_group(self.proc, signal.SIGTERM, timeout)
         log.info("vLLM stopped (code %s)", self.proc.returncode)
