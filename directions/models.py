@@ -226,3 +226,22 @@ def _load_float(spec: str, device: str, dtype: str) -> LoadedModel:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return LoadedModel(model=model, tokenizer=tok, source=spec, path=path, device=dev, dtype=dt, gguf=gguf)
+
+
+def read_configs(spec: str, path: str):
+    """(tokenizer, config, generation config) of the model directory ``path`` (what ``spec`` resolved
+    to), for engines that load the weights themselves (llama.cpp, vLLM)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise ModelLoadError(f"could not read the tokenizer or config of {spec!r}: {e}") from e
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except OSError:
+        gen = GenerationConfig.from_model_config(config)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok, config, gen

@@ -11,7 +11,7 @@ import torch
 from directions import specs
 from directions.demo import DEMO_NAME
 from directions.fileformat import DirectionSet
-from directions.models import LoadedModel, ModelLoadError, load_model, locate
+from directions.models import LoadedModel, ModelLoadError, load_model, locate, read_configs
 from directions.specs import check_fit, load_directions
 from server.settings import ModelSettings
 
@@ -39,25 +39,6 @@ def _load_for_llamacpp(ms: ModelSettings) -> LoadedModel:
         raise ModelLoadError(f"--engine llamacpp runs GGUF files: {ms.model!r} is not a .gguf file (or 'demo')")
     tok, config, gen = read_configs(ms.model, path)
     return LoadedModel(ConfigOnly(config, gen), tok, ms.model, path, "cpu", torch.float32, gguf)
-
-
-def read_configs(spec: str, path: str):
-    """(tokenizer, config, generation config) of the model directory ``path`` (what ``spec`` resolved
-    to), for engines that load the weights themselves (llama.cpp, vLLM)."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
-    except OSError as e:
-        raise ModelLoadError(f"could not read the tokenizer or config of {spec!r}: {e}") from e
-    try:
-        gen = GenerationConfig.from_pretrained(path)
-    except OSError:
-        gen = GenerationConfig.from_model_config(config)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok, config, gen
 
 
 def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]]:

@@ -18,7 +18,7 @@ import torch
 
 from directions.fileformat import DirectionSet
 from directions.files import cache_root
-from directions.models import LoadedModel, ModelLoadError, locate
+from directions.models import LoadedModel, ModelLoadError, locate, read_configs
 from directions.specs import check_fit, load_directions
 from server.engine.vllm_adapters import (
     BASE,
@@ -40,8 +40,6 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256)  # --max-lora-rank values vLLM accepts
 def load_for_vllm(ms: ModelSettings, paths: dict[str, str]) -> tuple[LoadedModel, dict[str, DirectionSet]]:
     """The tokenizer and configs of ``ms.model`` (a directory, a .gguf via its converted directory, or
     'demo') and its directions; the weights are vLLM's."""
-    from server.startup import read_configs
-
     if ms.weights != "float" or ms.packed_weights:
         raise ModelLoadError("--weights int8 and --packed-weights are for the torch engine; vLLM loads its own weights")
     path, gguf = locate(ms.model)
