@@ -102,15 +102,17 @@ def test_meta_dir_has_no_weights(demo_gguf, tmp_path, monkeypatch):
 
 
 PEAK_SCRIPT = """
-import json, resource, sys, torch
+import json, sys, torch
 from directions.models import load_model
-def rss():
+def status(key):
     f = dict(l.split(':', 1) for l in open('/proc/self/status'))
-    return int(f['VmRSS'].split()[0]) * 1024
+    return int(f[key].split()[0]) * 1024
 import transformers, accelerate, gguf  # imports are not the load
-base = rss()
+base = status('VmRSS')
 lm = load_model(sys.argv[1], device='cpu', weights='int8')
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM is this process's own high-water mark; ru_maxrss is not: Linux carries it across fork and
+# exec, so a child of a large pytest process reports the parent's peak
+peak = status('VmHWM')
 wb = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in lm.model.state_dict().values()}.values())
 print(json.dumps({'base': base, 'peak': peak, 'weight_bytes': wb}))
 """
