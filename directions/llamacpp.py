@@ -60,16 +60,51 @@ def _route_logs(C) -> None:
     C.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
+def _cpu_lib():
+    """llama-cpp-python's ggml CPU backend library (None if it is not where the package keeps it)."""
+    import llama_cpp
+
+    path = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        return None
+
+
+def use_extra_buffer_types() -> bool:
+    """Whether llama.cpp may put weights in its extra CPU buffer types (``use_extra_bufts``: the AMX
+    tiles and the repacked Q4 layouts). ``FRANKLY_LLAMACPP_EXTRA_BUFTS=1`` / ``0`` decides; otherwise
+    yes, except on a build with AMX kernels: on this project's build machine (a Xeon with AMX, in a
+    Firecracker VM) every ``llama_decode`` crashed with SIGSEGV in ``ggml_backend_amx_mul_mat``, and
+    plain CPU buffers ran. llama-cpp-python compiles with ``-march=native``, so a build on an AMX CPU
+    has those kernels."""
+    env = os.environ.get("FRANKLY_LLAMACPP_EXTRA_BUFTS", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    lib = _cpu_lib()
+    has_amx = getattr(lib, "ggml_cpu_has_amx_int8", None) if lib is not None else None
+    return not (has_amx is not None and has_amx())
+
+
 class Context:
     """One llama.cpp context on a loaded model: its KV cache (``n_seq_max`` sequences), its batch and
     its adapter scales. Not thread-safe: one thread drives it."""
 
-    def __init__(self, owner: LlamaCpp, n_ctx: int, n_seq_max: int, n_batch: int, threads: int, probe=None):
+    def __init__(
+        self,
+        owner: LlamaCpp,
+        n_ctx: int,
+        n_seq_max: int,
+        n_batch: int,
+        threads: int,
+        probe=None,
+        threads_batch: int | None = None,
+    ):
         C = self._C = owner._C
         self.owner = owner
         cp = C.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, n_seq_max
-        cp.n_threads = cp.n_threads_batch = threads
+        cp.n_threads, cp.n_threads_batch = threads, threads_batch or threads
         cp.no_perf = True
         self.probe = probe
         if probe is not None:  # llama.cpp calls it for every graph node of every pass of this context
@@ -210,6 +245,7 @@ class LlamaCpp:
         n_batch: int = 512,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
+        n_threads_batch: int | None = None,
     ):
         global _backend_ready
         C = self._C = _lib()
@@ -220,6 +256,10 @@ class LlamaCpp:
                 _backend_ready = True
         mp = C.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        if hasattr(mp, "use_extra_bufts"):
+            mp.use_extra_bufts = use_extra_buffer_types()
+            if not mp.use_extra_bufts:
+                _log.info("llama.cpp extra CPU buffer types (AMX, repacked Q4) off")
         self.model_path = str(model_path)
         self._adapters: dict[str, object] = {}
         self._contexts: list[Context] = []
@@ -232,6 +272,7 @@ class LlamaCpp:
         self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
         self.n_layer = int(C.llama_model_n_layer(self.model))
         self.threads = n_threads or max(1, os.cpu_count() or 1)
+        self.threads_batch = n_threads_batch or self.threads  # passes of several tokens
         try:
             self.main = self.new_context(n_ctx, n_seq_max, n_batch)
         except LlamaCppError:
@@ -242,7 +283,7 @@ class LlamaCpp:
     def new_context(self, n_ctx: int, n_seq_max: int = 1, n_batch: int | None = None, probe=None) -> Context:
         """Another context on the same weights and adapters (closed with this object). ``probe``
         (a :class:`directions.llamacpp_probe.LayerProbe`) becomes its graph evaluation callback."""
-        c = Context(self, n_ctx, n_seq_max, n_batch or self.main.n_batch, self.threads, probe)
+        c = Context(self, n_ctx, n_seq_max, n_batch or self.main.n_batch, self.threads, probe, self.threads_batch)
         self._contexts.append(c)
         return c
 

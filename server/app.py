@@ -63,6 +63,7 @@ def llamacpp_engine(
     max_model_len: int,
     num_threads: int | None,
     metrics: Metrics,
+    num_threads_batch: int | None = None,
 ):
     """The llama.cpp engine on ``loaded.gguf``, with the directions' adapters (exported once, cached)."""
     from pathlib import Path
@@ -71,7 +72,7 @@ def llamacpp_engine(
     from server.engine.llamacpp_engine import LlamaCppConfig, LlamaCppEngine, ensure_adapters
 
     base, adapters = ensure_adapters(Path(loaded.gguf), directions, cache_root())
-    config = LlamaCppConfig(**engine_limits(settings, max_model_len, num_threads))
+    config = LlamaCppConfig(**engine_limits(settings, max_model_len, num_threads), num_threads_batch=num_threads_batch)
     eos = eos_ids(loaded.model, loaded.tokenizer)
     return LlamaCppEngine(base, loaded.tokenizer, adapters, eos, config, observer=metrics, directions=directions)
 
@@ -143,8 +144,12 @@ def build_app(
 
         engine = vllm_engine(loaded, directions, settings, model_settings, mml, metrics)
     if engine is None:
-        make = llamacpp_engine if model_settings.engine == "llamacpp" else torch_engine
-        engine = make(loaded, directions, settings, mml, model_settings.num_threads, metrics)
+        if model_settings.engine == "llamacpp":
+            engine = llamacpp_engine(
+                loaded, directions, settings, mml, model_settings.num_threads, metrics, model_settings.num_threads_batch
+            )
+        else:
+            engine = torch_engine(loaded, directions, settings, mml, model_settings.num_threads, metrics)
     metrics.bind_engine(engine)
     app = FastAPI(
         title="frankly",

@@ -38,6 +38,7 @@ MODEL_FLAGS = [
     ("--allow-fingerprint-mismatch", "allow_fingerprint_mismatch", {}),
     ("--max-model-len", "max_model_len", {}),
     ("--num-threads", "num_threads", {}),
+    ("--num-threads-batch", "num_threads_batch", {}),
     ("--weights", "weights", {}),
     ("--packed-weights", "packed_weights", {}),
     ("--vllm-path", "vllm_path", {}),

@@ -59,7 +59,16 @@ class ModelSettings(_Base):
         None, ge=16, description="context limit (default: the model's max_position_embeddings, capped at 8192)"
     )
     num_threads: int | None = Field(
-        None, ge=1, description="CPU threads: torch's (default: all cores), or llama.cpp's (default: half the cores)"
+        None,
+        ge=1,
+        description="CPU threads: torch's (default: all cores), or llama.cpp's for one-token passes "
+        "(default: half the cores)",
+    )
+    num_threads_batch: int | None = Field(
+        None,
+        ge=1,
+        description="llama.cpp engine: threads for passes of several tokens (prompts, batched decode steps); "
+        "default: all cores, as llama_cpp.server",
     )
     weights: Literal["float", "int8"] = Field(
         "float",
