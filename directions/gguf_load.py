@@ -43,7 +43,7 @@ from directions.gguf_read import (
     int8_rows,
     open_gguf,
 )
-from directions.quant import Int4Linear, Int8Linear
+from directions.quant import Int4Linear, Int8Linear, int8_embedding, int8_embedding_scale
 
 __all__ = ["GGUFLoadError", "bytes_per_token", "load_quantized_from_gguf", "meta_dir", "open_gguf", "unpermute_rows"]
 
@@ -152,8 +152,8 @@ def load_quantized_from_gguf(
     gguf_path: str | Path, config, compute_dtype=torch.bfloat16, weights: str = "int8", progress: bool = True
 ):
     """The causal LM of ``gguf_path`` with every linear layer int8 per channel (``weights="int4"``: the
-    file's 4-bit tensors as :class:`Int4Linear`, the others int8), a head tied to the embedding tied and in
-    ``compute_dtype``; never more than one tensor block in fp32 at a time."""
+    file's 4-bit tensors as :class:`Int4Linear`, the others int8), the token embedding int8
+    per row (a tied head shares its table), the rest in ``compute_dtype``; never more than one tensor block in fp32 at a time."""
     from accelerate import init_empty_weights
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
@@ -166,9 +166,13 @@ def load_quantized_from_gguf(
     tied = bool(getattr(config, "tie_word_embeddings", False))
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not (tied and n == "lm_head")]
     done = {f"{n}.{p}" for n, _ in linears for p in ("weight", "bias")}
+    emb_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    int8_emb = int8_embedding_scale(model.get_input_embeddings()) is not None
+    if int8_emb:  # an int8 table, shared by a tied head (directions.quant.int8_embedding)
+        done.add(f"{emb_name}.weight")
     others = [p for p, _ in model.named_parameters() if p not in done and not (tied and p == "lm_head.weight")]
     desc = f"loading GGUF as {weights}"
-    bar = tqdm(total=len(linears) + len(others), desc=desc, unit="tensor", disable=not progress)
+    bar = tqdm(total=len(linears) + len(others) + int8_emb, desc=desc, unit="tensor", disable=not progress)
     with bar, _returned_memory(reader) as release:
         for name, lin in linears:
             parent, _, child = name.rpartition(".")
@@ -180,7 +184,14 @@ def load_quantized_from_gguf(
                 raise GGUFLoadError(f"GGUF file has no tensor for {pname}")
             _set_param(model, pname, float_tensor(by_param[pname], compute_dtype, release))
             bar.update()
-    if tied:
+        if int8_emb:
+            t = by_param.get(f"{emb_name}.weight")
+            if t is None:
+                raise GGUFLoadError(f"GGUF file has no tensor for {emb_name}.weight")
+            q, s = int8_rows(t, release)
+            int8_embedding(model, q, s, compute_dtype, tie_head=tied)
+            bar.update()
+    if tied and not int8_emb:  # an embedding kind Int8Embedding cannot stand in for: bf16, tied
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
     if left:

@@ -212,7 +212,8 @@ def int4_groups(t, start: int = 0, stop: int | None = None) -> tuple[torch.Tenso
 def bytes_per_token(gguf: str | Path) -> dict[str, int]:
     """Weight bytes one decode step reads, from the tensor table alone: ``gguf`` as llama.cpp runs the file
     (every tensor but the embedding, whose one row is gathered; a tied head reads the embedding) and
-    ``int8`` as ``--weights int8`` holds it (1 byte per weight, a bf16 scale per row, a tied head in bf16)."""
+    ``int8`` as ``--weights int8`` holds it (1 byte per weight and a bf16 scale per row, a tied head
+    included: it shares the embedding's int8 table)."""
     index = open_gguf(gguf)
     names = {t.name for t in index.tensors}
     tied = "output.weight" not in names
@@ -222,7 +223,7 @@ def bytes_per_token(gguf: str | Path) -> dict[str, int]:
         if len(t.shape) == 2 and (not embed or tied):
             out["gguf"] += t.data.nbytes
             rows, cols = int(t.shape[1]), int(t.shape[0])
-            out["int8"] += rows * cols * 2 if embed else rows * (cols + 2)
+            out["int8"] += rows * (cols + 2)
         elif not embed:
             out["gguf"] += t.data.nbytes
             out["int8"] += t.data.size * 2

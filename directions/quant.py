@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 WEIGHT_FORMATS = ("float", "int8")
 
@@ -66,6 +67,71 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
+class Int8Embedding(nn.Embedding):
+    """A token embedding whose table is int8 with one scale per token (row), in ``compute_dtype`` out.
+
+    A tied LM head is an :class:`Int8Linear` over the same two tensors (:func:`int8_embedding`): per
+    output channel of the head is per token of the table, so one int8 copy serves both, half the
+    bytes of a bf16 table and read once per decoded token by the head. It stays an ``nn.Embedding``
+    (without a ``weight``) so the steering hooks find it as the embedding writer."""
+
+    def __init__(
+        self,
+        weight_q: torch.Tensor,
+        scale: torch.Tensor,
+        compute_dtype,
+        padding_idx: int | None = None,
+        embed_scale: float = 1.0,
+    ):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = weight_q.shape
+        self.padding_idx, self.max_norm, self.norm_type = padding_idx, None, 2.0
+        self.scale_grad_by_freq = self.sparse = False
+        self.compute_dtype = compute_dtype
+        self.embed_scale = embed_scale  # Gemma's scaled embedding multiplies every row by sqrt(d)
+        self.register_buffer("weight_q", weight_q.contiguous())
+        self.register_buffer("scale", scale.to(compute_dtype).contiguous())
+
+    def dequantized(self) -> torch.Tensor:
+        """The table this layer looks rows up in, in fp32 (for checks and exports)."""
+        return self.weight_q.float() * self.scale.float()[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight_q).to(self.compute_dtype) * F.embedding(ids, self.scale.unsqueeze(-1))
+        if self.embed_scale != 1.0:
+            rows = rows * torch.tensor(self.embed_scale, dtype=self.compute_dtype)
+        return rows
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
+
+
+def int8_embedding_scale(emb: nn.Module) -> float | None:
+    """The factor an embedding module multiplies its rows by (1 for a plain ``nn.Embedding``, sqrt(d)
+    for Gemma's scaled one), or None for a kind whose forward :class:`Int8Embedding` cannot stand in for."""
+    if type(emb) is nn.Embedding:
+        return 1.0
+    if type(emb).__name__.endswith("ScaledWordEmbedding") and hasattr(emb, "scalar_embed_scale"):
+        return float(emb.scalar_embed_scale)
+    return None
+
+
+def int8_embedding(model: nn.Module, weight_q: torch.Tensor, scale: torch.Tensor, compute_dtype, tie_head: bool) -> bool:
+    """Put an :class:`Int8Embedding` of (``weight_q``, ``scale``) in place of ``model``'s input embedding;
+    with ``tie_head`` its output embedding (the LM head) becomes an :class:`Int8Linear` over the same
+    two tensors, so a tied head stays tied. Returns False (and changes nothing) for an embedding kind
+    :class:`Int8Embedding` cannot stand in for."""
+    old = model.get_input_embeddings()
+    factor = int8_embedding_scale(old)
+    if factor is None:
+        return False
+    emb = Int8Embedding(weight_q, scale, compute_dtype, getattr(old, "padding_idx", None), factor)
+    model.set_input_embeddings(emb)
+    if tie_head:
+        model.set_output_embeddings(Int8Linear(emb.weight_q, emb.scale, None, compute_dtype))
+    return True
+
+
 INT4_GROUP = 32  # the CPU kernel's group along the input dimension; one Q4_K / Q4_0 / Q4_1 sub-block
 
 
@@ -107,9 +173,10 @@ class Int4Linear(nn.Module):
 
 
 def quantize_model(model: nn.Module, *, lm_head: bool = True, compute_dtype=torch.bfloat16, progress=None) -> int:
-    """Replace every ``nn.Linear`` of ``model`` (the LM head too unless ``lm_head=False``; a head
-    tied to the embedding is left alone) by an :class:`Int8Linear`, one layer at a time so the
-    fp32 weight is freed as its int8 copy is made. Returns how many layers were replaced."""
+    """Replace every ``nn.Linear`` of ``model`` (the LM head too unless ``lm_head=False``) by an
+    :class:`Int8Linear`, one layer at a time so the fp32 weight is freed as its int8 copy is made; the
+    token embedding becomes an :class:`Int8Embedding` (int8 per row), and a head tied to it shares its
+    int8 table (:func:`int8_embedding`). Returns how many linear layers were replaced (a tied head counts)."""
     if next(model.parameters()).device.type != "cpu":
         raise QuantizationError(
             "--weights int8 runs torch's CPU kernel; use --device cpu (on GPUs use --dtype bfloat16)"
@@ -126,8 +193,15 @@ def quantize_model(model: nn.Module, *, lm_head: bool = True, compute_dtype=torc
         setattr(parent, child, Int8Linear.from_linear(mod, compute_dtype))
         if progress:
             progress(i + 1, len(targets))
+    n = len(targets)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied_head = head is not None and getattr(head, "weight", None) is getattr(emb, "weight", False)
+    if int8_embedding_scale(emb) is not None and (lm_head or not tied_head):
+        q, s = quantize_rows(emb.weight)  # tied: one int8 table for the embedding and the head
+        int8_embedding(model, q, s, compute_dtype, tie_head=tied_head)
+        n += tied_head
     cast_parameters(model, compute_dtype)
-    return len(targets)
+    return n
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:

@@ -16,7 +16,7 @@ import torch
 from directions.gguf_load import bytes_per_token, load_quantized_from_gguf, meta_dir, unpermute_rows
 from directions.gguf_read import dequantize_rows, gguf_architecture, int4_groups, open_gguf
 from directions.models import load_model
-from directions.quant import Int8Linear, quantize_model
+from directions.quant import Int8Embedding, Int8Linear, quantize_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,11 +57,15 @@ def _compare_to_fp32_quantized(gguf: Path) -> dict:
     for (k, a), (_, b) in zip(ref.named_buffers(), got.named_buffers(), strict=True):
         assert a.dtype == b.dtype == (torch.float32 if "inv_freq" in k else a.dtype), k
         assert torch.equal(a, b), k
-    if cfg.tie_word_embeddings:
-        assert got.get_output_embeddings().weight is got.get_input_embeddings().weight
+    emb, head = got.get_input_embeddings(), got.get_output_embeddings()
+    assert isinstance(emb, Int8Embedding) and emb.weight_q.dtype == torch.int8
+    if cfg.tie_word_embeddings:  # one int8 table for the embedding and the head
+        assert head.weight_q is emb.weight_q and head.scale is emb.scale
     held = {t.data_ptr(): t.numel() * t.element_size() for t in got_sd.values()}  # tied: one tensor
-    embed = got.get_input_embeddings().weight
-    read = sum(held.values()) - (0 if cfg.tie_word_embeddings else embed.numel() * embed.element_size())
+    if cfg.tie_word_embeddings:
+        read = sum(held.values())
+    else:  # the embedding table is gathered a row per token, not read whole
+        read = sum(held.values()) - sum(t.numel() * t.element_size() for t in (emb.weight_q, emb.scale))
     assert bytes_per_token(gguf)["int8"] == read  # the benchmark's bandwidth limit counts what the model holds
     ids = torch.tensor([[1, 20, 300, 4000, 50]])
     with torch.no_grad():

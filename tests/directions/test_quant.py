@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from directions.hooks import SteeringHooks
-from directions.quant import Int8Linear, QuantizationError, quantize_model, quantize_rows
+from directions.quant import Int8Embedding, Int8Linear, QuantizationError, quantize_model, quantize_rows
 from directions.writers import find_writers
 from tests.tiny_models import ARCHS, random_direction_set, tiny_model, tokens
 
@@ -42,10 +42,14 @@ def test_quantized_model_keeps_its_writers_and_stays_close(arch):
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     n = quantize_model(model)
-    assert n == n_linear - (1 if tied else 0)
-    assert not any(isinstance(m, nn.Linear) for name, m in model.named_modules() if name != "lm_head")
+    assert n == n_linear  # a tied head and its embedding: one int8 table, counted once
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
     writers = find_writers(model)
     assert all(isinstance(w.module, Int8Linear) for w in writers if w.kind != "embed")
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(emb, Int8Embedding) and isinstance(head, Int8Linear) and writers[0].module is emb
+    if tied:  # the head multiplies by the very int8 table the embedding looks rows up in
+        assert head.weight_q is emb.weight_q and head.scale is emb.scale
     with torch.no_grad():
         lp = model(ids).logits.float().log_softmax(-1)
     kl = (ref.exp() * (ref - lp)).sum(-1).mean()
