@@ -20,6 +20,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,17 @@ class DirectionSet:
     def has_condition(self) -> bool:
         return self.detect_vector is not None and self.detect_layer is not None and self.detect_threshold is not None
 
+    @property
+    def auto_strength(self) -> float:
+        """The strength ``when: auto`` applies when a request names no strength (the ``@auto``
+        preset, ``{"when": "auto"}``): metadata ``auto_strength``, chosen by calibration for the
+        firing case only, else 1. An explicit strength in a request always wins."""
+        try:
+            v = float(self.metadata.get("auto_strength", "1"))
+        except (TypeError, ValueError):
+            return 1.0
+        return v if math.isfinite(v) else 1.0
+
     def public_metadata(self) -> dict:
         md = dict(self.metadata)
         for k in ("eval", "prompt_hashes", "fingerprint", "selection"):
@@ -129,6 +141,7 @@ class DirectionSet:
         if self.has_condition:
             md["detect_layer"] = self.detect_layer
             md["detect_threshold"] = self.detect_threshold
+            md["auto_strength"] = self.auto_strength
         return md
 
     def check_fits(self, config, path: str = "") -> None:

@@ -271,10 +271,12 @@ def frankly_cmd(args, direction: str) -> list[str]:
 
 
 def llamacpp_server_cmd(args) -> list[str]:
-    """Bare ``llama_cpp.server`` (llama-cpp-python's OpenAI server) on the demo model's original GGUF."""
+    """Bare ``llama_cpp.server`` (llama-cpp-python's OpenAI server) on the demo model's original GGUF, with
+    llama.cpp's extra CPU buffer types as frankly's engine sets them (scripts/bare_llamacpp_server.py)."""
     from directions.models import locate
 
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", locate("demo")[1], "--host", "127.0.0.1"]
+    launcher = str(ROOT / "scripts" / "bare_llamacpp_server.py")
+    cmd = [sys.executable, launcher, "--model", locate("demo")[1], "--host", "127.0.0.1"]
     cmd += ["--port", "{port}", "--n_ctx", "4096"]
     if args.num_threads:
         cmd += ["--n_threads", str(args.num_threads)]

@@ -49,7 +49,7 @@ class SteeringPolicy:
             name, when = suf, "always"
             if "@" in name:
                 name, when = name.split("@", 1)
-            strength = 1.0
+            strength: float | None = None
             if ":" in name:
                 name, raw = name.split(":", 1)
                 try:
@@ -61,6 +61,8 @@ class SteeringPolicy:
                     f"model '{model}': unknown direction '{name}' (loaded: {', '.join(self.directions) or 'none'})",
                     param="model",
                 )
+            if strength is None:
+                strength = self._default_strength(name, when)
             out[name] = self._check(name, strength, when, param="model")
         return out
 
@@ -104,7 +106,7 @@ class SteeringPolicy:
                 if extra:
                     raise InvalidRequest(f"unknown keys {sorted(extra)} in '{param}'", param=param)
                 when = spec.get("when", "always")
-                spec = spec.get("strength", 1.0)
+                spec = spec["strength"] if "strength" in spec else self._default_strength(name, when)
             out[name] = self._check(name, spec, when, param=param, for_engine=for_engine)
         return out
 
@@ -133,6 +135,13 @@ class SteeringPolicy:
             param="steering",
             code="unsupported_by_engine",
         )
+
+    def _default_strength(self, name: str, when: Any) -> float:
+        """A request's strength when it names none: the direction's calibrated ``auto_strength``
+        for ``when: auto`` (clamped to the server's limit), else 1."""
+        if when != "auto":
+            return 1.0
+        return min(self.directions[name].auto_strength, self.max_abs_strength)
 
     def _check(self, name: str, strength: Any, when: Any, param: str, for_engine: bool = True) -> DirectionRequest:
         try:

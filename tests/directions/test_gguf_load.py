@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from directions.gguf_load import bytes_per_token, load_quantized_from_gguf, meta_dir, unpermute_rows
+from directions.gguf_load import GGUFEmbedding, bytes_per_token, load_quantized_from_gguf, meta_dir, unpermute_rows
 from directions.gguf_read import dequantize_rows, gguf_architecture, int4_groups, open_gguf
 from directions.models import load_model
 from directions.quant import Int8Embedding, Int8Linear, quantize_model
@@ -44,12 +45,23 @@ def test_unpermute_rows_inverts_llamacpp_order(shape):
 
 
 def _compare_to_fp32_quantized(gguf: Path) -> dict:
-    """Load ``gguf`` both ways; assert every parameter and buffer is identical; return counts."""
+    """Load ``gguf`` both ways; assert every parameter and buffer is identical; return counts. An untied
+    embedding is gathered from the file (GGUFEmbedding) where quantize_model makes it int8: it is
+    compared with the fp32 load's table in bf16 instead, and the reference gets that table too."""
     ref = load_model(str(gguf), device="cpu", dtype="float32").model
+    table = ref.get_input_embeddings().weight.detach().clone()
     quantize_model(ref)
     cfg = ref.config
     got = load_quantized_from_gguf(gguf, cfg, torch.bfloat16, progress=False)
+    if not cfg.tie_word_embeddings:
+        emb = got.get_input_embeddings()
+        assert isinstance(emb, GGUFEmbedding)
+        ids = torch.tensor([[0, 1, 20, 300, 4000, 50, 20], [cfg.vocab_size - 1, 5, 5, 7, 9, 11, 13]])
+        assert torch.equal(emb(ids), table[ids].to(torch.bfloat16))  # exact to the file
+        ref.set_input_embeddings(nn.Embedding.from_pretrained(table.to(torch.bfloat16), freeze=True))
     want_sd, got_sd = ref.state_dict(), got.state_dict()
+    if not cfg.tie_word_embeddings:  # the file's table is no tensor of the model
+        want_sd = {k: v for k, v in want_sd.items() if "embed_tokens" not in k}
     assert set(got_sd) == set(want_sd)
     for k, v in want_sd.items():
         assert got_sd[k].dtype == v.dtype, k
@@ -58,14 +70,11 @@ def _compare_to_fp32_quantized(gguf: Path) -> dict:
         assert a.dtype == b.dtype == (torch.float32 if "inv_freq" in k else a.dtype), k
         assert torch.equal(a, b), k
     emb, head = got.get_input_embeddings(), got.get_output_embeddings()
-    assert isinstance(emb, Int8Embedding) and emb.weight_q.dtype == torch.int8
     if cfg.tie_word_embeddings:  # one int8 table for the embedding and the head
+        assert isinstance(emb, Int8Embedding) and emb.weight_q.dtype == torch.int8
         assert head.weight_q is emb.weight_q and head.scale is emb.scale
     held = {t.data_ptr(): t.numel() * t.element_size() for t in got_sd.values()}  # tied: one tensor
-    if cfg.tie_word_embeddings:
-        read = sum(held.values())
-    else:  # the embedding table is gathered a row per token, not read whole
-        read = sum(held.values()) - sum(t.numel() * t.element_size() for t in (emb.weight_q, emb.scale))
+    read = sum(held.values())  # an untied table stays in the file, gathered a row per token
     assert bytes_per_token(gguf)["int8"] == read  # the benchmark's bandwidth limit counts what the model holds
     ids = torch.tensor([[1, 20, 300, 4000, 50]])
     with torch.no_grad():
@@ -118,6 +127,8 @@ lm = load_model(sys.argv[1], device='cpu', weights='int8')
 # exec, so a child of a large pytest process reports the parent's peak
 peak = status('VmHWM')
 wb = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in lm.model.state_dict().values()}.values())
+from directions.gguf_load import GGUFEmbedding  # the embedding the model reads from the file's pages
+wb += sum(m.tensor.data.nbytes for m in lm.model.modules() if isinstance(m, GGUFEmbedding))
 print(json.dumps({'base': base, 'peak': peak, 'weight_bytes': wb}))
 """
 

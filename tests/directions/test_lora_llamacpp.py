@@ -128,7 +128,8 @@ def test_steered_llamacpp_agrees_with_steered_frankly(demo_model, exported, llam
     dirs, _ = exported
     refusal = {"refusal": dirs["refusal"]}
     plain = _agreement(demo_model, refusal, llama, 0.0)
-    rows = {s: _agreement(demo_model, refusal, llama, s) for s in (1.0, 0.5)}
+    # strength 1 only: scales between are the same adapter scaled (test_folded_adapter..., the engine tests)
+    rows = {s: _agreement(demo_model, refusal, llama, s) for s in (1.0,)}
     print(f"plain: {plain}")
     for s, r in rows.items():
         print(f"strength {s}: {r}")

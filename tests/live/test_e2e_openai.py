@@ -75,11 +75,11 @@ def test_steering_header_and_echo(demo_server):
     assert st["refusal"]["applied"] == 0.5 and st["slop"]["applied"] == 0.25
 
 
-def _ask(client, model, prompt, extra=None):
+def _ask(client, model, prompt, extra=None, max_tokens=48):
     r = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": prompt}],
-        max_tokens=48,
+        max_tokens=max_tokens,
         temperature=0,
         extra_body=extra or {},
     )
@@ -89,7 +89,7 @@ def _ask(client, model, prompt, extra=None):
 def test_refusal_direction_makes_the_model_comply(client, demo_server):
     from directions.refusal import is_refusal
 
-    prompts = HARMFUL_VAL.read_text().splitlines()[:16]
+    prompts = HARMFUL_VAL.read_text().splitlines()[:12]
     base = demo_server.base_id
     with cf.ThreadPoolExecutor(8) as ex:
         plain = list(ex.map(lambda p: _ask(client, base, p), prompts))
@@ -101,9 +101,10 @@ def test_refusal_direction_makes_the_model_comply(client, demo_server):
     # One request at a time, so both ways run the same computation: under concurrency the batch
     # composition differs between runs, and llama.cpp's kernels are not bit-stable across batch
     # sizes (a near-tie token flipped after ~30 tokens once), which is not what this checks.
-    for p in refused[:3]:
-        body = _ask(client, base, p, {"steering": {"refusal": 1.0}})
-        assert _ask(client, base + "+refusal", p) == body, "model-id suffix and body field must give the same answers"
+    for p in refused[:2]:
+        body = _ask(client, base, p, {"steering": {"refusal": 1.0}}, max_tokens=16)
+        by_id = _ask(client, base + "+refusal", p, max_tokens=16)
+        assert by_id == body, "model-id suffix and body field must give the same answers"
 
 
 def test_conditional_steering_fires_on_harmful_prompts_only(client, demo_server):

@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from server.packing import can_pack
-from tests.conftest import torch_engine_only
 
 pytestmark = pytest.mark.skipif(can_pack(torch.nn.Linear(2, 2)) is not None, reason="no oneDNN in this torch build")
 
 
-def test_server_with_packed_weights_answers_like_the_plain_server(server_factory, demo_server):
-    torch_engine_only(demo_server, "the packed torch server is compared with the torch engine's fp32 logprobs")
+def test_server_with_packed_weights_answers_like_the_plain_server(server_factory, torch_demo_server):
+    demo_server = torch_demo_server
     packed = server_factory("--packed-weights")
     body = {"model": "qwen-demo", "messages": [{"role": "user", "content": "Name three primary colors."}]}
     body |= {"max_tokens": 8, "temperature": 0, "logprobs": True}

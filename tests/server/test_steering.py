@@ -36,6 +36,21 @@ def test_model_suffixes(policy):
     assert e.value.param == "model"
 
 
+def test_auto_without_a_strength_takes_the_calibrated_auto_strength(policy):
+    assert policy.parse_model("base+refusal@auto")["refusal"].strength == 1.0  # none stored: 1
+    policy.directions["refusal"].metadata["auto_strength"] = "1.5"
+    assert policy.parse_model("base+refusal@auto")["refusal"].strength == 1.5
+    assert policy.parse_model("base+refusal:0.8@auto")["refusal"].strength == 0.8  # explicit wins
+    assert policy.parse_model("base+refusal")["refusal"].strength == 1.0  # always: 1
+    assert policy.parse_body({"refusal": {"when": "auto"}})["refusal"].strength == 1.5
+    assert policy.parse_body({"refusal": {"when": "auto", "strength": 0.5}})["refusal"].strength == 0.5
+    assert policy.parse_body({"refusal": {"when": "always"}})["refusal"].strength == 1.0
+    policy.directions["refusal"].metadata["auto_strength"] = "9"  # above the server's limit: clamped
+    assert policy.parse_model("base+refusal@auto")["refusal"].strength == 4.0
+    policy.directions["refusal"].metadata["auto_strength"] = "nan"  # unreadable: 1
+    assert policy.parse_model("base+refusal@auto")["refusal"].strength == 1.0
+
+
 def test_body_wins_per_direction(policy):
     r = policy.resolve("base+refusal+slop:0.5", {"refusal": 0.25})
     assert r["refusal"].strength == 0.25 and r["slop"].strength == 0.5
