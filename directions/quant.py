@@ -116,7 +116,9 @@ def int8_embedding_scale(emb: nn.Module) -> float | None:
     return None
 
 
-def int8_embedding(model: nn.Module, weight_q: torch.Tensor, scale: torch.Tensor, compute_dtype, tie_head: bool) -> bool:
+def int8_embedding(
+    model: nn.Module, weight_q: torch.Tensor, scale: torch.Tensor, compute_dtype, tie_head: bool
+) -> bool:
     """Put an :class:`Int8Embedding` of (``weight_q``, ``scale``) in place of ``model``'s input embedding;
     with ``tie_head`` its output embedding (the LM head) becomes an :class:`Int8Linear` over the same
     two tensors, so a tied head stays tied. Returns False (and changes nothing) for an embedding kind
