@@ -29,6 +29,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-negative", help="system prompts for the negative side")
     p.add_argument("--fpr", type=float, default=0.02, help="max firing rate on --val-negative (default 0.02)")
     p.add_argument("--layers", help="candidate detection layers, e.g. '8-20' (default: middle 20%%-80%% of depth)")
+    p.add_argument(
+        "--count-positives",
+        choices=["auto", "all", "refused"],
+        default="auto",
+        help="which validation positives the firing rate counts: all, or those the unedited model refuses "
+        "(greedy, --label-tokens, the refusal judge); auto: refused for a refusal direction, else all",
+    )
+    p.add_argument(
+        "--next-token",
+        default="auto",
+        help="the condition's next-token term: 'none', a comma-separated list of token strings (e.g. 'I,Sorry'), "
+        "or 'auto': for a refusal direction, the first tokens of the unedited model's refusals of the "
+        "validation positives (weight 0 = probe alone is always a candidate)",
+    )
+    p.add_argument("--label-tokens", type=int, default=32, help="tokens generated per positive to label refusals")
     p.add_argument("--out", help="output file (default: rewrite --direction in place, atomically)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
@@ -36,11 +51,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from directions.detection import calibrate_detection
-    from directions.extract import build_prompts, collect_states, default_layers, parse_layers
+    import torch
+
+    from directions.detection import LogitFeatures, apply_detection, calibrate_detection, logit_term
+    from directions.extract import build_prompts, default_layers, parse_layers
     from directions.fileformat import load_direction, save_direction
     from directions.files import sha256_file
+    from directions.forward import forward_last
+    from directions.generation import Generation
     from directions.models import load_model
+    from directions.refusal import is_refusal
+    from server.engine.offline import engine_generate
 
     t0 = time.monotonic()
     ds = load_direction(args.direction)
@@ -50,18 +71,54 @@ def run(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers, n_layers) if args.layers else default_layers(n_layers)
     sys_p, sys_n = (read_lines(p) if p else None for p in (args.system_positive, args.system_negative))
 
-    def states(path, systems, desc):
-        return collect_states(
-            lm.model, lm.tokenizer, build_prompts(lm.tokenizer, read_lines(path), systems), args.batch_size, desc=desc
+    refusal = ds.metadata.get("objective", "refusal") == "refusal"
+    prompts = {
+        k: build_prompts(lm.tokenizer, read_lines(path), systems)
+        for k, path, systems in (
+            ("tr_p", args.positive, sys_p),
+            ("tr_n", args.negative, sys_n),
+            ("va_p", args.val_positive, sys_p),
+            ("va_n", args.val_negative, sys_n),
         )
-
-    tr_p = states(args.positive, sys_p, "train activations (+)")
-    tr_n = states(args.negative, sys_n, "train activations (-)")
-    va_p = states(args.val_positive, sys_p, "val activations (+)")
-    va_n = states(args.val_negative, sys_n, "val activations (-)")
+    }
+    labels = {"tr_p": "train (+)", "tr_n": "train (-)", "va_p": "val (+)", "va_n": "val (-)"}
+    feats = {
+        k: forward_last(lm.model, lm.tokenizer, p, states=True, batch_size=args.batch_size, desc=f"{labels[k]} prefill")
+        for k, p in prompts.items()
+    }
+    st = {k: v[1] for k, v in feats.items()}
+    count = args.count_positives if args.count_positives != "auto" else ("refused" if refusal else "all")
+    pos_mask, first_tokens = None, []
+    if count == "refused" or (args.next_token == "auto" and refusal):
+        replies = engine_generate(lm.model, lm.tokenizer, args.batch_size)(
+            {}, [Generation(p, args.label_tokens) for p in prompts["va_p"]], desc="unedited replies (val +)"
+        )
+        refused = [is_refusal(r.text) for r in replies]
+        first_tokens = [r.token_ids[0] for r, f in zip(replies, refused, strict=True) if f and r.token_ids]
+        print(f"the unedited model refuses {sum(refused)} of {len(refused)} validation positives")
+        if count == "refused" and any(refused):
+            pos_mask = torch.tensor(refused)
+        elif count == "refused":
+            print("so the firing rate counts all of them")
+    tokens = _next_tokens(args.next_token, lm.tokenizer, first_tokens, refusal)
+    logit = None
+    if tokens:
+        lt = {k: logit_term(v[0], tokens) for k, v in feats.items()}
+        logit = LogitFeatures(tuple(tokens), lt["va_p"], lt["va_n"], lt["tr_p"], lt["tr_n"])
+        print("next-token term on " + ", ".join(repr(lm.tokenizer.decode([t])) for t in tokens))
     chosen = int(ds.metadata.get("chosen_layer", layers[len(layers) // 2]))
-    det = calibrate_detection(ds.directions[chosen], va_p, va_n, layers, args.fpr, prefer=chosen, check=(tr_p, tr_n))
-    ds.detect_vector, ds.detect_layer, ds.detect_threshold = det.vector, det.layer, det.threshold
+    det = calibrate_detection(
+        ds.directions[chosen],
+        st["va_p"],
+        st["va_n"],
+        layers,
+        args.fpr,
+        prefer=chosen,
+        check=(st["tr_p"], st["tr_n"]),
+        logit=logit,
+        pos_mask=pos_mask,
+    )
+    apply_detection(ds, det)
     sel = json.loads(ds.metadata.get("selection", "{}") or "{}")
     if "detection" in sel:
         sel["previous_detection"] = {k: v for k, v in sel["detection"].items() if k not in ("layers", "candidates")}
@@ -80,17 +137,38 @@ def run(args: argparse.Namespace) -> int:
     ds.metadata["detect_calibrated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out = save_direction(ds, args.out or args.direction, config=lm.model.config)
 
-    print(f"{'kind':>10} {'layer':>5} {'threshold':>10} {'fire +':>7} {'fire -':>7}")
-    top = sorted(det.record["candidates"], key=lambda c: (-c["fire_pos"], c["fire_neg"]))[:10]
-    for c in top:
-        mark = "  <- chosen" if (c["kind"], c["layer"]) == (det.record["chosen_kind"], det.layer) else ""
-        print(
-            f"{c['kind']:>10} {c['layer']:>5} {c['threshold']:>10.4f} {c['fire_pos']:>7.1%} {c['fire_neg']:>7.1%}{mark}"
-        )
+    print(f"{'kind':>10} {'layer':>5} {'next-tok w':>10} {'threshold':>10} {'fire +':>7} {'fire -':>7} {'AUC':>6}")
+    top = sorted(det.record["candidates"], key=lambda c: (-c["fire_pos"], -c["auc"], c["fire_neg"]))[:12]
     r = det.record
+    for c in top:
+        key = (c["kind"], c["layer"], c["logit_weight"])
+        mark = "  <- chosen" if key == (r["chosen_kind"], r["chosen_layer"], r["chosen_logit_weight"]) else ""
+        print(
+            f"{c['kind']:>10} {c['layer']:>5} {c['logit_weight']:>10g} {c['threshold']:>10.4f} "
+            f"{c['fire_pos']:>7.1%} {c['fire_neg']:>7.1%} {c['auc']:>6.3f}{mark}"
+        )
     print(
-        f"\nwrote {out}: {r['chosen_kind']} at layer {r['chosen_layer']}, threshold {r['threshold']}; "
+        f"\nwrote {out}: {r['chosen_kind']} at layer {r['chosen_layer']}, next-token weight "
+        f"{r['chosen_logit_weight']:g}, threshold {r['threshold']}; "
         f"validation fires on {r['val_fire_pos']:.1%} of positives and {r['val_fire_neg']:.1%} of negatives "
         f"(train: {r['train_fire_pos']:.1%} / {r['train_fire_neg']:.1%}) in {time.monotonic() - t0:.0f} s"
     )
     return 0
+
+
+def _next_tokens(spec: str, tokenizer, first_tokens: list[int], refusal: bool) -> list[int]:
+    """Token ids of the next-token term: none, the given strings (each must be one token), or (auto,
+    refusal) the first tokens of at least two of the unedited model's refusals, the five most common."""
+    from collections import Counter
+
+    if spec == "none" or (spec == "auto" and not refusal):
+        return []
+    if spec == "auto":
+        return [t for t, c in Counter(first_tokens).most_common(5) if c >= 2]
+    out = []
+    for word in (w for w in spec.split(",") if w):
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise SystemExit(f"--next-token: {word!r} is {len(ids)} tokens for this tokenizer, not one")
+        out.append(ids[0])
+    return out

@@ -8,6 +8,7 @@ plain prompts) fire at most at a target rate.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,28 @@ from dataclasses import dataclass
 import torch
 
 from directions.edit import normalize
+
+
+def logit_term(logits: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
+    """``log P(any of tokens)`` under the next-token distribution of ``logits`` (..., vocab), float32."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return torch.logsumexp(lp[..., list(tokens)], dim=-1)
+
+
+def condition_score(ds, h: torch.Tensor, logits: torch.Tensor | None) -> float:
+    """The condition's score for one prompt: ``h . detect_vector`` (``h`` the residual stream
+    entering the detection layer at the last prompt token) plus, where the file has a next-token
+    term, ``weight * log P(tokens)`` from the unedited model's ``logits`` there. The one function
+    both engines and calibration use. NaN when a needed input is missing (never fires)."""
+    if h is None:
+        return float("nan")
+    score = float(h @ ds.detect_vector.to(h.device, h.dtype))
+    toks, w = ds.detect_logit_tokens, ds.detect_logit_weight
+    if toks and w != 0:
+        if logits is None or logits.shape[-1] <= max(toks):
+            return float("nan")
+        score += w * float(logit_term(logits, toks))
+    return score
 
 
 def threshold_at_fpr(neg_scores: Sequence[float], fpr: float) -> float:
@@ -39,6 +62,32 @@ class Detection:
     layer: int
     threshold: float
     record: dict  # firing rates per layer tried, chosen layer
+    logit_tokens: tuple[int, ...] = ()  # the next-token term (empty: none)
+    logit_weight: float = 0.0
+
+
+def apply_detection(ds, det: Detection) -> None:
+    """Store ``det`` as ``ds``'s condition (vector, layer, threshold and the next-token term)."""
+    ds.detect_vector, ds.detect_layer, ds.detect_threshold = det.vector, det.layer, det.threshold
+    for k in ("detect_logit_tokens", "detect_logit_weight"):
+        ds.metadata.pop(k, None)
+    if det.logit_tokens and det.logit_weight != 0:
+        ds.metadata["detect_logit_tokens"] = json.dumps([int(t) for t in det.logit_tokens])
+        ds.metadata["detect_logit_weight"] = repr(float(det.logit_weight))
+
+
+@dataclass
+class LogitFeatures:
+    """The next-token term's inputs for calibration: ``log P(tokens)`` of the unedited model at the
+    last prompt token (:func:`logit_term`) for each prompt set, and the weights to try, in units of
+    the train-set spread of the two terms (0 = the probe alone)."""
+
+    tokens: tuple[int, ...]
+    val_pos: torch.Tensor
+    val_neg: torch.Tensor
+    train_pos: torch.Tensor
+    train_neg: torch.Tensor
+    weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
 
 
 def lda_vector(pos: torch.Tensor, neg: torch.Tensor, shrinkage: float) -> torch.Tensor:
@@ -58,12 +107,27 @@ def lda_vector(pos: torch.Tensor, neg: torch.Tensor, shrinkage: float) -> torch.
     return normalize(w).float()
 
 
-DETECT_SHRINKAGES = (0.03, 0.1, 0.3)
+DETECT_SHRINKAGES = (0.03, 0.1, 0.3, 1.0)
 
 
-def _try_candidates(v0, pos_states, neg_states, layers, fpr, check, shrinkages) -> tuple[list[dict], dict]:
-    """Firing rates of every candidate vector at every layer, each at its own threshold."""
+def _auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Probability that a positive scores above a negative (ties count half)."""
+    if len(pos) == 0 or len(neg) == 0:
+        return 0.0
+    d = pos[:, None] - neg[None, :]
+    return float(((d > 0).double() + 0.5 * (d == 0).double()).mean())
+
+
+def _try_candidates(
+    v0, pos_states, neg_states, layers, fpr, check, shrinkages, logit=None, pos_mask=None
+) -> tuple[list[dict], dict]:
+    """Firing rates of every candidate (vector, layer, next-token weight), each at its own threshold.
+
+    ``fire_pos`` counts the positives of ``pos_mask`` (all when None): for refusal, the validation
+    prompts the unedited model refuses, the ones the condition exists for."""
     tried, vectors = [], {}
+    mask = torch.ones(len(pos_states), dtype=torch.bool) if pos_mask is None else pos_mask.bool()
+    weights = logit.weights if logit is not None else (0.0,)
     for L in layers:
         cands = {"mean-diff": v0}
         if check is not None:
@@ -71,17 +135,31 @@ def _try_candidates(v0, pos_states, neg_states, layers, fpr, check, shrinkages) 
                 cands[f"lda/{lam:g}"] = lda_vector(check[0][:, L], check[1][:, L], lam)
         for kind, v in cands.items():
             ps, ns = pos_states[:, L] @ v, neg_states[:, L] @ v
-            thr = threshold_at_fpr(ns.tolist(), fpr)
-            vectors[(kind, int(L))] = v
-            tried.append(
-                {
-                    "kind": kind,
-                    "layer": int(L),
-                    "threshold": round(thr, 5),
-                    "fire_pos": round(float((ps > thr).float().mean()), 4),
-                    "fire_neg": round(float((ns > thr).float().mean()), 4),
-                }
-            )
+            spread = None
+            if logit is not None and check is not None:
+                a = torch.cat([check[0][:, L] @ v, check[1][:, L] @ v])
+                b = torch.cat([logit.train_pos, logit.train_neg]).float()
+                spread = float(a.std()) / max(float(b.std()), 1e-6)
+            for w in weights:
+                if w != 0 and (logit is None or spread is None):
+                    continue
+                raw_w = 0.0 if w == 0 else w * spread
+                p2 = ps + raw_w * logit.val_pos.float() if raw_w else ps
+                n2 = ns + raw_w * logit.val_neg.float() if raw_w else ns
+                thr = threshold_at_fpr(n2.tolist(), fpr)
+                vectors[(kind, int(L), float(w))] = (v, raw_w)
+                tried.append(
+                    {
+                        "kind": kind,
+                        "layer": int(L),
+                        "logit_weight": float(w),
+                        "threshold": round(thr, 5),
+                        "fire_pos": round(float((p2[mask] > thr).float().mean()) if mask.any() else 0.0, 4),
+                        "fire_pos_all": round(float((p2 > thr).float().mean()), 4),
+                        "fire_neg": round(float((n2 > thr).float().mean()), 4),
+                        "auc": round(_auc(p2[mask], n2), 4),
+                    }
+                )
     return tried, vectors
 
 
@@ -94,34 +172,55 @@ def calibrate_detection(
     prefer: int | None = None,
     check: tuple[torch.Tensor, torch.Tensor] | None = None,
     shrinkages: Sequence[float] = DETECT_SHRINKAGES,
+    logit: LogitFeatures | None = None,
+    pos_mask: torch.Tensor | None = None,
 ) -> Detection:
-    """Pick a detection vector, layer and threshold so validation negatives fire <= ``fpr``.
+    """Pick a detection vector, layer, next-token weight and threshold so validation negatives fire <= ``fpr``.
 
-    Score = hidden_states[layer][last token] . vector (what the engine's
-    pre-hook on decoder layer ``layer`` computes). Candidates at each layer of
-    ``layers``: ``vector`` itself (the direction's mean difference), and, when
-    ``check`` (the train states) is given, shrinkage-LDA vectors fitted on the
-    train states of that layer. The threshold of each comes from the validation
-    negatives; the candidate where the most validation positives fire wins
-    (ties: fewer negatives, then closest to ``prefer``). ``check`` figures at
-    the chosen threshold are reported as the out-of-calibration check (for LDA
-    the train split is its fitting data, so they are optimistic there).
+    Score = hidden_states[layer][last token] . vector (what the engine's pre-hook on decoder layer
+    ``layer`` computes), plus ``weight * log P(logit.tokens)`` when ``logit`` is given and the
+    weight is not 0 (:func:`condition_score`). Candidates at each layer of ``layers``: ``vector``
+    itself (the direction's mean difference), and, when ``check`` (the train states) is given,
+    shrinkage-LDA vectors fitted on the train states of that layer; each with every weight of
+    ``logit.weights``. The threshold of each comes from the validation negatives; the candidate
+    where the most validation positives (those of ``pos_mask``) fire wins (ties: higher AUC on
+    validation, fewer negatives, then closest to ``prefer``). ``check`` figures at the chosen
+    threshold are reported as the out-of-calibration check (for LDA the train split is its
+    fitting data, so they are optimistic there).
     """
-    tried, vectors = _try_candidates(normalize(vector).float(), pos_states, neg_states, layers, fpr, check, shrinkages)
-    best = max(tried, key=lambda t: (t["fire_pos"], -t["fire_neg"], -abs(t["layer"] - (prefer or 0))))
-    L, v = best["layer"], vectors[(best["kind"], best["layer"])]
+    tried, vectors = _try_candidates(
+        normalize(vector).float(), pos_states, neg_states, layers, fpr, check, shrinkages, logit, pos_mask
+    )
+    best = max(tried, key=lambda t: (t["fire_pos"], t["auc"], -t["fire_neg"], -abs(t["layer"] - (prefer or 0))))
+    L, w = best["layer"], best["logit_weight"]
+    v, raw_w = vectors[(best["kind"], L, w)]
+    ns = neg_states[:, L] @ v
+    if raw_w:
+        ns = ns + raw_w * logit.val_neg.float()
     # the stored threshold is the exact midpoint; the record holds it rounded
-    thr = threshold_at_fpr((neg_states[:, L] @ v).tolist(), fpr)
+    thr = threshold_at_fpr(ns.tolist(), fpr)
     record = {
         "fpr_target": fpr,
         "candidates": tried,
         "chosen_kind": best["kind"],
         "chosen_layer": L,
+        "chosen_logit_weight": w,
         "threshold": round(thr, 5),
         "val_fire_pos": best["fire_pos"],
+        "val_fire_pos_all": best["fire_pos_all"],
         "val_fire_neg": best["fire_neg"],
+        "val_auc": best["auc"],
     }
+    if pos_mask is not None:
+        record["val_positives_counted"] = int(pos_mask.sum())
+    if logit is not None:
+        record["logit_tokens"] = [int(t) for t in logit.tokens]
+        record["logit_weight_raw"] = raw_w
     if check is not None:
-        record["train_fire_pos"] = round(float(((check[0][:, L] @ v) > thr).float().mean()), 4)
-        record["train_fire_neg"] = round(float(((check[1][:, L] @ v) > thr).float().mean()), 4)
-    return Detection(vector=v, layer=L, threshold=thr, record=record)
+        tp, tn = check[0][:, L] @ v, check[1][:, L] @ v
+        if raw_w:
+            tp, tn = tp + raw_w * logit.train_pos.float(), tn + raw_w * logit.train_neg.float()
+        record["train_fire_pos"] = round(float((tp > thr).float().mean()), 4)
+        record["train_fire_neg"] = round(float((tn > thr).float().mean()), 4)
+    tokens = tuple(int(t) for t in logit.tokens) if (logit is not None and raw_w) else ()
+    return Detection(vector=v, layer=L, threshold=thr, record=record, logit_tokens=tokens, logit_weight=raw_w)

@@ -4,7 +4,11 @@ Tensors: ``directions`` (n_layers, d_model) or (d_model,), ``layer_weights``
 (n_layers,). Metadata: name, model fingerprint, hook sites, the extraction
 convention, prompt hashes, method, chosen layers, eval figures, creation time.
 Optional detection for conditional ablation: ``detect_vector`` (d_model,) with
-metadata ``detect_layer`` and ``detect_threshold``.
+metadata ``detect_layer`` and ``detect_threshold``, and optionally a term on the
+unedited model's next-token distribution at the last prompt token: metadata
+``detect_logit_tokens`` (a JSON list of token ids) and ``detect_logit_weight``;
+the score is then ``h . detect_vector + weight * log P(any of those tokens)``
+(:func:`directions.detection.condition_score`).
 
 Optional per-component weights: ``component_weights`` (3, n_layers), rows in
 :data:`COMPONENTS` order (embedding, attention output, MLP down projection). The
@@ -119,6 +123,16 @@ class DirectionSet:
         return self.detect_vector is not None and self.detect_layer is not None and self.detect_threshold is not None
 
     @property
+    def detect_logit_tokens(self) -> tuple[int, ...]:
+        """Token ids of the condition's next-token term (empty: the score is the probe alone)."""
+        raw = self.metadata.get("detect_logit_tokens")
+        return tuple(json.loads(raw)) if raw else ()
+
+    @property
+    def detect_logit_weight(self) -> float:
+        return float(self.metadata.get("detect_logit_weight", "0") or 0.0)
+
+    @property
     def auto_strength(self) -> float:
         """The strength ``when: auto`` applies when a request names no strength (the ``@auto``
         preset, ``{"when": "auto"}``): metadata ``auto_strength``, chosen by calibration for the
@@ -131,7 +145,7 @@ class DirectionSet:
 
     def public_metadata(self) -> dict:
         md = dict(self.metadata)
-        for k in ("eval", "prompt_hashes", "fingerprint", "selection"):
+        for k in ("eval", "prompt_hashes", "fingerprint", "selection", "detect_logit_tokens"):
             if k in md:
                 with contextlib.suppress(TypeError, ValueError):
                     md[k] = json.loads(md[k])
@@ -228,7 +242,23 @@ def load_direction(path: str | Path, name: str | None = None) -> DirectionSet:
         ds.detect_vector = v / v.norm().clamp_min(1e-12)
         ds.detect_layer = int(md["detect_layer"])
         ds.detect_threshold = float(md["detect_threshold"])
+    _check_logit_term(md, path)
     return ds
+
+
+def _check_logit_term(md: dict[str, str], path: Path) -> None:
+    """The optional next-token term of the condition: a list of token ids and a finite weight."""
+    if "detect_logit_tokens" not in md and "detect_logit_weight" not in md:
+        return
+    try:
+        toks = json.loads(md.get("detect_logit_tokens") or "[]")
+        weight = float(md.get("detect_logit_weight", "0"))
+    except (TypeError, ValueError) as e:
+        raise DirectionFileError(f"direction file {path}: unreadable detect_logit_tokens/weight: {e}") from e
+    if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in toks):
+        raise DirectionFileError(f"direction file {path}: detect_logit_tokens must be a list of token ids")
+    if not math.isfinite(weight) or (weight != 0 and not toks):
+        raise DirectionFileError(f"direction file {path}: detect_logit_weight must be finite, with tokens to weigh")
 
 
 def _component_weights(cw: torch.Tensor | None, n_layers: int, path: Path) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from directions.capability import capability_rate
-from directions.detection import calibrate_detection
+from directions.detection import apply_detection, calibrate_detection
 from directions.extract import (
     Candidate,
     Means,
@@ -233,7 +233,7 @@ def select_and_build(
             prefer=chosen.layer,
             check=(tr_pos, tr_neg),
         )
-        ds.detect_vector, ds.detect_layer, ds.detect_threshold = det.vector, det.layer, det.threshold
+        apply_detection(ds, det)
         record["detection"] = det.record
     ds.metadata = _metadata(cfg, chosen, data, record)
     return ds

@@ -98,7 +98,7 @@ def _study(args, lm, prompts, n_layers: int):
 
 
 def _detect(args, ds, acts, n_layers: int) -> dict | None:
-    from directions.detection import calibrate_detection
+    from directions.detection import apply_detection, calibrate_detection
     from directions.extract import default_layers
     from directions.fileformat import load_direction
 
@@ -113,6 +113,9 @@ def _detect(args, ds, acts, n_layers: int) -> dict | None:
             src.detect_layer,
             src.detect_threshold,
         )
+        for k in ("detect_logit_tokens", "detect_logit_weight"):
+            if k in src.metadata:
+                ds.metadata[k] = src.metadata[k]
         sel = json.loads(src.metadata.get("selection", "{}") or "{}")
         return {**sel.get("detection", {}), "copied_from": Path(args.detector).name}
     chosen = int(ds.metadata["chosen_layer"])
@@ -125,7 +128,7 @@ def _detect(args, ds, acts, n_layers: int) -> dict | None:
         prefer=chosen,
         check=(acts.train_pos, acts.train_neg),
     )
-    ds.detect_vector, ds.detect_layer, ds.detect_threshold = det.vector, det.layer, det.threshold
+    apply_detection(ds, det)
     return det.record
 
 

@@ -3,13 +3,16 @@
 A conditional direction is off in the row's first prefill forward; the probe of
 :class:`directions.hooks.SteeringHooks` reads the residual stream entering the direction's
 detection layer at the last prompt token, and the direction applies (for the whole
-generation) when ``score = h . detect_vector`` exceeds its threshold.
+generation) when ``score = h . detect_vector`` (plus, where the file has one, a term on the
+unedited next-token distribution: :func:`directions.detection.condition_score`) exceeds its
+threshold.
 """
 
 from __future__ import annotations
 
 import torch
 
+from directions.detection import condition_score
 from directions.fileformat import DirectionSet
 from server.engine.protocol import EngineObserver
 from server.engine.rows import Row
@@ -34,9 +37,15 @@ def start_row(row: Row, directions: dict[str, DirectionSet]) -> dict[str, Direct
 
 
 def decide(
-    row: Row, index: int, directions: dict[str, DirectionSet], captured: dict[int, torch.Tensor], obs: EngineObserver
+    row: Row,
+    index: int,
+    directions: dict[str, DirectionSet],
+    captured: dict[int, torch.Tensor],
+    obs: EngineObserver,
+    logits: torch.Tensor | None = None,
 ) -> bool:
-    """Decide ``row``'s conditional directions from batch row ``index`` of the probe; True if any fires."""
+    """Decide ``row``'s conditional directions from batch row ``index`` of the probe (and of
+    ``logits``, the unedited (rows, vocab) logits at the last prompt token); True if any fires."""
     any_fired = False
     for n, d in row.req.steering.items():
         if d.when != "auto" or d.strength == 0:
@@ -44,7 +53,7 @@ def decide(
         ds = directions[n]
         h = captured.get(ds.detect_layer)
         # no such layer captured: the score is NaN and the condition never fires
-        score = float(h[index] @ ds.detect_vector.to(h.device, h.dtype)) if h is not None else float("nan")
+        score = condition_score(ds, h[index] if h is not None else None, logits[index] if logits is not None else None)
         fired = score > ds.detect_threshold
         r = row.report[n]
         r.fired, r.score = fired, round(score, 4)

@@ -289,7 +289,9 @@ class LlamaCppEngine(ThreadedEngine):
         logits = prefill_rows(det, [row])[0]
         self.detector_prefills += 1
         captured = {L: torch.from_numpy(v)[None] for L, v in probe.captured.items()}
-        if decide(row, 0, self.directions, captured, self.observer):
+        if decide(
+            row, 0, self.directions, captured, self.observer, torch.from_numpy(np.asarray(logits)).reshape(1, -1)
+        ):
             det.clear(0)
             return [None]
         self.running.take(row)

@@ -59,7 +59,7 @@ class Prefiller:
         if len(group) > 1:
             self.batched += 1
         logits = out.logits[:, -1, :].float()
-        fired = [i for i, s in enumerate(group) if decide(s, i, self.directions, captured, self.observer)]
+        fired = [i for i, s in enumerate(group) if decide(s, i, self.directions, captured, self.observer, logits)]
         if fired:
             idx = torch.tensor(fired, dtype=torch.long, device=self.device)
             sub = [group[i] for i in fired]

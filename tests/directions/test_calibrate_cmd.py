@@ -43,3 +43,23 @@ def test_cli_calibrate_rewrites_only_the_condition(tmp_path):
     states = extract.collect_states(model, tok, extract.build_prompts(tok, data.neg_val))
     fired = (states[:, back.detect_layer] @ back.detect_vector) > back.detect_threshold
     assert float(fired.float().mean()) <= 0.1
+
+    # with a next-token term: every candidate is tried with and without it, the file stores the
+    # term it chose, and the engine's score (probe + weight * log P(tokens)) reproduces the firing rate
+    out2 = tmp_path / "calibrated-next.safetensors"
+    args2 = [a if a != str(out) else str(out2) for a in args] + ["--next-token", "t5,t9", "--count-positives", "all"]
+    assert main(args2) == 0
+    back2 = load_direction(out2)
+    det2 = back2.public_metadata()["selection"]["detection"]
+    assert {c["logit_weight"] for c in det2["candidates"]} == {0.0, 0.5, 1.0, 2.0}
+    assert det2["logit_tokens"] == [5, 9]
+    if det2["chosen_logit_weight"]:
+        assert back2.detect_logit_tokens == (5, 9) and back2.detect_logit_weight != 0
+    else:
+        assert back2.detect_logit_tokens == ()
+    from directions.detection import condition_score
+    from directions.forward import forward_last
+
+    logits, states = forward_last(model, tok, extract.build_prompts(tok, data.neg_val), states=True)
+    scores = [condition_score(back2, states[i, back2.detect_layer], logits[i]) for i in range(len(logits))]
+    assert abs(sum(s > back2.detect_threshold for s in scores) / len(scores) - det2["val_fire_neg"]) < 1e-3

@@ -112,13 +112,16 @@ def test_steering_key_ignores_zero_strengths():
 
 
 def _torch_score(demo_model, prompt: str, ds) -> float:
-    """The torch engine's detection score: hidden_states[L] at the last prompt token (fp32) . detect vector."""
+    """The torch engine's detection score: hidden_states[L] at the last prompt token (fp32) . detect vector,
+    plus the file's next-token term on the fp32 logits there (condition_score)."""
     import torch
+
+    from directions.detection import condition_score
 
     ids = torch.tensor([user_prompt_ids(demo_model.tokenizer, prompt)])
     with torch.inference_mode():
-        hs = demo_model.model(input_ids=ids, output_hidden_states=True).hidden_states
-    return float(hs[ds.detect_layer][0, -1].float() @ ds.detect_vector.float())
+        out = demo_model.model(input_ids=ids, output_hidden_states=True)
+    return condition_score(ds, out.hidden_states[ds.detect_layer][0, -1].float(), out.logits[0, -1].float())
 
 
 def test_conditional_rows_decide_like_the_torch_engine(engine, demo_model):
