@@ -102,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="skip stages 1-2: use the Heretic export a previous run left for this configuration",
     )
+    p.add_argument(
+        "--reuse-heretic-results",
+        action="store_true",
+        help="measure only frankly again: take Heretic's row and search report from --out's eval-heretic.json and "
+        "comparison.json of an earlier run (its export need not be on this machine; the table says so)",
+    )
     p.add_argument("--dry-run", action="store_true", help="write Heretic's config, print the commands, run nothing")
     a = p.parse_args(argv)
     for k in ("trials", "heretic_tokens", "max_tokens", "n_long", "batch_size"):
@@ -354,6 +360,20 @@ def cached_eval(cmd: list[str], inputs: list[Path], out: Path, prefix: str) -> t
     return json.loads(jpath.read_text()), False
 
 
+def earlier_heretic_results(out: Path) -> tuple[dict, dict, str]:
+    """Heretic's eval, search report and eval command from an earlier run's files in ``out``."""
+    ev, comp = out / "eval-heretic.json", out / "comparison.json"
+    if not ev.is_file() or not comp.is_file():
+        raise SystemExit(f"--reuse-heretic-results: {ev} and {comp} from an earlier run are needed; run without it")
+    earlier = json.loads(comp.read_text())
+    her = json.loads(ev.read_text())
+    if not any(r.get("when") == "weights" for r in her.get("rows", [])):
+        raise SystemExit(f"--reuse-heretic-results: {ev} has no Heretic row")
+    cmds = earlier.get("eval_commands") or ["", ""]
+    heretic = {**earlier.get("heretic", {}), "reused_from": earlier.get("created")}
+    return her, heretic, cmds[-1]
+
+
 def heretic_stage(args: argparse.Namespace, model_dir: str, t0: float, walls: dict) -> tuple[Path, dict]:
     """Stages 1 and 2 (or, with --skip-heretic, the export a previous run left for this config)."""
     work, _ = write_heretic_config(args, model_dir)
@@ -395,18 +415,25 @@ def main(argv: list[str] | None = None) -> int:
         print(" ".join(frankly_eval_command(args, direction, strength, args.out)))
         print(" ".join(heretic_eval_command(args, work / "model", args.out)))
         return 0
-    heretic_model, heretic = heretic_stage(args, model_dir, t0, walls)
+    if args.reuse_heretic_results:
+        her, heretic, old_cmd = earlier_heretic_results(args.out)
+        heretic_model = None
+        print(f"[1-2/4] Heretic: reusing {args.out / 'eval-heretic.json'} ({her.get('created', 'earlier run')})")
+    else:
+        heretic_model, heretic = heretic_stage(args, model_dir, t0, walls)
     print(
         f"[3/4] frankly eval on the test split: {direction} at strength {strength:g}, and Heretic's model", flush=True
     )
     t3 = time.monotonic()
-    cmds = [
-        frankly_eval_command(args, direction, strength, args.out),
-        heretic_eval_command(args, heretic_model, args.out),
-    ]
+    cmds = [frankly_eval_command(args, direction, strength, args.out)]
     frankly, reused_f = cached_eval(cmds[0], [direction], args.out, "eval-frankly")
-    weights = [*sorted(heretic_model.glob("*.safetensors")), heretic_model / "config.json"]
-    her, reused_h = cached_eval(cmds[1], weights, args.out, "eval-heretic")
+    if heretic_model is not None:
+        cmds.append(heretic_eval_command(args, heretic_model, args.out))
+        weights = [*sorted(heretic_model.glob("*.safetensors")), heretic_model / "config.json"]
+        her, reused_h = cached_eval(cmds[1], weights, args.out, "eval-heretic")
+    else:
+        cmds.append(old_cmd)
+        reused_h = True
     walls["eval_s"] = round(time.monotonic() - t3, 1)
     heretic_row = next(r for r in her["rows"] if r["when"] == "weights")
     rows = comparison_rows(frankly, strength, heretic_row)
@@ -421,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         "sets": frankly["sets"],
         "frankly": {"direction": str(direction), "strength": strength, "sha256": _sha256(direction)},
         "heretic": heretic,
-        "eval_commands": [" ".join(c[2:]) for c in cmds],
+        "eval_commands": [c if isinstance(c, str) else " ".join(c[2:]) for c in cmds],
         "eval_reused": {"frankly": reused_f, "heretic": reused_h},
         "wall_s": {**walls, "total_s": round(time.monotonic() - t0, 1)},
     }

@@ -277,3 +277,21 @@ def test_driver_export_drops_the_gguf_quantizer_of_a_converted_directory():
     drv._patch_heretic(hm, export_only=False)
     m = Model().get_merged_model()
     assert m.hf_quantizer is None and not hasattr(m.config, "quantization_config") and m.config.hidden_size == 8
+
+
+def test_earlier_heretic_results_are_reused_or_refused_clearly(tmp_path):
+    """--reuse-heretic-results reads Heretic's row and search report from an earlier run's files."""
+    import json
+
+    with pytest.raises(SystemExit, match="earlier run are needed"):
+        ch.earlier_heretic_results(tmp_path)
+    (tmp_path / "eval-heretic.json").write_text(json.dumps({"rows": [{"when": "always"}]}))
+    (tmp_path / "comparison.json").write_text(
+        json.dumps({"created": "T", "heretic": {"version": "1.4.0", "trials": []}, "eval_commands": ["a", "b"]})
+    )
+    with pytest.raises(SystemExit, match="no Heretic row"):
+        ch.earlier_heretic_results(tmp_path)
+    (tmp_path / "eval-heretic.json").write_text(json.dumps({"rows": [{"when": "weights", "refusals": 8}]}))
+    her, heretic, cmd = ch.earlier_heretic_results(tmp_path)
+    assert her["rows"][0]["refusals"] == 8 and heretic["version"] == "1.4.0" and heretic["reused_from"] == "T"
+    assert cmd == "b"

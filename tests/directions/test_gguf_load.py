@@ -106,8 +106,19 @@ def test_smollm_gguf_int8_equals_quantized_fp32_load():
     _compare_to_fp32_quantized(path)
 
 
-def test_meta_dir_has_no_weights(demo_gguf, tmp_path, monkeypatch):
-    monkeypatch.setenv("FRANKLY_CACHE_DIR", str(tmp_path))
+@pytest.fixture(scope="module")
+def fresh_cache(demo_gguf, tmp_path_factory):
+    """A cache directory of its own holding only the demo's weightless meta directory (built once here:
+    the config/tokenizer child takes most of a minute)."""
+    cache = tmp_path_factory.mktemp("frankly-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FRANKLY_CACHE_DIR", str(cache))
+        meta_dir(demo_gguf)
+    return cache
+
+
+def test_meta_dir_has_no_weights(demo_gguf, fresh_cache, monkeypatch):
+    monkeypatch.setenv("FRANKLY_CACHE_DIR", str(fresh_cache))
     d = meta_dir(demo_gguf)
     assert (d / "config.json").is_file() and (d / "tokenizer.json").is_file()
     assert not list(d.glob("*.safetensors"))
@@ -133,9 +144,10 @@ print(json.dumps({'base': base, 'peak': peak, 'weight_bytes': wb}))
 """
 
 
-def test_int8_gguf_load_peak_memory_and_no_fp32_cache(demo_gguf, tmp_path):
+def test_int8_gguf_load_peak_memory_and_no_fp32_cache(demo_gguf, fresh_cache):
     """Loading the demo GGUF for int8 serving adds less than 1.5x the int8 weight bytes to the process
     (the fp32 model is 1.9 GiB) and writes no fp32 safetensors cache."""
+    tmp_path = fresh_cache
     env = {**os.environ, "FRANKLY_CACHE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(
         [sys.executable, "-c", PEAK_SCRIPT, str(demo_gguf)],
