@@ -14,7 +14,7 @@ import sys
 SUBCOMMANDS = {
     "serve": ("server.serve_cmd", "run the OpenAI-compatible server"),
     "extract": ("server.extract_cmd", "compute a direction file from two prompt sets"),
-    "calibrate": ("directions.calibrate_cmd", "(re)calibrate the condition (conditional ablation) of a direction file"),
+    "calibrate": ("server.calibrate_cmd", "(re)calibrate the condition (conditional ablation) of a direction file"),
     "search": ("server.search_cmd", "search the refusal direction's parameters with Optuna (the search extra)"),
     "eval": ("server.eval_cmd", "measure refusal rate, KL, slop score and capability over strengths"),
     "bake": ("directions.bake_cmd", "write the edit into a copy of the weights"),

@@ -30,7 +30,7 @@ TUNING_MODULES = (
     "directions/extract.py",
     "directions/selection.py",
     "directions/detection.py",
-    "directions/calibrate_cmd.py",
+    "server/calibrate_cmd.py",
     "server/extract_cmd.py",
 )
 
