@@ -121,7 +121,8 @@ def _auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
 def _try_candidates(
     v0, pos_states, neg_states, layers, fpr, check, shrinkages, logit=None, pos_mask=None
 ) -> tuple[list[dict], dict]:
-    """Firing rates of every candidate (vector, layer, next-token weight), each at its own threshold.
+    """Firing rates of every candidate (vector, layer, next-token weight), each at its own threshold;
+    and ``{(kind, layer, weight): (vector, raw weight, exact threshold)}``.
 
     ``fire_pos`` counts the positives of ``pos_mask`` (all when None): for refusal, the validation
     prompts the unedited model refuses, the ones the condition exists for."""
@@ -147,7 +148,7 @@ def _try_candidates(
                 p2 = ps + raw_w * logit.val_pos.float() if raw_w else ps
                 n2 = ns + raw_w * logit.val_neg.float() if raw_w else ns
                 thr = threshold_at_fpr(n2.tolist(), fpr)
-                vectors[(kind, int(L), float(w))] = (v, raw_w)
+                vectors[(kind, int(L), float(w))] = (v, raw_w, thr)
                 tried.append(
                     {
                         "kind": kind,
@@ -193,12 +194,8 @@ def calibrate_detection(
     )
     best = max(tried, key=lambda t: (t["fire_pos"], t["auc"], -t["fire_neg"], -abs(t["layer"] - (prefer or 0))))
     L, w = best["layer"], best["logit_weight"]
-    v, raw_w = vectors[(best["kind"], L, w)]
-    ns = neg_states[:, L] @ v
-    if raw_w:
-        ns = ns + raw_w * logit.val_neg.float()
     # the stored threshold is the exact midpoint; the record holds it rounded
-    thr = threshold_at_fpr(ns.tolist(), fpr)
+    v, raw_w, thr = vectors[(best["kind"], L, w)]
     record = {
         "fpr_target": fpr,
         "candidates": tried,

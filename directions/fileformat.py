@@ -135,8 +135,8 @@ class DirectionSet:
     @property
     def auto_strength(self) -> float:
         """The strength ``when: auto`` applies when a request names no strength (the ``@auto``
-        preset, ``{"when": "auto"}``): metadata ``auto_strength``, chosen by calibration for the
-        firing case only, else 1. An explicit strength in a request always wins."""
+        preset, ``{"when": "auto"}``): metadata ``auto_strength`` (set by whoever tunes the firing
+        case; no command writes it yet), else 1. An explicit strength in a request always wins."""
         try:
             v = float(self.metadata.get("auto_strength", "1"))
         except (TypeError, ValueError):

@@ -1,11 +1,12 @@
 """``frankly calibrate``: (re)calibrate the condition of an existing direction file.
 
 Conditional ablation (``when: auto``) needs a detection vector, a layer and a
-threshold. ``frankly extract`` calibrates them as its last step; this command
-does only that step for a file that already exists, in a few minutes (prefill
-passes only, no generation): with other prompt sets, another firing-rate
-target, or after a change in how detection is chosen. The ablation directions
-themselves are not touched.
+threshold, and optionally a term on the unedited next-token distribution.
+``frankly extract`` calibrates them as its last step; this command does only
+that step for a file that already exists, in a few minutes (prefill passes, and
+one short greedy reply per validation positive to label the ones the model
+refuses): with other prompt sets, another firing-rate target, or after a change
+in how detection is chosen. The ablation directions themselves are not touched.
 """
 
 from __future__ import annotations
@@ -81,12 +82,8 @@ def run(args: argparse.Namespace) -> int:
             ("va_n", args.val_negative, sys_n),
         )
     }
-    labels = {"tr_p": "train (+)", "tr_n": "train (-)", "va_p": "val (+)", "va_n": "val (-)"}
-    feats = {
-        k: forward_last(lm.model, lm.tokenizer, p, states=True, batch_size=args.batch_size, desc=f"{labels[k]} prefill")
-        for k, p in prompts.items()
-    }
-    st = {k: v[1] for k, v in feats.items()}
+    # label the refused validation positives (and find the refusals' first tokens) before the prefills,
+    # so each prefill's logits shrink to the next-token term at once instead of being held (N x vocab)
     count = args.count_positives if args.count_positives != "auto" else ("refused" if refusal else "all")
     pos_mask, first_tokens = None, []
     if count == "refused" or (args.next_token == "auto" and refusal):
@@ -101,9 +98,17 @@ def run(args: argparse.Namespace) -> int:
         elif count == "refused":
             print("so the firing rate counts all of them")
     tokens = _next_tokens(args.next_token, lm.tokenizer, first_tokens, refusal)
+    labels = {"tr_p": "train (+)", "tr_n": "train (-)", "va_p": "val (+)", "va_n": "val (-)"}
+    st, lt = {}, {}
+    for k, p in prompts.items():
+        logits, st[k] = forward_last(
+            lm.model, lm.tokenizer, p, states=True, batch_size=args.batch_size, desc=f"{labels[k]} prefill"
+        )
+        if tokens:
+            lt[k] = logit_term(logits, tokens)
+        del logits
     logit = None
     if tokens:
-        lt = {k: logit_term(v[0], tokens) for k, v in feats.items()}
         logit = LogitFeatures(tuple(tokens), lt["va_p"], lt["va_n"], lt["tr_p"], lt["tr_n"])
         print("next-token term on " + ", ".join(repr(lm.tokenizer.decode([t])) for t in tokens))
     chosen = int(ds.metadata.get("chosen_layer", layers[len(layers) // 2]))

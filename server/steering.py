@@ -137,7 +137,7 @@ class SteeringPolicy:
         )
 
     def _default_strength(self, name: str, when: Any) -> float:
-        """A request's strength when it names none: the direction's calibrated ``auto_strength``
+        """A request's strength when it names none: the direction file's ``auto_strength``
         for ``when: auto`` (clamped to the server's limit), else 1."""
         if when != "auto":
             return 1.0
