@@ -24,8 +24,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", required=True, help="the direction file to calibrate")
     p.add_argument("--positive", required=True, help="train prompts that should fire (harmful / slop-inducing)")
     p.add_argument("--negative", required=True, help="train prompts that should not fire (harmless / plain)")
-    p.add_argument("--val-positive", required=True, help="validation prompts that should fire")
-    p.add_argument("--val-negative", required=True, help="validation prompts that should not fire (sets the threshold)")
+    p.add_argument(
+        "--val-positive", required=True, nargs="+", metavar="FILE", help="validation prompts that should fire (1+ files)"
+    )
+    p.add_argument(
+        "--val-negative",
+        required=True,
+        nargs="+",
+        metavar="FILE",
+        help="validation prompts that should not fire: they set the threshold (1+ files, e.g. the plain harmless "
+        "split and one of edgy harmless framings)",
+    )
     p.add_argument("--system-positive", help="system prompts for the positive side; prompt k gets line k mod n")
     p.add_argument("--system-negative", help="system prompts for the negative side")
     p.add_argument("--fpr", type=float, default=0.02, help="max firing rate on --val-negative (default 0.02)")
@@ -51,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
 
 
+def _read_all(paths: str | list[str]) -> list[str]:
+    """The prompts of one file or of several, in order."""
+    return [x for p in ([paths] if isinstance(paths, str) else paths) for x in read_lines(p)]
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -74,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
     refusal = ds.metadata.get("objective", "refusal") == "refusal"
     prompts = {
-        k: build_prompts(lm.tokenizer, read_lines(path), systems)
-        for k, path, systems in (
+        k: build_prompts(lm.tokenizer, _read_all(paths), systems)
+        for k, paths, systems in (
             ("tr_p", args.positive, sys_p),
             ("tr_n", args.negative, sys_n),
             ("va_p", args.val_positive, sys_p),
@@ -128,15 +142,11 @@ def run(args: argparse.Namespace) -> int:
     if "detection" in sel:
         sel["previous_detection"] = {k: v for k, v in sel["detection"].items() if k not in ("layers", "candidates")}
     det.record["calibrated_by"] = "frankly calibrate"
-    det.record["prompt_hashes"] = {
-        role: {"file": Path(p).name, "sha256": sha256_file(p)}
-        for role, p in (
-            ("positive", args.positive),
-            ("negative", args.negative),
-            ("val_positive", args.val_positive),
-            ("val_negative", args.val_negative),
-        )
-    }
+    hashed = lambda p: {"file": Path(p).name, "sha256": sha256_file(p)}  # noqa: E731
+    det.record["prompt_hashes"] = {"positive": hashed(args.positive), "negative": hashed(args.negative)}
+    for role in ("val_positive", "val_negative"):
+        paths = getattr(args, role)
+        det.record["prompt_hashes"][role] = hashed(paths[0]) if len(paths) == 1 else [hashed(p) for p in paths]
     sel["detection"] = det.record
     ds.metadata["selection"] = json.dumps(sel)
     ds.metadata["detect_calibrated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

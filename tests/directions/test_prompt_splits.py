@@ -22,7 +22,14 @@ ROOT = Path(__file__).resolve().parents[2]
 REFUSAL = PROMPTS_DIR / "refusal"
 TEST_FILES = ("harmful_test.txt", "harmless_test.txt")
 # every other prompt file a test line must not repeat
-OTHER_FILES = ("harmful_train.txt", "harmful_val.txt", "harmless_train.txt", "harmless_val.txt", "harmless_long.txt")
+OTHER_FILES = (
+    "harmful_train.txt",
+    "harmful_val.txt",
+    "harmless_train.txt",
+    "harmless_val.txt",
+    "harmless_val_hard.txt",
+    "harmless_long.txt",
+)
 NEAR = 0.8  # difflib ratio above which two prompts count as near-duplicates
 
 # the modules that extract, select and calibrate: they must never see the test split
@@ -39,7 +46,7 @@ def _norm(s: str) -> str:
     return " ".join(s.lower().split())
 
 
-@pytest.mark.parametrize("name", TEST_FILES)
+@pytest.mark.parametrize("name", [*TEST_FILES, "harmless_val_hard.txt"])
 def test_test_files_are_clean(name):
     raw = (REFUSAL / name).read_text(encoding="utf-8")
     lines = raw.splitlines()

@@ -63,3 +63,44 @@ def test_cli_calibrate_rewrites_only_the_condition(tmp_path):
     logits, states = forward_last(model, tok, extract.build_prompts(tok, data.neg_val), states=True)
     scores = [condition_score(back2, states[i, back2.detect_layer], logits[i]) for i in range(len(logits))]
     assert abs(sum(s > back2.detect_threshold for s in scores) / len(scores) - det2["val_fire_neg"]) < 1e-3
+
+
+def test_cli_calibrate_takes_several_validation_negative_files(tmp_path):
+    """--val-negative FILE FILE: the threshold is set on both files' prompts together (the plain harmless
+    split plus the edgy one), and the record hashes each file."""
+    model = tiny_model("llama")
+    model_dir = save_tiny_dir(model, tmp_path / "model")
+    tok = tiny_tokenizer()
+    data = tiny_extract_data(n_train=16, n_val=12)
+    ds = selection.select_and_build(
+        model,
+        tok,
+        data,
+        "refusal",
+        selection.SelectConfig(layers=[1], batch_size=4, detect=False),
+        [extract.Candidate("single", 1)],
+    )
+    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+    files = {}
+    for k in ("pos_train", "neg_train", "pos_val"):
+        files[k] = tmp_path / f"{k}.txt"
+        files[k].write_text("\n".join(getattr(data, k)) + "\n")
+    # the second negative file holds the positives' own prompts: a threshold set on both files must keep
+    # the firing rate on their union within --fpr, which the first file alone would not force
+    (tmp_path / "neg_a.txt").write_text("\n".join(data.neg_val) + "\n")
+    (tmp_path / "neg_b.txt").write_text("\n".join(data.pos_val[:6]) + "\n")
+    out = tmp_path / "c.safetensors"
+    args = ["calibrate", "--model", model_dir, "--direction", str(src), "--out", str(out), "--layers", "1-2"]
+    args += ["--positive", str(files["pos_train"]), "--negative", str(files["neg_train"])]
+    args += ["--val-positive", str(files["pos_val"]), "--fpr", "0.1", "--next-token", "none"]
+    args += ["--count-positives", "all", "--val-negative", str(tmp_path / "neg_a.txt"), str(tmp_path / "neg_b.txt")]
+    assert main(args) == 0
+    back = load_direction(out)
+    det = back.public_metadata()["selection"]["detection"]
+    assert [h["file"] for h in det["prompt_hashes"]["val_negative"]] == ["neg_a.txt", "neg_b.txt"]
+    assert det["prompt_hashes"]["val_positive"]["file"] == "pos_val.txt"
+    negs = data.neg_val + data.pos_val[:6]
+    states = extract.collect_states(model, tok, extract.build_prompts(tok, negs))
+    fired = (states[:, back.detect_layer] @ back.detect_vector) > back.detect_threshold
+    assert float(fired.float().mean()) <= 0.1
+    assert abs(float(fired.float().mean()) - det["val_fire_neg"]) < 1e-3
