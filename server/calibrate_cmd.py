@@ -25,7 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positive", required=True, help="train prompts that should fire (harmful / slop-inducing)")
     p.add_argument("--negative", required=True, help="train prompts that should not fire (harmless / plain)")
     p.add_argument(
-        "--val-positive", required=True, nargs="+", metavar="FILE", help="validation prompts that should fire (1+ files)"
+        "--val-positive",
+        required=True,
+        nargs="+",
+        metavar="FILE",
+        help="validation prompts that should fire (1+ files)",
     )
     p.add_argument(
         "--val-negative",
@@ -45,6 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="which validation positives the firing rate counts: all, or those the unedited model refuses "
         "(greedy, --label-tokens, the refusal judge); auto: refused for a refusal direction, else all",
+    )
+    p.add_argument(
+        "--count-negatives",
+        choices=["auto", "all", "answered"],
+        default="all",
+        help="which validation negatives set the threshold: all, or those the unedited model answers (greedy, "
+        "--label-tokens, the refusal judge: firing on a harmless prompt the model would refuse anyway removes an "
+        "over-refusal, so it is not counted as a false positive); auto: answered for a refusal direction, else all",
     )
     p.add_argument(
         "--next-token",
@@ -111,6 +123,21 @@ def run(args: argparse.Namespace) -> int:
             pos_mask = torch.tensor(refused)
         elif count == "refused":
             print("so the firing rate counts all of them")
+    count_neg = args.count_negatives if args.count_negatives != "auto" else ("answered" if refusal else "all")
+    neg_keep = None
+    if count_neg == "answered":
+        replies = engine_generate(lm.model, lm.tokenizer, args.batch_size)(
+            {}, [Generation(p, args.label_tokens) for p in prompts["va_n"]], desc="unedited replies (val -)"
+        )
+        neg_refused = [is_refusal(r.text) for r in replies]
+        print(
+            f"the unedited model refuses {sum(neg_refused)} of {len(neg_refused)} validation negatives: "
+            "the threshold is set on the others"
+        )
+        if all(neg_refused):
+            print("so the threshold is set on all of them")
+        else:
+            neg_keep = [i for i, f in enumerate(neg_refused) if not f]
     tokens = _next_tokens(args.next_token, lm.tokenizer, first_tokens, refusal)
     labels = {"tr_p": "train (+)", "tr_n": "train (-)", "va_p": "val (+)", "va_n": "val (-)"}
     st, lt = {}, {}
@@ -121,6 +148,10 @@ def run(args: argparse.Namespace) -> int:
         if tokens:
             lt[k] = logit_term(logits, tokens)
         del logits
+    if neg_keep is not None:
+        st["va_n"] = st["va_n"][neg_keep]
+        if tokens:
+            lt["va_n"] = lt["va_n"][neg_keep]
     logit = None
     if tokens:
         logit = LogitFeatures(tuple(tokens), lt["va_p"], lt["va_n"], lt["tr_p"], lt["tr_n"])
@@ -142,6 +173,9 @@ def run(args: argparse.Namespace) -> int:
     if "detection" in sel:
         sel["previous_detection"] = {k: v for k, v in sel["detection"].items() if k not in ("layers", "candidates")}
     det.record["calibrated_by"] = "frankly calibrate"
+    det.record["negatives_counted"] = count_neg
+    if neg_keep is not None:
+        det.record["val_negatives_refused_by_model"] = len(prompts["va_n"]) - len(neg_keep)
     hashed = lambda p: {"file": Path(p).name, "sha256": sha256_file(p)}  # noqa: E731
     det.record["prompt_hashes"] = {"positive": hashed(args.positive), "negative": hashed(args.negative)}
     for role in ("val_positive", "val_negative"):

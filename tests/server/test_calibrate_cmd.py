@@ -104,3 +104,47 @@ def test_cli_calibrate_takes_several_validation_negative_files(tmp_path):
     fired = (states[:, back.detect_layer] @ back.detect_vector) > back.detect_threshold
     assert float(fired.float().mean()) <= 0.1
     assert abs(float(fired.float().mean()) - det["val_fire_neg"]) < 1e-3
+
+
+def test_cli_calibrate_count_negatives_answered_sets_the_threshold_on_answered_prompts(tmp_path, monkeypatch):
+    """--count-negatives answered: validation negatives the unedited model refuses are left out of the
+    threshold (firing there removes an over-refusal), and the record says how many were left out. The
+    judge is replaced by one that calls the second file's prompts refused (a tiny random model's replies
+    are noise), so the threshold must only hold the firing rate on the first file within --fpr."""
+    import directions.refusal
+
+    model = tiny_model("llama")
+    model_dir = save_tiny_dir(model, tmp_path / "model")
+    tok = tiny_tokenizer()
+    data = tiny_extract_data(n_train=16, n_val=12)
+    ds = selection.select_and_build(
+        model,
+        tok,
+        data,
+        "refusal",
+        selection.SelectConfig(layers=[1], batch_size=4, detect=False),
+        [extract.Candidate("single", 1)],
+    )
+    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+    for k in ("pos_train", "neg_train", "pos_val"):
+        (tmp_path / f"{k}.txt").write_text("\n".join(getattr(data, k)) + "\n")
+    (tmp_path / "neg_a.txt").write_text("\n".join(data.neg_val) + "\n")
+    (tmp_path / "neg_b.txt").write_text("\n".join(data.pos_val[:6]) + "\n")
+    verdicts = iter([False] * len(data.neg_val) + [True] * 6)
+    monkeypatch.setattr(directions.refusal, "is_refusal", lambda text: next(verdicts))
+    out = tmp_path / "c.safetensors"
+    args = ["calibrate", "--model", model_dir, "--direction", str(src), "--out", str(out), "--layers", "1-2"]
+    args += ["--positive", str(tmp_path / "pos_train.txt"), "--negative", str(tmp_path / "neg_train.txt")]
+    args += ["--val-positive", str(tmp_path / "pos_val.txt"), "--fpr", "0.1", "--next-token", "none"]
+    args += ["--count-positives", "all", "--count-negatives", "answered", "--label-tokens", "4"]
+    args += ["--val-negative", str(tmp_path / "neg_a.txt"), str(tmp_path / "neg_b.txt")]
+    assert main(args) == 0
+    assert next(verdicts, None) is None  # every negative was judged, once
+    back = load_direction(out)
+    det = back.public_metadata()["selection"]["detection"]
+    assert det["negatives_counted"] == "answered"
+    assert det["val_negatives_refused_by_model"] == 6
+    states = extract.collect_states(model, tok, extract.build_prompts(tok, data.neg_val))
+    fired = (states[:, back.detect_layer] @ back.detect_vector) > back.detect_threshold
+    assert float(fired.float().mean()) <= 0.1
+    assert abs(float(fired.float().mean()) - det["val_fire_neg"]) < 1e-3

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Where does a refusal condition fire, against what the unedited model does? (validation only)
+
+For each prompt file, the unedited model's greedy reply (``--label-tokens``, 32) is judged refused
+or answered, and each condition file's score (the engine's own ``condition_score``) says whether
+it fires. Per file and condition it prints: fires, fires on refused prompts (wanted: ``auto``
+removes that refusal), fires on answered prompts (a false positive: the edit touches an answer
+that needed nothing), and refused prompts it misses (a refusal ``auto`` leaves). Writes JSON.
+
+    python scripts/condition_report.py shipped=directions/shipped/qwen-demo-refusal.safetensors \\
+        other=OTHER.safetensors --out condition-report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from directions.detection import condition_score  # noqa: E402
+from directions.extract import build_prompts  # noqa: E402
+from directions.fileformat import load_direction  # noqa: E402
+from directions.files import read_lines  # noqa: E402
+from directions.forward import forward_last  # noqa: E402
+from directions.generation import Generation  # noqa: E402
+from directions.models import load_model  # noqa: E402
+from directions.refusal import PROMPTS_DIR, is_refusal  # noqa: E402
+from server.engine.offline import engine_generate  # noqa: E402
+
+R = PROMPTS_DIR / "refusal"
+DEFAULT_FILES = ("harmless_val.txt", "harmless_val_hard.txt", "harmful_val.txt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("conditions", nargs="+", metavar="NAME=FILE", help="direction files with a condition")
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--prompts", nargs="+", metavar="FILE", help="prompt files (default: the validation files)")
+    ap.add_argument("--label-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out", default="condition-report.json")
+    args = ap.parse_args(argv)
+    conds = {}
+    for item in args.conditions:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            ap.error(f"expected NAME=FILE, got {item!r}")
+        ds = load_direction(path)
+        if not ds.has_condition:
+            ap.error(f"{path}: no condition (detection vector) to report on")
+        conds[name] = ds
+    files = args.prompts or [str(R / f) for f in DEFAULT_FILES]
+    lm = load_model(args.model)
+    gen = engine_generate(lm.model, lm.tokenizer, args.batch_size)
+    t0 = time.monotonic()
+    res: dict = {"files": {}}
+    for path in files:
+        ids = build_prompts(lm.tokenizer, read_lines(path))
+        replies = gen({}, [Generation(p, args.label_tokens) for p in ids], desc=f"unedited replies ({Path(path).name})")
+        refused = [is_refusal(r.text) for r in replies]
+        logits, states = forward_last(lm.model, lm.tokenizer, ids, states=True, batch_size=args.batch_size)
+        row: dict = {"n": len(ids), "refused": sum(refused), "conditions": {}}
+        for name, ds in conds.items():
+            fired = [
+                condition_score(ds, states[i, ds.detect_layer], logits[i]) > ds.detect_threshold
+                for i in range(len(ids))
+            ]
+            row["conditions"][name] = {
+                "fires": sum(fired),
+                "fires_refused": sum(f and r for f, r in zip(fired, refused, strict=True)),
+                "fires_answered": sum(f and not r for f, r in zip(fired, refused, strict=True)),
+                "misses_refused": sum(r and not f for f, r in zip(fired, refused, strict=True)),
+            }
+        res["files"][Path(path).name] = row
+    res["wall_s"] = round(time.monotonic() - t0, 1)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(
+        f"{'file':<24} {'n':>4} {'refused':>7} {'condition':<12} {'fires':>5} {'on refused':>10} "
+        f"{'on answered':>11} {'missed refused':>14}"
+    )
+    for fname, row in res["files"].items():
+        for name, c in row["conditions"].items():
+            print(
+                f"{fname:<24} {row['n']:>4} {row['refused']:>7} {name:<12} {c['fires']:>5} {c['fires_refused']:>10} "
+                f"{c['fires_answered']:>11} {c['misses_refused']:>14}"
+            )
+    print(f"wrote {args.out} in {res['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""scripts/auto_strength.py and scripts/condition_report.py on a tiny random model: the refusal
+labels come from a judge the test controls (a random model's replies are noise), so the counts
+they print can be checked exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from directions import extract, selection
+from directions.fileformat import save_direction
+from tests.tiny_models import save_tiny_dir, tiny_extract_data, tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str = "auto_strength"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_auto_strength_counts_and_kl(tmp_path, monkeypatch, capsys):
+    mod = _load()
+    model = tiny_model("llama")
+    model_dir = save_tiny_dir(model, tmp_path / "model")
+    data = tiny_extract_data(n_train=16, n_val=12)
+    ds = selection.select_and_build(
+        model,
+        tiny_tokenizer(),
+        data,
+        "refusal",
+        selection.SelectConfig(layers=[1], batch_size=4),
+        [extract.Candidate("single", 1)],
+    )
+    assert ds.has_condition
+    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+    (tmp_path / "harmful.txt").write_text("\n".join(data.pos_val) + "\n")
+    (tmp_path / "harmless.txt").write_text("\n".join(data.neg_val) + "\n")
+    # the plain model "refuses" the first 5 harmful prompts; every steered reply is an answer
+    verdicts = iter([True] * 5 + [False] * (len(data.pos_val) - 5))
+    monkeypatch.setattr(mod, "is_refusal", lambda text: next(verdicts, False))
+    out = tmp_path / "a.json"
+    args = ["--model", model_dir, "--direction", str(src), "--strengths", "0.5,2", "--label-tokens", "3"]
+    args += ["--max-tokens", "3", "--batch-size", "4", "--out", str(out)]
+    args += ["--harmful", str(tmp_path / "harmful.txt"), "--harmless", str(tmp_path / "harmless.txt")]
+    assert mod.main(args) == 0
+    res = json.loads(out.read_text())
+    assert (res["n_harmful"], res["plain_refused"], res["n_harmless"]) == (len(data.pos_val), 5, len(data.neg_val))
+    assert [r["strength"] for r in res["rows"]] == [0.5, 2.0]
+    for r in res["rows"]:
+        assert r["fired"] + r["missed_by_condition"] == 5
+        assert r["refusals_left"] == r["fired_but_refused"] == 0
+    kls = [r["harmless_first_token_kl_always"] for r in res["rows"]]
+    assert 0 < kls[0] < kls[1]  # the always-on edit moves harmless logits, more at a higher strength
+    assert "plain model refuses 5 of" in capsys.readouterr().out
+
+
+def test_auto_strength_rejects_a_file_without_a_condition(tmp_path, capsys):
+    mod = _load()
+    model = tiny_model("llama")
+    data = tiny_extract_data(n_train=16, n_val=12)
+    ds = selection.select_and_build(
+        model,
+        tiny_tokenizer(),
+        data,
+        "refusal",
+        selection.SelectConfig(layers=[1], batch_size=4, detect=False),
+        [extract.Candidate("single", 1)],
+    )
+    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+    assert mod.main(["--model", "unused", "--direction", str(src)]) == 2
+    assert "no condition" in capsys.readouterr().err
+
+
+def test_condition_report_counts_fires_against_the_judge(tmp_path, monkeypatch, capsys):
+    from directions.detection import condition_score
+    from directions.forward import forward_last
+
+    mod = _load("condition_report")
+    model = tiny_model("llama")
+    tok = tiny_tokenizer()
+    model_dir = save_tiny_dir(model, tmp_path / "model")
+    data = tiny_extract_data(n_train=16, n_val=12)
+    ds = selection.select_and_build(
+        model, tok, data, "refusal", selection.SelectConfig(layers=[1], batch_size=4), [extract.Candidate("single", 1)]
+    )
+    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+    texts = data.pos_val[:6] + data.neg_val[:6]
+    (tmp_path / "mixed.txt").write_text("\n".join(texts) + "\n")
+    refused = [i % 2 == 0 for i in range(len(texts))]  # every other prompt "refused" by the unedited model
+    verdicts = iter(refused)
+    monkeypatch.setattr(mod, "is_refusal", lambda text: next(verdicts))
+    out = tmp_path / "c.json"
+    args = ["a=" + str(src), "b=" + str(src), "--model", model_dir, "--prompts", str(tmp_path / "mixed.txt")]
+    assert mod.main([*args, "--label-tokens", "2", "--batch-size", "4", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["files"]["mixed.txt"]
+    assert (row["n"], row["refused"]) == (12, 6)
+    ids = extract.build_prompts(tok, texts)
+    logits, states = forward_last(model, tok, ids, states=True)
+    fired = [condition_score(ds, states[i, ds.detect_layer], logits[i]) > ds.detect_threshold for i in range(12)]
+    want = {
+        "fires": sum(fired),
+        "fires_refused": sum(f and r for f, r in zip(fired, refused, strict=True)),
+        "fires_answered": sum(f and not r for f, r in zip(fired, refused, strict=True)),
+        "misses_refused": sum(r and not f for f, r in zip(fired, refused, strict=True)),
+    }
+    assert 0 < want["fires"] < 12  # the separable tiny prompts: the condition tells the two halves apart
+    assert row["conditions"]["a"] == row["conditions"]["b"] == want
+    assert "missed refused" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main(["nofile", "--model", model_dir])
