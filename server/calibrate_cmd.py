@@ -110,13 +110,17 @@ def run(args: argparse.Namespace) -> int:
     }
     # label the refused validation positives (and find the refusals' first tokens) before the prefills,
     # so each prefill's logits shrink to the next-token term at once instead of being held (N x vocab)
+    generate = engine_generate(lm.model, lm.tokenizer, args.batch_size)
+
+    def label(key: str, desc: str):
+        """The unedited model's greedy replies to one prompt set, and which of them refuse."""
+        replies = generate({}, [Generation(p, args.label_tokens) for p in prompts[key]], desc=desc)
+        return replies, [is_refusal(r.text) for r in replies]
+
     count = args.count_positives if args.count_positives != "auto" else ("refused" if refusal else "all")
     pos_mask, first_tokens = None, []
     if count == "refused" or (args.next_token == "auto" and refusal):
-        replies = engine_generate(lm.model, lm.tokenizer, args.batch_size)(
-            {}, [Generation(p, args.label_tokens) for p in prompts["va_p"]], desc="unedited replies (val +)"
-        )
-        refused = [is_refusal(r.text) for r in replies]
+        replies, refused = label("va_p", "unedited replies (val +)")
         first_tokens = [r.token_ids[0] for r, f in zip(replies, refused, strict=True) if f and r.token_ids]
         print(f"the unedited model refuses {sum(refused)} of {len(refused)} validation positives")
         if count == "refused" and any(refused):
@@ -126,10 +130,7 @@ def run(args: argparse.Namespace) -> int:
     count_neg = args.count_negatives if args.count_negatives != "auto" else ("answered" if refusal else "all")
     neg_keep = None
     if count_neg == "answered":
-        replies = engine_generate(lm.model, lm.tokenizer, args.batch_size)(
-            {}, [Generation(p, args.label_tokens) for p in prompts["va_n"]], desc="unedited replies (val -)"
-        )
-        neg_refused = [is_refusal(r.text) for r in replies]
+        _, neg_refused = label("va_n", "unedited replies (val -)")
         print(
             f"the unedited model refuses {sum(neg_refused)} of {len(neg_refused)} validation negatives: "
             "the threshold is set on the others"

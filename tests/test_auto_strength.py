@@ -26,8 +26,9 @@ def _load(name: str = "auto_strength"):
     return mod
 
 
-def test_auto_strength_counts_and_kl(tmp_path, monkeypatch, capsys):
-    mod = _load()
+def _tiny_direction(tmp_path, detect: bool = True):
+    """A tiny llama directory, separable prompt sets, and a refusal direction file extracted from
+    them (with a condition unless ``detect`` is false): (model, model_dir, data, ds, path)."""
     model = tiny_model("llama")
     model_dir = save_tiny_dir(model, tmp_path / "model")
     data = tiny_extract_data(n_train=16, n_val=12)
@@ -36,11 +37,16 @@ def test_auto_strength_counts_and_kl(tmp_path, monkeypatch, capsys):
         tiny_tokenizer(),
         data,
         "refusal",
-        selection.SelectConfig(layers=[1], batch_size=4),
+        selection.SelectConfig(layers=[1], batch_size=4, detect=detect),
         [extract.Candidate("single", 1)],
     )
+    return model, model_dir, data, ds, save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+
+
+def test_auto_strength_counts_and_kl(tmp_path, monkeypatch, capsys):
+    mod = _load()
+    _, model_dir, data, ds, src = _tiny_direction(tmp_path)
     assert ds.has_condition
-    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
     (tmp_path / "harmful.txt").write_text("\n".join(data.pos_val) + "\n")
     (tmp_path / "harmless.txt").write_text("\n".join(data.neg_val) + "\n")
     # the plain model "refuses" the first 5 harmful prompts; every steered reply is an answer
@@ -64,17 +70,7 @@ def test_auto_strength_counts_and_kl(tmp_path, monkeypatch, capsys):
 
 def test_auto_strength_rejects_a_file_without_a_condition(tmp_path, capsys):
     mod = _load()
-    model = tiny_model("llama")
-    data = tiny_extract_data(n_train=16, n_val=12)
-    ds = selection.select_and_build(
-        model,
-        tiny_tokenizer(),
-        data,
-        "refusal",
-        selection.SelectConfig(layers=[1], batch_size=4, detect=False),
-        [extract.Candidate("single", 1)],
-    )
-    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+    *_, src = _tiny_direction(tmp_path, detect=False)
     assert mod.main(["--model", "unused", "--direction", str(src)]) == 2
     assert "no condition" in capsys.readouterr().err
 
@@ -84,14 +80,8 @@ def test_condition_report_counts_fires_against_the_judge(tmp_path, monkeypatch, 
     from directions.forward import forward_last
 
     mod = _load("condition_report")
-    model = tiny_model("llama")
+    model, model_dir, data, ds, src = _tiny_direction(tmp_path)
     tok = tiny_tokenizer()
-    model_dir = save_tiny_dir(model, tmp_path / "model")
-    data = tiny_extract_data(n_train=16, n_val=12)
-    ds = selection.select_and_build(
-        model, tok, data, "refusal", selection.SelectConfig(layers=[1], batch_size=4), [extract.Candidate("single", 1)]
-    )
-    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
     texts = data.pos_val[:6] + data.neg_val[:6]
     (tmp_path / "mixed.txt").write_text("\n".join(texts) + "\n")
     refused = [i % 2 == 0 for i in range(len(texts))]  # every other prompt "refused" by the unedited model

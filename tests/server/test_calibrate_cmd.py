@@ -10,7 +10,9 @@ from server.cli import main
 from tests.tiny_models import save_tiny_dir, tiny_extract_data, tiny_model, tiny_tokenizer
 
 
-def test_cli_calibrate_rewrites_only_the_condition(tmp_path):
+def _tiny_setup(tmp_path):
+    """A tiny llama directory, its tokenizer, separable prompt sets, and a refusal direction file
+    extracted from them without a condition (what calibrate adds one to)."""
     model = tiny_model("llama")
     model_dir = save_tiny_dir(model, tmp_path / "model")
     tok = tiny_tokenizer()
@@ -23,7 +25,11 @@ def test_cli_calibrate_rewrites_only_the_condition(tmp_path):
         selection.SelectConfig(layers=[1], batch_size=4, detect=False),
         [extract.Candidate("single", 1)],
     )
-    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+    return model, model_dir, tok, data, save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+
+
+def test_cli_calibrate_rewrites_only_the_condition(tmp_path):
+    model, model_dir, tok, data, src = _tiny_setup(tmp_path)
     assert not load_direction(src).has_condition
     files = {}
     for k in ("pos_train", "neg_train", "pos_val", "neg_val"):
@@ -68,19 +74,7 @@ def test_cli_calibrate_rewrites_only_the_condition(tmp_path):
 def test_cli_calibrate_takes_several_validation_negative_files(tmp_path):
     """--val-negative FILE FILE: the threshold is set on both files' prompts together (the plain harmless
     split plus the edgy one), and the record hashes each file."""
-    model = tiny_model("llama")
-    model_dir = save_tiny_dir(model, tmp_path / "model")
-    tok = tiny_tokenizer()
-    data = tiny_extract_data(n_train=16, n_val=12)
-    ds = selection.select_and_build(
-        model,
-        tok,
-        data,
-        "refusal",
-        selection.SelectConfig(layers=[1], batch_size=4, detect=False),
-        [extract.Candidate("single", 1)],
-    )
-    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+    model, model_dir, tok, data, src = _tiny_setup(tmp_path)
     files = {}
     for k in ("pos_train", "neg_train", "pos_val"):
         files[k] = tmp_path / f"{k}.txt"
@@ -113,19 +107,7 @@ def test_cli_calibrate_count_negatives_answered_sets_the_threshold_on_answered_p
     are noise), so the threshold must only hold the firing rate on the first file within --fpr."""
     import directions.refusal
 
-    model = tiny_model("llama")
-    model_dir = save_tiny_dir(model, tmp_path / "model")
-    tok = tiny_tokenizer()
-    data = tiny_extract_data(n_train=16, n_val=12)
-    ds = selection.select_and_build(
-        model,
-        tok,
-        data,
-        "refusal",
-        selection.SelectConfig(layers=[1], batch_size=4, detect=False),
-        [extract.Candidate("single", 1)],
-    )
-    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+    model, model_dir, tok, data, src = _tiny_setup(tmp_path)
     for k in ("pos_train", "neg_train", "pos_val"):
         (tmp_path / f"{k}.txt").write_text("\n".join(getattr(data, k)) + "\n")
     (tmp_path / "neg_a.txt").write_text("\n".join(data.neg_val) + "\n")
