@@ -1,0 +1,227 @@
+"""A gradient fit of a direction's per-writer weights (issue #15: "a gradient-based fit of the
+per-layer weights on a differentiable surrogate").
+
+The edit of writer (kind, l) is ``y <- y - s * w[kind, l] * (y . r_l) r_l``: linear in each weight,
+and the whole edited forward pass is differentiable in ``w``. With the direction ``r`` fixed, the
+fit minimises over the (3, n_layers) writer weights
+
+    loss(w) = R(w) + lam * K(w)
+
+    R(w) = mean over refused harmful prompts of  -log(1 - P_w(refusal prefix | prompt))
+    K(w) = mean over harmless prompts of KL(P_orig || P_w) at the first generated token
+
+where a prompt's refusal prefix is the first few tokens of the unedited model's own greedy
+refusal of it (e.g. "I'm sorry,"), scored teacher-forced: ``P_w(prefix)`` is the product of the
+edited model's probabilities of those tokens in turn. ``-log(1 - P)`` is ~P where the edit
+already steers the reply away from the refusal and grows without bound where the reply still
+starts refusing, so the prompts the edit leaves refused dominate the gradient. The KL is over
+the full vocabulary. Weights are ``w_max * sigmoid(theta)``
+(in [0, w_max]); the embedding uses only its layer-0 entry (the other embedding entries stay
+as they are). ``lam`` is raised in stages (a path from "remove refusals" toward "keep the
+model"), warm-starting each stage from the last, and every stage's weights are a candidate.
+
+Only train prompts go into the fit; candidates are then confirmed on validation
+(``scripts/fit_weights.py``). Nothing here reads the test split.
+
+Cost: one forward and one backward pass (activation gradients only: the model's parameters do
+not require grad) per step over ``batch`` harmful + ``batch`` harmless prompts, logits only at
+the last position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from directions.fileformat import COMPONENTS, DirectionSet
+from directions.forward import pad_id, pad_left
+from directions.writers import find_writers
+
+
+@dataclass
+class FitConfig:
+    lambdas: Sequence[float] = (3.0, 10.0, 30.0)  # KL weight per stage, warm-started in order
+    steps: int = 15  # optimiser steps per stage
+    batch: int = 12  # harmful and harmless prompts per step (each)
+    lr: float = 0.15  # Adam on theta
+    w_max: float = 2.0  # weights live in [0, w_max]
+    init: float = 1.0  # starting weight of every writer (1 = the flat file)
+    seed: int = 0
+    fit_embedding: bool = True
+
+
+@dataclass
+class StageResult:
+    lam: float
+    weights: torch.Tensor  # (3, n_layers) writer weights at the end of the stage
+    history: list[dict] = field(default_factory=list)  # per step: loss, refusal term, kl, mass
+
+
+class DifferentiableEdit:
+    """Forward hooks applying ``y - w[kind, l] * (y . r_l) r_l`` with ``w`` a tensor that carries
+    gradients (the server's hooks, :class:`directions.hooks.SteeringHooks`, run the same map
+    under ``inference_mode``)."""
+
+    def __init__(self, model: nn.Module, directions: torch.Tensor):
+        p = next(model.parameters())
+        self.dirs = directions.to(p.device, p.dtype)  # (n_layers, d) unit rows
+        self.weights: torch.Tensor | None = None
+        self._handles = []
+        for wr in find_writers(model):
+            comp = COMPONENTS.index(wr.kind)
+            self._handles.append(wr.module.register_forward_hook(self._hook(comp, wr.layer)))
+
+    def _hook(self, comp: int, layer: int):
+        def hook(module, inputs, y):
+            if self.weights is None:
+                return y
+            r = self.dirs[layer]
+            c = self.weights[comp, layer].to(y.dtype)
+            return y - (c * (y @ r)).unsqueeze(-1) * r
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def last_logits(model, batch: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+    """Logits at the last prompt token of left-padded ``batch`` (B, vocab), float32, computing the
+    LM head at that position only."""
+    device = next(model.parameters()).device
+    ids, mask, pos = pad_left(batch, pad, device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def prefix_prob(model, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+    """P(prefix | prompt) per row, teacher-forced (B,), float32, differentiable: each row is its
+    prompt followed by its prefix, left padded, with the LM head computed at the last K + 1
+    positions only (K = the longest prefix; shorter prefixes are padded on the left inside that
+    window and their padding positions count as probability 1)."""
+    k = max(len(p) for p in prefixes)
+    device = next(model.parameters()).device
+    rows = [list(a) + list(b) for a, b in zip(prompts, prefixes, strict=True)]
+    ids, mask, pos = pad_left(rows, pad, device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=k + 1)
+    logp = torch.log_softmax(out.logits[:, :k].float(), -1)  # position j predicts token j + 1 of the window
+    target = ids[:, -k:]
+    tok_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, k)
+    valid = torch.zeros_like(tok_lp, dtype=torch.bool)
+    for i, p in enumerate(prefixes):
+        valid[i, k - len(p) :] = True
+    return (tok_lp * valid).sum(-1).exp().clamp(max=1 - 1e-6)
+
+
+def _unit_rows(ds: DirectionSet, n_layers: int) -> torch.Tensor:
+    d = ds.directions.to(torch.float32)
+    if d.dim() == 1:
+        d = d.unsqueeze(0).expand(n_layers, -1)
+    return d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def fit_weights(
+    model,
+    tokenizer,
+    ds: DirectionSet,
+    harmful: Sequence[Sequence[int]],
+    harmless: Sequence[Sequence[int]],
+    prefixes: Sequence[Sequence[int]],
+    cfg: FitConfig,
+    progress: Callable[[str, int, int, dict], None] | None = None,
+) -> list[StageResult]:
+    """Fit the writer weights of ``ds`` (its directions fixed); one :class:`StageResult` per
+    lambda of ``cfg.lambdas``. ``prefixes[i]`` is the refusal prefix of ``harmful[i]`` (at least one
+    token). ``progress(stage, step, steps, figures)`` is called after every step."""
+    if not harmful or not harmless:
+        raise ValueError("the fit needs harmful and harmless prompts")
+    if len(prefixes) != len(harmful) or any(len(p) == 0 for p in prefixes):
+        raise ValueError("every harmful prompt needs a refusal prefix of at least one token")
+    pad = pad_id(tokenizer)
+    n_layers = ds.n_layers
+    torch.manual_seed(cfg.seed)
+    was_training = model.training
+    model.eval()
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # The unedited first-token log-probabilities of the harmless prompts (the KL reference).
+    with torch.inference_mode():
+        base = torch.cat(
+            [torch.log_softmax(last_logits(model, harmless[a : a + 16], pad), -1) for a in range(0, len(harmless), 16)]
+        )
+    frac = min(max(cfg.init / cfg.w_max, 1e-4), 1 - 1e-4)
+    theta = torch.full((len(COMPONENTS), n_layers), math.log(frac / (1 - frac)), requires_grad=True)
+    edit = DifferentiableEdit(model, _unit_rows(ds, n_layers))
+    emb_row = COMPONENTS.index("embed")
+    fixed_emb = ds.writer_weights()[emb_row].clone()
+    results: list[StageResult] = []
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def weights_of(th: torch.Tensor) -> torch.Tensor:
+        w = cfg.w_max * torch.sigmoid(th)
+        if not cfg.fit_embedding:  # the embedding keeps the file's weight
+            w = torch.cat([w[:emb_row], fixed_emb.unsqueeze(0), w[emb_row + 1 :]])
+        return w
+
+    try:
+        for lam in cfg.lambdas:
+            opt = torch.optim.Adam([theta], lr=cfg.lr)
+            stage = StageResult(lam=float(lam), weights=torch.empty(0))
+            for step in range(cfg.steps):
+                t0 = time.monotonic()
+                hi = torch.randperm(len(harmful), generator=gen)[: cfg.batch].tolist()
+                ni = torch.randperm(len(harmless), generator=gen)[: cfg.batch].tolist()
+                opt.zero_grad()
+                edit.weights = weights_of(theta)
+                mass = prefix_prob(model, [harmful[i] for i in hi], [prefixes[i] for i in hi], pad)
+                r_term = (-torch.log1p(-mass)).mean()
+                ln = torch.log_softmax(last_logits(model, [harmless[i] for i in ni], pad), -1)
+                bp = base[ni]
+                kl = (bp.exp() * (bp - ln)).sum(-1).clamp_min(0).mean()
+                loss = r_term + lam * kl
+                loss.backward()
+                opt.step()
+                figs = {
+                    "loss": loss.item(),
+                    "refusal_term": r_term.item(),
+                    "mass": mass.mean().item(),
+                    "kl": kl.item(),
+                    "s": round(time.monotonic() - t0, 1),
+                }
+                stage.history.append(figs)
+                if progress:
+                    progress(f"lambda={lam:g}", step + 1, cfg.steps, figs)
+            with torch.no_grad():
+                stage.weights = weights_of(theta).detach().clone()
+            results.append(stage)
+    finally:
+        edit.remove()
+        for p, r in zip(model.parameters(), req, strict=True):
+            p.requires_grad_(r)
+        model.train(was_training)
+    return results
+
+
+def with_weights(ds: DirectionSet, weights: torch.Tensor, record: dict) -> DirectionSet:
+    """A copy of ``ds`` whose writer weights are ``weights`` (3, n_layers): layer weights 1 and the
+    weights as ``component_weights``; its condition is kept, ``record`` goes into the metadata as
+    ``fit``."""
+    import json
+
+    md = dict(ds.metadata)
+    md["fit"] = json.dumps(record)
+    return dataclasses.replace(
+        ds,
+        layer_weights=torch.ones(ds.n_layers, dtype=torch.float32),
+        component_weights=weights.detach().to(torch.float32).clamp_min(0).clone(),
+        metadata=md,
+    )

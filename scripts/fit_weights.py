@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Fit a direction's per-writer weights by gradient descent (issue #15), then confirm on validation.
+
+The direction itself stays fixed; its (attention output, MLP down projection, embedding) x layer
+weights are fitted on the **train** split (:mod:`directions.fit`: the teacher-forced probability
+of the plain model's own refusal prefix on the harmful prompts it refuses, plus lambda x
+first-token KL on harmless ones, lambda raised in stages). Each stage's weights are a candidate; the candidates and the source file are
+confirmed on the **validation** split (greedy replies to every harmful val prompt judged by the
+refusal markers, first-token KL on every harmless val prompt), and the winner (the lowest KL
+among candidates refusing at most ``--max-extra-refusals`` more prompts than the source, if
+that is below the source's KL) is written to ``--out`` with the source file's condition. The test split is never read.
+
+Output in ``--out-dir``: ``fit-lamL.safetensors`` per stage, ``fit.json`` (every step's figures,
+the confirm figures, the winner) and ``fit.png`` (fitted weights per layer; confirmed refusals vs
+KL).
+
+    python scripts/fit_weights.py --direction directions/shipped/qwen-demo-refusal.safetensors \\
+        --out-dir fit-refusal --out fitted-refusal.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from directions.extract import build_prompts  # noqa: E402
+from directions.fileformat import COMPONENTS, load_direction, save_direction  # noqa: E402
+from directions.files import read_lines, sha256_file  # noqa: E402
+from directions.fit import FitConfig, fit_weights, with_weights  # noqa: E402
+from directions.forward import pad_id, pad_left  # noqa: E402
+from directions.refusal import PROMPTS_DIR, is_refusal  # noqa: E402
+
+R = PROMPTS_DIR / "refusal"
+
+
+@torch.inference_mode()
+def plain_replies(model, tok, prompts, n_tokens: int, batch: int = 16) -> list[list[int]]:
+    """The unedited model's greedy reply tokens (at most ``n_tokens``, up to EOS) to each prompt."""
+    pad, out = pad_id(tok), []
+    eos = tok.eos_token_id
+    for a in range(0, len(prompts), batch):
+        ids, mask, _ = pad_left(prompts[a : a + batch], pad, next(model.parameters()).device)
+        seq = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False, pad_token_id=pad
+        )[:, ids.shape[1] :]
+        for row in seq.tolist():
+            out.append(row[: row.index(eos)] if eos in row else row)
+        print(f"plain replies {min(a + batch, len(prompts))}/{len(prompts)}", flush=True)
+    return out
+
+
+def pick(figs: dict[str, dict], extra: int) -> tuple[str, str | None]:
+    """(winner, warning or None): the lowest-KL candidate refusing at most ``extra`` more validation
+    prompts than the source file; the source itself when no fitted candidate does that at a lower KL."""
+    limit = figs["source"]["refusals"] + extra
+    ok = [k for k, f in figs.items() if k != "source" and f["refusals"] <= limit]
+    best = min(ok, key=lambda k: figs[k]["first_token_kl"], default=None)
+    if best is None or figs[best]["first_token_kl"] >= figs["source"]["first_token_kl"]:
+        return "source", f"no fitted candidate refuses <= {limit} validation prompts at a lower KL than the source"
+    return best, None
+
+
+def plot(stages, figs: dict, winner: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from directions.plots import save_figure
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for k, st in enumerate(stages):
+        w = st.weights
+        a.plot(w[COMPONENTS.index("attn")].tolist(), "-", c=f"C{k}", label=f"attn, lambda={st.lam:g}")
+        a.plot(w[COMPONENTS.index("mlp")].tolist(), "--", c=f"C{k}", label=f"mlp, lambda={st.lam:g}")
+    a.axhline(1.0, color="grey", ls=":", lw=0.8)
+    a.set_xlabel("layer")
+    a.set_ylabel("fitted writer weight (1 = the flat source file)")
+    a.set_title("fitted weights per stage (train split)", fontsize=9)
+    a.legend(fontsize=6, ncol=2)
+    for k, f in figs.items():
+        if k == "base":
+            continue
+        b.scatter(f["first_token_kl"], f["refusals"], c="C1" if k == winner else "C0", s=40 if k == winner else 18)
+        b.annotate(k + (" (winner)" if k == winner else ""), (f["first_token_kl"], f["refusals"]), fontsize=7)
+    any_f = next(iter(figs.values()))
+    b.set_xlabel("first-token KL, whole harmless val split")
+    b.set_ylabel(f"refusals of {any_f['n']} harmful val prompts ({any_f['tokens']} tokens)")
+    b.set_title("confirmed on the validation split", fontsize=9)
+    b.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--direction", required=True, help="the direction file whose writer weights are fitted")
+    ap.add_argument("--out", help="write the confirmed winner here (with the source file's condition)")
+    ap.add_argument("--out-dir", default="fit-out")
+    ap.add_argument("--positive", default=str(R / "harmful_train.txt"))
+    ap.add_argument("--negative", default=str(R / "harmless_train.txt"))
+    ap.add_argument("--val-positive", default=str(R / "harmful_val.txt"))
+    ap.add_argument("--val-negative", default=str(R / "harmless_val.txt"))
+    ap.add_argument("--lambdas", default="2,5,12,30", help="KL weight of each stage, in order (warm-started)")
+    ap.add_argument("--steps", type=int, default=12, help="optimiser steps per stage")
+    ap.add_argument("--batch", type=int, default=12, help="harmful and harmless train prompts per step (each)")
+    ap.add_argument("--lr", type=float, default=0.15)
+    ap.add_argument("--w-max", type=float, default=2.0)
+    ap.add_argument("--no-embedding", action="store_true", help="keep the embedding's weight as in the file")
+    ap.add_argument("--label-tokens", type=int, default=24, help="plain greedy reply length that labels refusals")
+    ap.add_argument("--prefix-tokens", type=int, default=4, help="refusal prefix tokens scored teacher-forced")
+    ap.add_argument("--confirm-tokens", type=int, default=64)
+    ap.add_argument(
+        "--max-extra-refusals",
+        type=int,
+        default=1,
+        help="the winner may refuse at most this many more validation prompts than the source file",
+    )
+    ap.add_argument("--batch-size", type=int, default=16, help="confirm generation batch")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    from directions.measure import Measurements
+    from directions.models import load_model
+    from directions.search_confirm import confirm
+    from server.engine.offline import engine_generate
+
+    t0 = time.monotonic()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = load_direction(args.direction)
+    lm = load_model(args.model)
+    model, tok = lm.model, lm.tokenizer
+    src.check_fits(model.config, args.direction)
+    harmful = build_prompts(tok, read_lines(args.positive))
+    harmless = build_prompts(tok, read_lines(args.negative))
+    replies = plain_replies(model, tok, harmful, args.label_tokens)
+    refused = [i for i, r in enumerate(replies) if len(r) and is_refusal(tok.decode(r, skip_special_tokens=True))]
+    if not refused:
+        print("the plain model refuses none of the harmful train prompts: nothing to fit", file=sys.stderr)
+        return 2
+    fit_on = [harmful[i] for i in refused]
+    prefixes = [replies[i][: args.prefix_tokens] for i in refused]
+    print(
+        f"fitting on the {len(refused)} of {len(harmful)} harmful train prompts the plain model refuses "
+        f"({args.label_tokens}-token greedy replies), prefixes of {args.prefix_tokens} tokens, e.g. "
+        f"{tok.decode(prefixes[0])!r}",
+        flush=True,
+    )
+    cfg = FitConfig(
+        lambdas=tuple(float(x) for x in args.lambdas.split(",") if x.strip()),
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        w_max=args.w_max,
+        seed=args.seed,
+        fit_embedding=not args.no_embedding,
+    )
+
+    def progress(stage, step, steps, f):
+        print(
+            f"[{stage}] step {step}/{steps}: loss {f['loss']:.4f}  refusal term {f['refusal_term']:.4f}  "
+            f"mass {f['mass']:.4f}  kl {f['kl']:.4f}  ({f['s']} s)",
+            flush=True,
+        )
+
+    stages = fit_weights(model, tok, src, fit_on, harmless, prefixes, cfg, progress)
+    base_record = {
+        "source": Path(args.direction).name,
+        "source_sha256": sha256_file(args.direction),
+        "objective": "mean -log(1 - P(plain refusal prefix)) on refused harmful train + lambda * first-token KL "
+        "on harmless train",
+        "prefix_tokens": args.prefix_tokens,
+        "label_tokens": args.label_tokens,
+        "n_fit": [len(fit_on), len(harmless)],
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+        "train_files": [Path(args.positive).name, Path(args.negative).name],
+    }
+    sets = {}
+    for st in stages:
+        label = f"lam{st.lam:g}"
+        ds = with_weights(src, st.weights, {**base_record, "lambda": st.lam})
+        save_direction(ds, out_dir / f"fit-{label}.safetensors", model.config)
+        sets[label] = ds
+    print(
+        f"fit done in {time.monotonic() - t0:.0f} s; confirming {len(sets)} candidates + the source on validation",
+        flush=True,
+    )
+    gen = engine_generate(model, tok, batch_size=args.batch_size)
+    m = Measurements(model, tok, gen)
+    vh = build_prompts(tok, read_lines(args.val_positive))
+    vn = build_prompts(tok, read_lines(args.val_negative))
+    figs = confirm(m, {"source": src, **sets}, vh, vn, args.confirm_tokens, 1.0)
+    winner, warning = pick(figs, args.max_extra_refusals)
+    print(
+        f"\n| candidate | refusals of {len(vh)} harmful val ({args.confirm_tokens} tokens) | first-token KL, {len(vn)} harmless val |"
+    )
+    print("|---|---|---|")
+    for k, f in figs.items():
+        print(f"| {k}{' (winner)' if k == winner else ''} | {f['refusals']} | {f['first_token_kl']:.4f} |")
+    if warning:
+        print("warning:", warning)
+    res = {
+        **base_record,
+        "stages": [{"lambda": st.lam, "weights": st.weights.tolist(), "history": st.history} for st in stages],
+        "confirm": figs,
+        "val_files": [Path(args.val_positive).name, Path(args.val_negative).name],
+        "winner": winner,
+        "warning": warning,
+        "wall_s": round(time.monotonic() - t0),
+    }
+    (out_dir / "fit.json").write_text(json.dumps(res, indent=1))
+    plot(stages, figs, winner, out_dir / "fit.png")
+    if args.out and winner == "source":
+        print(f"{args.out} not written: {warning}")
+    elif args.out:
+        record = {**json.loads(sets[winner].metadata["fit"]), "confirm": figs[winner], "chosen": winner}
+        ds = with_weights(src, sets[winner].component_weights, record)
+        save_direction(ds, args.out, model.config)
+        print(f"wrote {args.out} ({winner})")
+    print(f"total {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

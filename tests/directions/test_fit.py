@@ -1,0 +1,186 @@
+"""The gradient fit of writer weights (directions/fit.py, scripts/fit_weights.py) on tiny models:
+its differentiable edit is the server's edit, the fit lowers what it minimises, and the script
+writes loadable candidates that keep the source file's condition."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from directions import extract, selection
+from directions.fileformat import COMPONENTS, load_direction, save_direction
+from directions.fit import DifferentiableEdit, FitConfig, fit_weights, last_logits, with_weights
+from directions.forward import forward_last
+from tests.tiny_models import (
+    random_direction_set,
+    save_tiny_dir,
+    tiny_extract_data,
+    tiny_model,
+    tiny_tokenizer,
+    tokens,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TOK = tiny_tokenizer()
+
+
+def _prompts(seed: int, n: int = 8) -> list[list[int]]:
+    return [tokens(seed + i, 1, 4 + (i % 4))[0].tolist() for i in range(n)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_differentiable_edit_is_the_server_edit(arch):
+    model = tiny_model(arch)
+    ds = random_direction_set(model)
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(len(COMPONENTS), ds.n_layers, generator=g) * 1.5
+    served = with_weights(ds, w, {"test": True})
+    prompts = _prompts(0)
+    want, _ = forward_last(model, TOK, prompts, {"s": served}, {"s": [1.0] * len(prompts)}, batch_size=8)
+    edit = DifferentiableEdit(model, served.directions)
+    try:
+        edit.weights = served.writer_weights()
+        got = last_logits(model, prompts, 0)
+        edit.weights = None  # hooks installed but off: the plain model
+        plain = last_logits(model, prompts, 0)
+    finally:
+        edit.remove()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - plain).abs().max() > 1e-3  # the edit did something
+    assert not any(m._forward_hooks for m in model.modules())  # removed
+
+
+@torch.no_grad()
+def _greedy(model, ds, prompt, n):
+    """``n`` greedy tokens after ``prompt`` with ``ds`` at strength 1 (the server's hooks)."""
+    seq = list(prompt)
+    for _ in range(n):
+        logits, _ = forward_last(model, TOK, [seq], {"s": ds}, {"s": [1.0]}, batch_size=1)
+        seq.append(int(logits[0].argmax()))
+    return seq[len(prompt) :]
+
+
+def _prob_and_kl(model, ds, harmful, harmless, prefixes):
+    """Mean P(prefix | prompt) over the harmful prompts (teacher-forced, one forward per token, through
+    the server's hooks) and mean first-token KL over the harmless ones."""
+    rows = lambda p: {"s": [1.0] * len(p)}  # noqa: E731
+    probs = []
+    for p, pre in zip(harmful, prefixes, strict=True):
+        lp = 0.0
+        for j, t in enumerate(pre):
+            logits, _ = forward_last(model, TOK, [list(p) + list(pre[:j])], {"s": ds}, {"s": [1.0]}, batch_size=1)
+            lp += float(torch.log_softmax(logits[0].double(), -1)[t])
+        probs.append(math.exp(lp))
+    base, _ = forward_last(model, TOK, harmless, batch_size=16)
+    ln, _ = forward_last(model, TOK, harmless, {"s": ds}, rows(harmless), batch_size=16)
+    lp, lq = torch.log_softmax(base.double(), -1), torch.log_softmax(ln.double(), -1)
+    return sum(probs) / len(probs), float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def test_fit_lowers_its_objective():
+    model = tiny_model("qwen2")
+    ds = random_direction_set(model)
+    ds = dataclasses.replace(ds, layer_weights=torch.ones(ds.n_layers))
+    harmful, harmless = _prompts(10, 12), _prompts(40, 12)
+    # each "refusal prefix": the edited model's own two greedy tokens after the harmful prompt
+    prefixes = [_greedy(model, ds, p, 2) for p in harmful]
+    m0, k0 = _prob_and_kl(model, ds, harmful, harmless, prefixes)
+    # lambda 0: only the refusal term; a large lambda: mostly the KL
+    cfg = FitConfig(lambdas=(0.0, 1000.0), steps=25, batch=12, lr=0.2)
+    seen = []
+    stages = fit_weights(model, TOK, ds, harmful, harmless, prefixes, cfg, lambda *a: seen.append(a))
+    assert [s.lam for s in stages] == [0.0, 1000.0]
+    assert len(seen) == 50 and seen[-1][:3] == ("lambda=1000", 25, 25)
+    m1, _ = _prob_and_kl(model, with_weights(ds, stages[0].weights, {}), harmful, harmless, prefixes)
+    _, k2 = _prob_and_kl(model, with_weights(ds, stages[1].weights, {}), harmful, harmless, prefixes)
+    assert m1 < m0 * 0.9
+    assert k2 < k0 * 0.5
+    for st in stages:
+        assert st.weights.shape == (len(COMPONENTS), ds.n_layers)
+        assert float(st.weights.min()) >= 0 and float(st.weights.max()) <= cfg.w_max
+    assert all(not p.requires_grad for p in model.parameters())  # left as found
+
+
+def test_fit_rejects_empty_inputs():
+    model = tiny_model("llama")
+    ds = random_direction_set(model)
+    with pytest.raises(ValueError, match="refusal prefix"):
+        fit_weights(model, TOK, ds, _prompts(0, 2), _prompts(5, 2), [[3], []], FitConfig(steps=1))
+    with pytest.raises(ValueError, match="harmful and harmless"):
+        fit_weights(model, TOK, ds, [], _prompts(5, 2), [], FitConfig(steps=1))
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("fit_weights", ROOT / "scripts" / "fit_weights.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fit_weights"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fit_weights_script(tmp_path, capsys, monkeypatch):
+    mod = _load_script()
+    model = tiny_model("llama")
+    model_dir = save_tiny_dir(model, tmp_path / "model")
+    data = tiny_extract_data(n_train=16, n_val=8)
+    ds = selection.select_and_build(
+        model,
+        tiny_tokenizer(),
+        data,
+        "refusal",
+        selection.SelectConfig(layers=[1], batch_size=4, detect=True),
+        [extract.Candidate("single", 1)],
+    )
+    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+    files = {}
+    for k, v in {"pos": data.pos_train, "neg": data.neg_train, "vpos": data.pos_val, "vneg": data.neg_val}.items():
+        files[k] = tmp_path / f"{k}.txt"
+        files[k].write_text("\n".join(v) + "\n")
+    out_dir, out = tmp_path / "fit", tmp_path / "winner.safetensors"
+    args = ["--model", model_dir, "--direction", str(src), "--out-dir", str(out_dir), "--out", str(out)]
+    args += ["--positive", str(files["pos"]), "--negative", str(files["neg"])]
+    args += ["--val-positive", str(files["vpos"]), "--val-negative", str(files["vneg"])]
+    args += ["--lambdas", "1,10", "--steps", "2", "--batch", "4", "--confirm-tokens", "3", "--label-tokens", "3"]
+    # a random model's replies are noise: the plain model "refuses" every third harmful prompt
+    verdicts = iter([True, False, False] * 10)
+    monkeypatch.setattr(mod, "is_refusal", lambda text: next(verdicts, False))
+    assert mod.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[lambda=10] step 2/2" in printed and "| source |" in printed
+    assert "fitting on the 6 of 16 harmful train prompts" in printed
+    res = json.loads((out_dir / "fit.json").read_text())
+    assert [s["lambda"] for s in res["stages"]] == [1.0, 10.0]
+    assert set(res["confirm"]) == {"source", "lam1", "lam10"}
+    assert (out_dir / "fit.png").stat().st_size > 0
+    for p in (out_dir / "fit-lam1.safetensors", out_dir / "fit-lam10.safetensors"):
+        got = load_direction(p)
+        assert got.component_weights is not None and got.has_condition
+        assert got.detect_threshold == pytest.approx(ds.detect_threshold)
+        torch.testing.assert_close(got.directions, load_direction(src).directions)
+    assert res["winner"] == mod.pick(res["confirm"], 1)[0]
+    if res["winner"] == "source":
+        assert not out.exists() and "not written" in printed
+        return
+    rec = json.loads(load_direction(out).metadata["fit"])
+    assert rec["chosen"] == res["winner"] and rec["confirm"] == res["confirm"][res["winner"]]
+    won = res["stages"][[1.0, 10.0].index(rec["lambda"])]["weights"]
+    torch.testing.assert_close(load_direction(out).component_weights, torch.tensor(won))
+    assert load_direction(out).has_condition
+
+
+def test_pick_rule():
+    mod = _load_script()
+    f = lambda r, kl: {"refusals": r, "first_token_kl": kl}  # noqa: E731
+    figs = {"source": f(1, 0.066), "lam1": f(2, 0.055), "lam3": f(2, 0.050), "lam10": f(8, 0.033)}
+    assert mod.pick(figs, 1) == ("lam3", None)
+    assert mod.pick(figs, 7)[0] == "lam10"
+    assert mod.pick(figs, 0)[0] == "source" and "<= 1" in mod.pick(figs, 0)[1]
+    # a candidate within the refusal limit but not below the source's KL does not win
+    assert mod.pick({"source": f(1, 0.03), "lam1": f(1, 0.04)}, 1)[0] == "source"
