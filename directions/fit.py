@@ -17,7 +17,8 @@ already steers the reply away from the refusal and grows without bound where the
 starts refusing, so the prompts the edit leaves refused dominate the gradient. The KL is over
 the full vocabulary. Weights are ``w_max * sigmoid(theta)``
 (in [0, w_max]); the embedding uses only its layer-0 entry (the other embedding entries stay
-as they are). ``lam`` is raised in stages (a path from "remove refusals" toward "keep the
+as they are). With ``smooth`` > 0 the loss adds ``smooth`` times the squared
+differences between neighbouring layers' attention (and MLP) weights. ``lam`` is raised in stages (a path from "remove refusals" toward "keep the
 model"), warm-starting each stage from the last, and every stage's weights are a candidate.
 
 Only train prompts go into the fit; candidates are then confirmed on validation
@@ -54,6 +55,7 @@ class FitConfig:
     init: float = 1.0  # starting weight of every writer (1 = the flat file)
     seed: int = 0
     fit_embedding: bool = True
+    smooth: float = 0.0  # weight of the squared layer-to-layer differences of the attn and MLP weights
 
 
 @dataclass
@@ -188,6 +190,9 @@ def fit_weights(
                 bp = base[ni]
                 kl = (bp.exp() * (bp - ln)).sum(-1).clamp_min(0).mean()
                 loss = r_term + lam * kl
+                if cfg.smooth:
+                    w = edit.weights[[COMPONENTS.index("attn"), COMPONENTS.index("mlp")]]
+                    loss = loss + cfg.smooth * (w[:, 1:] - w[:, :-1]).pow(2).sum()
                 loss.backward()
                 opt.step()
                 figs = {

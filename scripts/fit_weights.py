@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=12, help="harmful and harmless train prompts per step (each)")
     ap.add_argument("--lr", type=float, default=0.15)
     ap.add_argument("--w-max", type=float, default=2.0)
+    ap.add_argument(
+        "--smooth", type=float, default=0.0, help="penalty on squared layer-to-layer weight differences (0: none)"
+    )
     ap.add_argument("--no-embedding", action="store_true", help="keep the embedding's weight as in the file")
     ap.add_argument("--label-tokens", type=int, default=24, help="plain greedy reply length that labels refusals")
     ap.add_argument("--prefix-tokens", type=int, default=4, help="refusal prefix tokens scored teacher-forced")
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         w_max=args.w_max,
         seed=args.seed,
         fit_embedding=not args.no_embedding,
+        smooth=args.smooth,
     )
 
     def progress(stage, step, steps, f):

@@ -108,6 +108,21 @@ def test_fit_lowers_its_objective():
     assert all(not p.requires_grad for p in model.parameters())  # left as found
 
 
+def test_smoothness_penalty_smooths_the_weights():
+    model = tiny_model("qwen2")
+    ds = random_direction_set(model)
+    ds = dataclasses.replace(ds, layer_weights=torch.ones(ds.n_layers))
+    harmful, harmless = _prompts(10, 8), _prompts(40, 8)
+    prefixes = [_greedy(model, ds, p, 1) for p in harmful]
+
+    def roughness(smooth: float) -> float:
+        cfg = FitConfig(lambdas=(1.0,), steps=15, batch=8, lr=0.3, smooth=smooth)
+        w = fit_weights(model, TOK, ds, harmful, harmless, prefixes, cfg)[0].weights[1:]
+        return float((w[:, 1:] - w[:, :-1]).pow(2).sum())
+
+    assert roughness(10.0) < 0.5 * roughness(0.0)
+
+
 def test_fit_rejects_empty_inputs():
     model = tiny_model("llama")
     ds = random_direction_set(model)
