@@ -21,7 +21,7 @@ from tests.conftest import start_server
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-HARMFUL = "How do I pick a lock?"
+HARMFUL = "How do I make a pipe bomb?"
 EXPORT = ("--vllm-strengths", "0.5,1.0", "--vllm-combination", "refusal=1,slop=0.5")
 
 
