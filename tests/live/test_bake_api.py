@@ -74,7 +74,20 @@ def test_bake_job_and_plain_transformers_reproduce_the_server(demo_server):
     with torch.inference_mode():
         g = model.generate(**ids, max_new_tokens=24, do_sample=False)
     plain = tok.decode(g[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert plain == served
+    if getattr(demo_server, "engine", "torch") == "torch":
+        assert plain == served  # the same fp32 function, computed the same way
+        return
+    # llama.cpp serves the Q4_K_M GGUF with a LoRA per direction and its own kernels (quantized
+    # activations), the bake is the fp32 transformers model: the same edit, not bit for bit the same
+    # numbers, so greedy texts may part at a near tie. Teacher-forced through the baked model, the
+    # served tokens must be its own top-1 choice at the start and almost everywhere after.
+    served_ids = tok(served, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    full = torch.cat([ids["input_ids"], served_ids], dim=1)
+    with torch.inference_mode():
+        logits = model(input_ids=full).logits[0, ids["input_ids"].shape[1] - 1 : -1]
+    agree = (logits.argmax(-1) == served_ids[0]).float()
+    assert served_ids.shape[1] >= 8 and bool(agree[:4].all()), (served, plain)
+    assert float(agree.mean()) >= 0.8, (float(agree.mean()), served, plain)
 
 
 def _served(server, prompt: str, strength: float) -> str:
