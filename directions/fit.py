@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from directions.edit import project_out
 from directions.fileformat import COMPONENTS, DirectionSet
-from directions.forward import pad_id, pad_left
+from directions.forward import forward_last, pad_id, pad_left
 from directions.writers import find_writers
 
 
@@ -66,9 +67,9 @@ class StageResult:
 
 
 class DifferentiableEdit:
-    """Forward hooks applying ``y - w[kind, l] * (y . r_l) r_l`` with ``w`` a tensor that carries
-    gradients (the server's hooks, :class:`directions.hooks.SteeringHooks`, run the same map
-    under ``inference_mode``)."""
+    """Forward hooks applying the edit (:func:`directions.edit.project_out`, as the server's
+    :class:`directions.hooks.SteeringHooks` do) with the writer weights ``w`` a tensor that carries
+    gradients."""
 
     def __init__(self, model: nn.Module, directions: torch.Tensor):
         p = next(model.parameters())
@@ -83,9 +84,7 @@ class DifferentiableEdit:
         def hook(module, inputs, y):
             if self.weights is None:
                 return y
-            r = self.dirs[layer]
-            c = self.weights[comp, layer].to(y.dtype)
-            return y - (c * (y @ r)).unsqueeze(-1) * r
+            return project_out(y, self.dirs[layer], self.weights[comp, layer].to(y.dtype))
 
         return hook
 
@@ -123,13 +122,6 @@ def prefix_prob(model, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequ
     return (tok_lp * valid).sum(-1).exp().clamp(max=1 - 1e-6)
 
 
-def _unit_rows(ds: DirectionSet, n_layers: int) -> torch.Tensor:
-    d = ds.directions.to(torch.float32)
-    if d.dim() == 1:
-        d = d.unsqueeze(0).expand(n_layers, -1)
-    return d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
 def fit_weights(
     model,
     tokenizer,
@@ -156,13 +148,10 @@ def fit_weights(
     for p in model.parameters():
         p.requires_grad_(False)
     # The unedited first-token log-probabilities of the harmless prompts (the KL reference).
-    with torch.inference_mode():
-        base = torch.cat(
-            [torch.log_softmax(last_logits(model, harmless[a : a + 16], pad), -1) for a in range(0, len(harmless), 16)]
-        )
+    base = torch.log_softmax(forward_last(model, tokenizer, harmless, batch_size=16)[0], -1)
     frac = min(max(cfg.init / cfg.w_max, 1e-4), 1 - 1e-4)
     theta = torch.full((len(COMPONENTS), n_layers), math.log(frac / (1 - frac)), requires_grad=True)
-    edit = DifferentiableEdit(model, _unit_rows(ds, n_layers))
+    edit = DifferentiableEdit(model, ds.directions)  # (n_layers, d) unit rows
     emb_row = COMPONENTS.index("embed")
     fixed_emb = ds.writer_weights()[emb_row].clone()
     results: list[StageResult] = []

@@ -85,15 +85,21 @@ def plot_pareto(rows: list[dict], figs: dict[str, dict], winner: str, kl_budget:
     a.set_ylabel("refusals (short replies) + refusal-token mass / 10, harmful val subset")
     a.set_title(f"search trials ({len(rows)})", fontsize=9)
     a.legend(fontsize=7)
+    confirmed_panel(b, figs, winner, "confirmed Pareto candidates (validation split)")
+    b.axvline(kl_budget, color="grey", ls=":", lw=0.8)
+    return save_figure(fig, path)
+
+
+def confirmed_panel(ax, figs: dict[str, dict], winner: str, title: str) -> None:
+    """Confirmed candidates on ``ax``: refusals at the confirm length against first-token KL on the
+    whole harmless split, each labelled, the winner highlighted (the unedited "base" left out)."""
     for k, f in figs.items():
         if k == "base":
             continue
-        b.scatter(f["first_token_kl"], f["refusals"], c="C1" if k == winner else "C0", s=40 if k == winner else 18)
-        b.annotate(k + (" (winner)" if k == winner else ""), (f["first_token_kl"], f["refusals"]), fontsize=7)
-    b.axvline(kl_budget, color="grey", ls=":", lw=0.8)
+        ax.scatter(f["first_token_kl"], f["refusals"], c="C1" if k == winner else "C0", s=40 if k == winner else 18)
+        ax.annotate(k + (" (winner)" if k == winner else ""), (f["first_token_kl"], f["refusals"]), fontsize=7)
     any_f = next(iter(figs.values()))
-    b.set_xlabel("first-token KL, whole harmless val split")
-    b.set_ylabel(f"refusals of {any_f['n']} harmful val prompts ({any_f['tokens']} tokens)")
-    b.set_title("confirmed Pareto candidates (validation split)", fontsize=9)
-    b.grid(alpha=0.3)
-    return save_figure(fig, path)
+    ax.set_xlabel("first-token KL, whole harmless val split")
+    ax.set_ylabel(f"refusals of {any_f['n']} harmful val prompts ({any_f['tokens']} tokens)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)

@@ -75,6 +75,7 @@ def plot(stages, figs: dict, winner: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from directions.plots import save_figure
+    from directions.search_confirm import confirmed_panel
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for k, st in enumerate(stages):
@@ -86,16 +87,7 @@ def plot(stages, figs: dict, winner: str, path: Path) -> Path:
     a.set_ylabel("fitted writer weight (1 = the flat source file)")
     a.set_title("fitted weights per stage (train split)", fontsize=9)
     a.legend(fontsize=6, ncol=2)
-    for k, f in figs.items():
-        if k == "base":
-            continue
-        b.scatter(f["first_token_kl"], f["refusals"], c="C1" if k == winner else "C0", s=40 if k == winner else 18)
-        b.annotate(k + (" (winner)" if k == winner else ""), (f["first_token_kl"], f["refusals"]), fontsize=7)
-    any_f = next(iter(figs.values()))
-    b.set_xlabel("first-token KL, whole harmless val split")
-    b.set_ylabel(f"refusals of {any_f['n']} harmful val prompts ({any_f['tokens']} tokens)")
-    b.set_title("confirmed on the validation split", fontsize=9)
-    b.grid(alpha=0.3)
+    confirmed_panel(b, figs, winner, "confirmed on the validation split")
     return save_figure(fig, path)
 
 
@@ -188,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
         "train_files": [Path(args.positive).name, Path(args.negative).name],
     }
-    sets = {}
+    sets, records = {}, {}
     for st in stages:
         label = f"lam{st.lam:g}"
-        ds = with_weights(src, st.weights, {**base_record, "lambda": st.lam})
-        save_direction(ds, out_dir / f"fit-{label}.safetensors", model.config)
-        sets[label] = ds
+        records[label] = {**base_record, "lambda": st.lam}
+        sets[label] = with_weights(src, st.weights, records[label])
+        save_direction(sets[label], out_dir / f"fit-{label}.safetensors", model.config)
     print(
         f"fit done in {time.monotonic() - t0:.0f} s; confirming {len(sets)} candidates + the source on validation",
         flush=True,
@@ -226,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out and winner == "source":
         print(f"{args.out} not written: {warning}")
     elif args.out:
-        record = {**json.loads(sets[winner].metadata["fit"]), "confirm": figs[winner], "chosen": winner}
+        record = {**records[winner], "confirm": figs[winner], "chosen": winner}
         ds = with_weights(src, sets[winner].component_weights, record)
         save_direction(ds, args.out, model.config)
         print(f"wrote {args.out} ({winner})")

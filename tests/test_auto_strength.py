@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from directions import extract, selection
-from directions.fileformat import save_direction
-from tests.tiny_models import save_tiny_dir, tiny_extract_data, tiny_model, tiny_tokenizer
+from directions import extract
+from tests.tiny_models import tiny_refusal_direction, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,26 +25,9 @@ def _load(name: str = "auto_strength"):
     return mod
 
 
-def _tiny_direction(tmp_path, detect: bool = True):
-    """A tiny llama directory, separable prompt sets, and a refusal direction file extracted from
-    them (with a condition unless ``detect`` is false): (model, model_dir, data, ds, path)."""
-    model = tiny_model("llama")
-    model_dir = save_tiny_dir(model, tmp_path / "model")
-    data = tiny_extract_data(n_train=16, n_val=12)
-    ds = selection.select_and_build(
-        model,
-        tiny_tokenizer(),
-        data,
-        "refusal",
-        selection.SelectConfig(layers=[1], batch_size=4, detect=detect),
-        [extract.Candidate("single", 1)],
-    )
-    return model, model_dir, data, ds, save_direction(ds, tmp_path / "r.safetensors", config=model.config)
-
-
 def test_auto_strength_counts_and_kl(tmp_path, monkeypatch, capsys):
     mod = _load()
-    _, model_dir, data, ds, src = _tiny_direction(tmp_path)
+    _, model_dir, data, ds, src = tiny_refusal_direction(tmp_path)
     assert ds.has_condition
     (tmp_path / "harmful.txt").write_text("\n".join(data.pos_val) + "\n")
     (tmp_path / "harmless.txt").write_text("\n".join(data.neg_val) + "\n")
@@ -70,7 +52,7 @@ def test_auto_strength_counts_and_kl(tmp_path, monkeypatch, capsys):
 
 def test_auto_strength_rejects_a_file_without_a_condition(tmp_path, capsys):
     mod = _load()
-    *_, src = _tiny_direction(tmp_path, detect=False)
+    *_, src = tiny_refusal_direction(tmp_path, detect=False)
     assert mod.main(["--model", "unused", "--direction", str(src)]) == 2
     assert "no condition" in capsys.readouterr().err
 
@@ -80,7 +62,7 @@ def test_condition_report_counts_fires_against_the_judge(tmp_path, monkeypatch, 
     from directions.forward import forward_last
 
     mod = _load("condition_report")
-    model, model_dir, data, ds, src = _tiny_direction(tmp_path)
+    model, model_dir, data, ds, src = tiny_refusal_direction(tmp_path)
     tok = tiny_tokenizer()
     texts = data.pos_val[:6] + data.neg_val[:6]
     (tmp_path / "mixed.txt").write_text("\n".join(texts) + "\n")

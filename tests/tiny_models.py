@@ -132,3 +132,24 @@ def tiny_extract_data(n_train: int = 12, n_val: int = 10):
         pos_val=tiny_prompts(3, 40, n_val, 3),
         neg_val=tiny_prompts(60, 100, n_val, 4),
     )
+
+
+def tiny_refusal_direction(tmp_path, detect: bool = True, n_val: int = 12):
+    """A tiny llama directory, separable prompt sets (16 train prompts per side), and a refusal
+    direction file extracted from them at layer 1 (with a condition unless ``detect`` is false):
+    (model, model_dir, data, ds, path)."""
+    from directions import extract, selection
+    from directions.fileformat import save_direction
+
+    model = tiny_model("llama")
+    model_dir = save_tiny_dir(model, tmp_path / "model")
+    data = tiny_extract_data(n_train=16, n_val=n_val)
+    ds = selection.select_and_build(
+        model,
+        tiny_tokenizer(),
+        data,
+        "refusal",
+        selection.SelectConfig(layers=[1], batch_size=4, detect=detect),
+        [extract.Candidate("single", 1)],
+    )
+    return model, model_dir, data, ds, save_direction(ds, tmp_path / "r.safetensors", config=model.config)

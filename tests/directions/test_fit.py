@@ -14,15 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from directions import extract, selection
-from directions.fileformat import COMPONENTS, load_direction, save_direction
+from directions.fileformat import COMPONENTS, load_direction
 from directions.fit import DifferentiableEdit, FitConfig, fit_weights, last_logits, with_weights
 from directions.forward import forward_last
 from tests.tiny_models import (
     random_direction_set,
-    save_tiny_dir,
-    tiny_extract_data,
     tiny_model,
+    tiny_refusal_direction,
     tiny_tokenizer,
     tokens,
 )
@@ -142,18 +140,7 @@ def _load_script():
 
 def test_fit_weights_script(tmp_path, capsys, monkeypatch):
     mod = _load_script()
-    model = tiny_model("llama")
-    model_dir = save_tiny_dir(model, tmp_path / "model")
-    data = tiny_extract_data(n_train=16, n_val=8)
-    ds = selection.select_and_build(
-        model,
-        tiny_tokenizer(),
-        data,
-        "refusal",
-        selection.SelectConfig(layers=[1], batch_size=4, detect=True),
-        [extract.Candidate("single", 1)],
-    )
-    src = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+    _, model_dir, data, ds, src = tiny_refusal_direction(tmp_path, n_val=8)
     files = {}
     for k, v in {"pos": data.pos_train, "neg": data.neg_train, "vpos": data.pos_val, "vneg": data.neg_val}.items():
         files[k] = tmp_path / f"{k}.txt"
