@@ -11,7 +11,8 @@ fit minimises over the (3, n_layers) writer weights
     K(w) = mean over harmless prompts of KL(P_orig || P_w) at the first generated token
 
 where a prompt's refusal prefix is the first few tokens of the unedited model's own greedy
-refusal of it (e.g. "I'm sorry,"), scored teacher-forced: ``P_w(prefix)`` is the product of the
+refusal of it (e.g. "I'm sorry,"), or a set of prefixes (its own and the most common other
+refusal openings, e.g. "As an AI language"; then P is the sum over the set), scored teacher-forced: ``P_w(prefix)`` is the product of the
 edited model's probabilities of those tokens in turn. ``-log(1 - P)`` is ~P where the edit
 already steers the reply away from the refusal and grows without bound where the reply still
 starts refusing, so the prompts the edit leaves refused dominate the gradient. The KL is over
@@ -20,6 +21,14 @@ the full vocabulary. Weights are ``w_max * sigmoid(theta)``
 as they are). With ``smooth`` > 0 the loss adds ``smooth`` times the squared
 differences between neighbouring layers' attention (and MLP) weights. ``lam`` is raised in stages (a path from "remove refusals" toward "keep the
 model"), warm-starting each stage from the last, and every stage's weights are a candidate.
+
+With ``direction`` = "shared" or "per-layer" the direction is fitted too (something no peer
+does): ``r_l = normalize(r0_l + delta)`` with ``delta`` one vector for every layer ("shared": the
+file stays one direction, rotated) or one per layer ("per-layer": the file becomes one direction
+per layer, which the file format, hooks, bake and LoRA export all take). The loss then adds
+``direction_reg`` times the mean of ``1 - cos(r_l, r0_l)``, which keeps the fitted direction near
+the extracted one unless the surrogate pays for moving it. The edit stays a rank-1 projection
+per writer, linear in the strength: per-request strengths, bake and LoRA export are unchanged.
 
 Only train prompts go into the fit; candidates are then confirmed on validation
 (``scripts/fit_weights.py``). Nothing here reads the test split.
@@ -57,12 +66,19 @@ class FitConfig:
     seed: int = 0
     fit_embedding: bool = True
     smooth: float = 0.0  # weight of the squared layer-to-layer differences of the attn and MLP weights
+    direction: str = "none"  # "none" (direction fixed) | "shared" | "per-layer" (see the module doc)
+    direction_lr: float = 0.003  # Adam on delta (the directions are unit rows)
+    direction_reg: float = 1.0  # weight of mean(1 - cos(r_l, r0_l))
+
+
+DIRECTION_MODES = ("none", "shared", "per-layer")
 
 
 @dataclass
 class StageResult:
     lam: float
     weights: torch.Tensor  # (3, n_layers) writer weights at the end of the stage
+    directions: torch.Tensor | None = None  # (n_layers, d) unit rows at the end of the stage (direction fitted)
     history: list[dict] = field(default_factory=list)  # per step: loss, refusal term, kl, mass
 
 
@@ -134,11 +150,18 @@ def fit_weights(
 ) -> list[StageResult]:
     """Fit the writer weights of ``ds`` (its directions fixed); one :class:`StageResult` per
     lambda of ``cfg.lambdas``. ``prefixes[i]`` is the refusal prefix of ``harmful[i]`` (at least one
-    token). ``progress(stage, step, steps, figures)`` is called after every step."""
+    token), or a list of such prefixes: then the refusal term scores the sum of their
+    probabilities (distinct prefixes are disjoint events: the mass of "any of these refusal
+    openings"). ``progress(stage, step, steps, figures)`` is called after every step."""
     if not harmful or not harmless:
         raise ValueError("the fit needs harmful and harmless prompts")
-    if len(prefixes) != len(harmful) or any(len(p) == 0 for p in prefixes):
+    if len(prefixes) != len(harmful):
         raise ValueError("every harmful prompt needs a refusal prefix of at least one token")
+    prefix_sets = [[list(x) for x in p] if p and not isinstance(p[0], int) else [list(p)] for p in prefixes]
+    if any(not ps or any(len(x) == 0 for x in ps) for ps in prefix_sets):
+        raise ValueError("every harmful prompt needs a refusal prefix of at least one token")
+    if cfg.direction not in DIRECTION_MODES:
+        raise ValueError(f"direction must be one of {', '.join(DIRECTION_MODES)}, not {cfg.direction!r}")
     pad = pad_id(tokenizer)
     n_layers = ds.n_layers
     torch.manual_seed(cfg.seed)
@@ -152,6 +175,9 @@ def fit_weights(
     frac = min(max(cfg.init / cfg.w_max, 1e-4), 1 - 1e-4)
     theta = torch.full((len(COMPONENTS), n_layers), math.log(frac / (1 - frac)), requires_grad=True)
     edit = DifferentiableEdit(model, ds.directions)  # (n_layers, d) unit rows
+    r0 = edit.dirs.detach().clone()
+    fit_dir = cfg.direction != "none"
+    delta = torch.zeros(1 if cfg.direction == "shared" else n_layers, ds.d_model, dtype=r0.dtype, requires_grad=fit_dir)
     emb_row = COMPONENTS.index("embed")
     fixed_emb = ds.writer_weights()[emb_row].clone()
     results: list[StageResult] = []
@@ -164,8 +190,15 @@ def fit_weights(
         return w
 
     try:
+
+        def dirs_of(dl: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.normalize(r0 + dl, dim=-1)
+
         for lam in cfg.lambdas:
-            opt = torch.optim.Adam([theta], lr=cfg.lr)
+            groups = [{"params": [theta], "lr": cfg.lr}]
+            if fit_dir:
+                groups.append({"params": [delta], "lr": cfg.direction_lr})
+            opt = torch.optim.Adam(groups)
             stage = StageResult(lam=float(lam), weights=torch.empty(0))
             for step in range(cfg.steps):
                 t0 = time.monotonic()
@@ -173,7 +206,17 @@ def fit_weights(
                 ni = torch.randperm(len(harmless), generator=gen)[: cfg.batch].tolist()
                 opt.zero_grad()
                 edit.weights = weights_of(theta)
-                mass = prefix_prob(model, [harmful[i] for i in hi], [prefixes[i] for i in hi], pad)
+                if fit_dir:
+                    edit.dirs = dirs_of(delta)
+                owner = [j for j, i in enumerate(hi) for _ in prefix_sets[i]]
+                rows_p = prefix_prob(
+                    model,
+                    [harmful[i] for i in hi for _ in prefix_sets[i]],
+                    [x for i in hi for x in prefix_sets[i]],
+                    pad,
+                )
+                mass = torch.zeros(len(hi), dtype=rows_p.dtype).index_add(0, torch.tensor(owner), rows_p)
+                mass = mass.clamp(max=1 - 1e-6)
                 r_term = (-torch.log1p(-mass)).mean()
                 ln = torch.log_softmax(last_logits(model, [harmless[i] for i in ni], pad), -1)
                 bp = base[ni]
@@ -182,6 +225,9 @@ def fit_weights(
                 if cfg.smooth:
                     w = edit.weights[[COMPONENTS.index("attn"), COMPONENTS.index("mlp")]]
                     loss = loss + cfg.smooth * (w[:, 1:] - w[:, :-1]).pow(2).sum()
+                cos = (edit.dirs * r0).sum(-1)
+                if fit_dir and cfg.direction_reg:
+                    loss = loss + cfg.direction_reg * (1 - cos).mean()
                 loss.backward()
                 opt.step()
                 figs = {
@@ -189,6 +235,7 @@ def fit_weights(
                     "refusal_term": r_term.item(),
                     "mass": mass.mean().item(),
                     "kl": kl.item(),
+                    **({"min_cos": round(cos.min().item(), 5)} if fit_dir else {}),
                     "s": round(time.monotonic() - t0, 1),
                 }
                 stage.history.append(figs)
@@ -196,25 +243,32 @@ def fit_weights(
                     progress(f"lambda={lam:g}", step + 1, cfg.steps, figs)
             with torch.no_grad():
                 stage.weights = weights_of(theta).detach().clone()
+                if fit_dir:
+                    stage.directions = dirs_of(delta).detach().float().cpu().clone()
             results.append(stage)
     finally:
         edit.remove()
+        edit.dirs = r0
         for p, r in zip(model.parameters(), req, strict=True):
             p.requires_grad_(r)
         model.train(was_training)
     return results
 
 
-def with_weights(ds: DirectionSet, weights: torch.Tensor, record: dict) -> DirectionSet:
+def with_weights(
+    ds: DirectionSet, weights: torch.Tensor, record: dict, directions: torch.Tensor | None = None
+) -> DirectionSet:
     """A copy of ``ds`` whose writer weights are ``weights`` (3, n_layers): layer weights 1 and the
-    weights as ``component_weights``; its condition is kept, ``record`` goes into the metadata as
-    ``fit``."""
+    weights as ``component_weights``, and, where given, ``directions`` (n_layers, d) as its
+    directions (normalised); its condition is kept, ``record`` goes into the metadata as ``fit``."""
     import json
 
     md = dict(ds.metadata)
     md["fit"] = json.dumps(record)
+    dirs = ds.directions if directions is None else torch.nn.functional.normalize(directions.float(), dim=-1)
     return dataclasses.replace(
         ds,
+        directions=dirs.clone(),
         layer_weights=torch.ones(ds.n_layers, dtype=torch.float32),
         component_weights=weights.detach().to(torch.float32).clamp_min(0).clone(),
         metadata=md,

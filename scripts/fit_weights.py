@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 from directions.extract import build_prompts  # noqa: E402
 from directions.fileformat import COMPONENTS, load_direction, save_direction  # noqa: E402
 from directions.files import read_lines, sha256_file  # noqa: E402
-from directions.fit import FitConfig, fit_weights, with_weights  # noqa: E402
+from directions.fit import DIRECTION_MODES, FitConfig, fit_weights, with_weights  # noqa: E402
 from directions.forward import pad_id, pad_left  # noqa: E402
 from directions.refusal import PROMPTS_DIR, is_refusal  # noqa: E402
 
@@ -110,8 +111,25 @@ def main(argv: list[str] | None = None) -> int:
         "--smooth", type=float, default=0.0, help="penalty on squared layer-to-layer weight differences (0: none)"
     )
     ap.add_argument("--no-embedding", action="store_true", help="keep the embedding's weight as in the file")
+    ap.add_argument(
+        "--fit-direction",
+        choices=DIRECTION_MODES,
+        default="none",
+        help="fit the direction too: one rotation for every layer (shared) or one direction per layer (per-layer)",
+    )
+    ap.add_argument("--direction-lr", type=float, default=0.003, help="Adam learning rate of the direction's offset")
+    ap.add_argument(
+        "--direction-reg", type=float, default=1.0, help="penalty weight on mean(1 - cos(fitted, source direction))"
+    )
     ap.add_argument("--label-tokens", type=int, default=24, help="plain greedy reply length that labels refusals")
     ap.add_argument("--prefix-tokens", type=int, default=4, help="refusal prefix tokens scored teacher-forced")
+    ap.add_argument(
+        "--refusal-prefixes",
+        type=int,
+        default=1,
+        help="score each harmful prompt's own refusal prefix plus the N-1 most common other ones "
+        "(e.g. 'As an AI language' beside 'I'm sorry, but'); 1: its own only",
+    )
     ap.add_argument("--confirm-tokens", type=int, default=64)
     ap.add_argument(
         "--max-extra-refusals",
@@ -143,11 +161,18 @@ def main(argv: list[str] | None = None) -> int:
         print("the plain model refuses none of the harmful train prompts: nothing to fit", file=sys.stderr)
         return 2
     fit_on = [harmful[i] for i in refused]
-    prefixes = [replies[i][: args.prefix_tokens] for i in refused]
+    own = [replies[i][: args.prefix_tokens] for i in refused]
+    common = [list(t) for t, _ in Counter(tuple(x) for x in own).most_common()]
+    prefixes = [[x, *[c for c in common if c != x][: max(0, args.refusal_prefixes - 1)]] for x in own]
+    if args.refusal_prefixes > 1:
+        print(
+            "common refusal prefixes: " + ", ".join(repr(tok.decode(c)) for c in common[: args.refusal_prefixes]),
+            flush=True,
+        )
     print(
         f"fitting on the {len(refused)} of {len(harmful)} harmful train prompts the plain model refuses "
         f"({args.label_tokens}-token greedy replies), prefixes of {args.prefix_tokens} tokens, e.g. "
-        f"{tok.decode(prefixes[0])!r}",
+        f"{tok.decode(own[0])!r}",
         flush=True,
     )
     cfg = FitConfig(
@@ -159,12 +184,16 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         fit_embedding=not args.no_embedding,
         smooth=args.smooth,
+        direction=args.fit_direction,
+        direction_lr=args.direction_lr,
+        direction_reg=args.direction_reg,
     )
 
     def progress(stage, step, steps, f):
+        cos = f"  min cos to source {f['min_cos']:.4f}" if "min_cos" in f else ""
         print(
             f"[{stage}] step {step}/{steps}: loss {f['loss']:.4f}  refusal term {f['refusal_term']:.4f}  "
-            f"mass {f['mass']:.4f}  kl {f['kl']:.4f}  ({f['s']} s)",
+            f"mass {f['mass']:.4f}  kl {f['kl']:.4f}{cos}  ({f['s']} s)",
             flush=True,
         )
 
@@ -173,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         "source": Path(args.direction).name,
         "source_sha256": sha256_file(args.direction),
         "objective": "mean -log(1 - P(plain refusal prefix)) on refused harmful train + lambda * first-token KL "
-        "on harmless train",
+        "on harmless train"
+        + ("" if cfg.direction == "none" else f" + {cfg.direction_reg:g} * mean(1 - cos(direction, source direction))"),
         "prefix_tokens": args.prefix_tokens,
+        "refusal_prefixes": args.refusal_prefixes,
         "label_tokens": args.label_tokens,
         "n_fit": [len(fit_on), len(harmless)],
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
@@ -184,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     for st in stages:
         label = f"lam{st.lam:g}"
         records[label] = {**base_record, "lambda": st.lam}
-        sets[label] = with_weights(src, st.weights, records[label])
+        if st.directions is not None:
+            cos = (torch.nn.functional.normalize(st.directions, dim=-1) * src.directions).sum(-1)
+            records[label]["direction_cos_to_source"] = [round(float(c), 5) for c in cos]
+        sets[label] = with_weights(src, st.weights, records[label], st.directions)
         save_direction(sets[label], out_dir / f"fit-{label}.safetensors", model.config)
     print(
         f"fit done in {time.monotonic() - t0:.0f} s; confirming {len(sets)} candidates + the source on validation",
@@ -206,7 +240,19 @@ def main(argv: list[str] | None = None) -> int:
         print("warning:", warning)
     res = {
         **base_record,
-        "stages": [{"lambda": st.lam, "weights": st.weights.tolist(), "history": st.history} for st in stages],
+        "stages": [
+            {
+                "lambda": st.lam,
+                "weights": st.weights.tolist(),
+                "history": st.history,
+                **(
+                    {}
+                    if st.directions is None
+                    else {"direction_cos_to_source": records[f"lam{st.lam:g}"]["direction_cos_to_source"]}
+                ),
+            }
+            for st in stages
+        ],
         "confirm": figs,
         "val_files": [Path(args.val_positive).name, Path(args.val_negative).name],
         "winner": winner,
@@ -219,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.out} not written: {warning}")
     elif args.out:
         record = {**records[winner], "confirm": figs[winner], "chosen": winner}
-        ds = with_weights(src, sets[winner].component_weights, record)
+        ds = with_weights(src, sets[winner].component_weights, record, sets[winner].directions)
         save_direction(ds, args.out, model.config)
         print(f"wrote {args.out} ({winner})")
     print(f"total {time.monotonic() - t0:.0f} s")

@@ -106,6 +106,29 @@ def test_fit_lowers_its_objective():
     assert all(not p.requires_grad for p in model.parameters())  # left as found
 
 
+def test_several_refusal_prefixes_score_their_summed_probability():
+    """A harmful prompt given a set of refusal openings: the refusal term's mass is the sum of their
+    teacher-forced probabilities (checked at the first step, where the weights are still the
+    file's), and a single prefix given bare or as a one-element set is the same fit."""
+    model = tiny_model("qwen2")
+    ds = random_direction_set(model)
+    ds = dataclasses.replace(ds, layer_weights=torch.ones(ds.n_layers))
+    harmful, harmless = _prompts(10, 6), _prompts(40, 6)
+    own = [_greedy(model, ds, p, 2) for p in harmful]
+    other = [_greedy(model, ds, p, 3)[1:] for p in reversed(harmful)]  # other openings, other lengths
+    sets = [[a, b] for a, b in zip(own, other, strict=True)]
+    cfg = FitConfig(lambdas=(0.0,), steps=1, batch=6, lr=0.2)
+    got = fit_weights(model, TOK, ds, harmful, harmless, sets, cfg)[0].history[0]["mass"]
+    m_own, _ = _prob_and_kl(model, ds, harmful, harmless, own)
+    per_other = [_prob_and_kl(model, ds, [p], harmless[:1], [o])[0] for p, o in zip(harmful, other, strict=True)]
+    assert got == pytest.approx(m_own + sum(per_other) / len(per_other), rel=1e-4)
+    bare = fit_weights(model, TOK, ds, harmful, harmless, own, FitConfig(lambdas=(0.0,), steps=3, batch=6))[0]
+    boxed = fit_weights(
+        model, TOK, ds, harmful, harmless, [[x] for x in own], FitConfig(lambdas=(0.0,), steps=3, batch=6)
+    )[0]
+    torch.testing.assert_close(bare.weights, boxed.weights)
+
+
 def test_smoothness_penalty_smooths_the_weights():
     model = tiny_model("qwen2")
     ds = random_direction_set(model)
@@ -121,6 +144,55 @@ def test_smoothness_penalty_smooths_the_weights():
     assert roughness(10.0) < 0.5 * roughness(0.0)
 
 
+@pytest.mark.parametrize("mode", ["shared", "per-layer"])
+def test_fitting_the_direction_too(mode):
+    """With the direction fitted as well, the rows stay unit, "shared" keeps one direction for every
+    layer and "per-layer" does not, the refusal term drops further than with the weights alone (same
+    steps and seed), the regulariser holds the rotation back, and the result serves through the
+    server's hooks exactly as the differentiable edit computed it."""
+    model = tiny_model("qwen2")
+    ds = random_direction_set(model)
+    # one direction for every layer, as the shipped refusal file
+    ds = dataclasses.replace(
+        ds, directions=ds.directions[:1].repeat(ds.n_layers, 1), layer_weights=torch.ones(ds.n_layers)
+    )
+    harmful, harmless = _prompts(10, 12), _prompts(40, 12)
+    prefixes = [_greedy(model, ds, p, 2) for p in harmful]
+
+    def fit(direction: str, reg: float = 0.0):
+        cfg = FitConfig(
+            lambdas=(0.0,), steps=20, batch=12, lr=0.2, direction=direction, direction_lr=0.05, direction_reg=reg
+        )
+        return fit_weights(model, TOK, ds, harmful, harmless, prefixes, cfg)[0]
+
+    fixed, free, held = fit("none"), fit(mode), fit(mode, reg=100.0)
+    assert fixed.directions is None
+    d = free.directions
+    assert d.shape == ds.directions.shape
+    torch.testing.assert_close(d.norm(dim=-1), torch.ones(ds.n_layers))
+    cos = (d * ds.directions).sum(-1)
+    assert float(cos.min()) < 0.999  # it moved
+    if mode == "shared":  # one offset for every layer: still one direction
+        torch.testing.assert_close(d, d[:1].expand_as(d))
+    else:
+        assert not torch.allclose(d[0], d[1], atol=1e-4)
+    held_cos = (held.directions * ds.directions).sum(-1)
+    assert float((1 - held_cos).mean()) < 0.5 * float((1 - cos).mean())
+    m_fixed, _ = _prob_and_kl(model, with_weights(ds, fixed.weights, {}), harmful, harmless, prefixes)
+    served = with_weights(ds, free.weights, {}, free.directions)
+    m_free, _ = _prob_and_kl(model, served, harmful, harmless, prefixes)
+    assert m_free < m_fixed
+    torch.testing.assert_close(served.directions, d)
+    edit = DifferentiableEdit(model, d)
+    try:
+        edit.weights = served.writer_weights()
+        got = last_logits(model, harmless, 0)
+    finally:
+        edit.remove()
+    want, _ = forward_last(model, TOK, harmless, {"s": served}, {"s": [1.0] * len(harmless)}, batch_size=8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_fit_rejects_empty_inputs():
     model = tiny_model("llama")
     ds = random_direction_set(model)
@@ -128,6 +200,8 @@ def test_fit_rejects_empty_inputs():
         fit_weights(model, TOK, ds, _prompts(0, 2), _prompts(5, 2), [[3], []], FitConfig(steps=1))
     with pytest.raises(ValueError, match="harmful and harmless"):
         fit_weights(model, TOK, ds, [], _prompts(5, 2), [], FitConfig(steps=1))
+    with pytest.raises(ValueError, match="direction must be one of"):
+        fit_weights(model, TOK, ds, _prompts(0, 2), _prompts(5, 2), [[3], [4]], FitConfig(steps=1, direction="rows"))
 
 
 def _load_script():
@@ -138,7 +212,8 @@ def _load_script():
     return mod
 
 
-def test_fit_weights_script(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("fit_direction", ["none", "per-layer"])
+def test_fit_weights_script(tmp_path, capsys, monkeypatch, fit_direction):
     mod = _load_script()
     _, model_dir, data, ds, src = tiny_refusal_direction(tmp_path, n_val=8)
     files = {}
@@ -150,6 +225,7 @@ def test_fit_weights_script(tmp_path, capsys, monkeypatch):
     args += ["--positive", str(files["pos"]), "--negative", str(files["neg"])]
     args += ["--val-positive", str(files["vpos"]), "--val-negative", str(files["vneg"])]
     args += ["--lambdas", "1,10", "--steps", "2", "--batch", "4", "--confirm-tokens", "3", "--label-tokens", "3"]
+    args += ["--fit-direction", fit_direction, "--direction-lr", "0.05", "--refusal-prefixes", "2"]
     # a random model's replies are noise: the plain model "refuses" every third harmful prompt
     verdicts = iter([True, False, False] * 10)
     monkeypatch.setattr(mod, "is_refusal", lambda text: next(verdicts, False))
@@ -157,6 +233,7 @@ def test_fit_weights_script(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "[lambda=10] step 2/2" in printed and "| source |" in printed
     assert "fitting on the 6 of 16 harmful train prompts" in printed
+    assert "common refusal prefixes: " in printed
     res = json.loads((out_dir / "fit.json").read_text())
     assert [s["lambda"] for s in res["stages"]] == [1.0, 10.0]
     assert set(res["confirm"]) == {"source", "lam1", "lam10"}
@@ -165,7 +242,16 @@ def test_fit_weights_script(tmp_path, capsys, monkeypatch):
         got = load_direction(p)
         assert got.component_weights is not None and got.has_condition
         assert got.detect_threshold == pytest.approx(ds.detect_threshold)
-        torch.testing.assert_close(got.directions, load_direction(src).directions)
+        if fit_direction == "none":
+            torch.testing.assert_close(got.directions, load_direction(src).directions)
+            assert "direction_cos_to_source" not in json.loads(got.metadata["fit"])
+        else:  # the fitted directions, unit rows, their cosines to the source recorded
+            cos = (got.directions * load_direction(src).directions).sum(-1)
+            assert float(cos.min()) < 0.9999
+            torch.testing.assert_close(got.directions.norm(dim=-1), torch.ones(got.n_layers))
+            rec = json.loads(got.metadata["fit"])["direction_cos_to_source"]
+            assert rec == pytest.approx(cos.tolist(), abs=1e-4)
+            assert "min cos to source" in printed
     assert res["winner"] == mod.pick(res["confirm"], 1)[0]
     if res["winner"] == "source":
         assert not out.exists() and "not written" in printed
@@ -174,6 +260,9 @@ def test_fit_weights_script(tmp_path, capsys, monkeypatch):
     assert rec["chosen"] == res["winner"] and rec["confirm"] == res["confirm"][res["winner"]]
     won = res["stages"][[1.0, 10.0].index(rec["lambda"])]["weights"]
     torch.testing.assert_close(load_direction(out).component_weights, torch.tensor(won))
+    torch.testing.assert_close(
+        load_direction(out).directions, load_direction(out_dir / f"fit-{res['winner']}.safetensors").directions
+    )
     assert load_direction(out).has_condition
 
 
