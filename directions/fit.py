@@ -63,6 +63,7 @@ class FitConfig:
     lr: float = 0.15  # Adam on theta
     w_max: float = 2.0  # weights live in [0, w_max]
     init: float = 1.0  # starting weight of every writer (1 = the flat file)
+    init_from_file: bool = False  # start from the file's own writer weights instead (refining a fitted file)
     seed: int = 0
     fit_embedding: bool = True
     smooth: float = 0.0  # weight of the squared layer-to-layer differences of the attn and MLP weights
@@ -173,7 +174,11 @@ def fit_weights(
     # The unedited first-token log-probabilities of the harmless prompts (the KL reference).
     base = torch.log_softmax(forward_last(model, tokenizer, harmless, batch_size=16)[0], -1)
     frac = min(max(cfg.init / cfg.w_max, 1e-4), 1 - 1e-4)
-    theta = torch.full((len(COMPONENTS), n_layers), math.log(frac / (1 - frac)), requires_grad=True)
+    theta = torch.full((len(COMPONENTS), n_layers), math.log(frac / (1 - frac)))
+    if cfg.init_from_file:
+        f = (ds.writer_weights() / cfg.w_max).clamp(1e-4, 1 - 1e-4)
+        theta = torch.log(f / (1 - f))
+    theta.requires_grad_(True)
     edit = DifferentiableEdit(model, ds.directions)  # (n_layers, d) unit rows
     r0 = edit.dirs.detach().clone()
     fit_dir = cfg.direction != "none"

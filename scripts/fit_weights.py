@@ -11,7 +11,7 @@ among candidates refusing at most ``--max-extra-refusals`` more prompts than the
 that is below the source's KL) is written to ``--out`` with the source file's condition. The test split is never read.
 
 Output in ``--out-dir``: ``fit-lamL.safetensors`` per stage, ``fit.json`` (every step's figures,
-the confirm figures, the winner) and ``fit.png`` (fitted weights per layer; confirmed refusals vs
+the confirm figures, the winner) and ``fit.png`` (fitted weights per layer; each layer's cosine to the source direction when it was fitted; confirmed refusals vs
 KL).
 
     python scripts/fit_weights.py --direction directions/shipped/qwen-demo-refusal.safetensors \\
@@ -69,7 +69,9 @@ def pick(figs: dict[str, dict], extra: int) -> tuple[str, str | None]:
     return best, None
 
 
-def plot(stages, figs: dict, winner: str, path: Path) -> Path:
+def plot(stages, figs: dict, winner: str, path: Path, source_dirs: torch.Tensor | None = None) -> Path:
+    """Fitted weights per layer, (when the direction was fitted) each layer's cosine to the source
+    direction, and the confirmed candidates' refusals against KL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +80,9 @@ def plot(stages, figs: dict, winner: str, path: Path) -> Path:
     from directions.plots import save_figure
     from directions.search_confirm import confirmed_panel
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fitted = source_dirs is not None and any(st.directions is not None for st in stages)
+    fig, axes = plt.subplots(1, 3 if fitted else 2, figsize=(16 if fitted else 11, 4.2))
+    a, b = axes[0], axes[-1]
     for k, st in enumerate(stages):
         w = st.weights
         a.plot(w[COMPONENTS.index("attn")].tolist(), "-", c=f"C{k}", label=f"attn, lambda={st.lam:g}")
@@ -88,6 +92,17 @@ def plot(stages, figs: dict, winner: str, path: Path) -> Path:
     a.set_ylabel("fitted writer weight (1 = the flat source file)")
     a.set_title("fitted weights per stage (train split)", fontsize=9)
     a.legend(fontsize=6, ncol=2)
+    if fitted:
+        c = axes[1]
+        for k, st in enumerate(stages):
+            if st.directions is not None:
+                cos = (torch.nn.functional.normalize(st.directions, dim=-1) * source_dirs).sum(-1)
+                c.plot(cos.tolist(), "o-", c=f"C{k}", ms=3, label=f"lambda={st.lam:g}")
+        c.set_xlabel("layer")
+        c.set_ylabel("cos(fitted direction, source direction)")
+        c.set_title("how far the fit turned each layer's direction", fontsize=9)
+        c.grid(alpha=0.3)
+        c.legend(fontsize=7)
     confirmed_panel(b, figs, winner, "confirmed on the validation split")
     return save_figure(fig, path)
 
@@ -111,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         "--smooth", type=float, default=0.0, help="penalty on squared layer-to-layer weight differences (0: none)"
     )
     ap.add_argument("--no-embedding", action="store_true", help="keep the embedding's weight as in the file")
+    ap.add_argument(
+        "--init-from-file",
+        action="store_true",
+        help="start from the file's own writer weights (refine a fitted file) instead of every weight 1",
+    )
     ap.add_argument(
         "--fit-direction",
         choices=DIRECTION_MODES,
@@ -183,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         w_max=args.w_max,
         seed=args.seed,
         fit_embedding=not args.no_embedding,
+        init_from_file=args.init_from_file,
         smooth=args.smooth,
         direction=args.fit_direction,
         direction_lr=args.direction_lr,
@@ -260,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.monotonic() - t0),
     }
     (out_dir / "fit.json").write_text(json.dumps(res, indent=1))
-    plot(stages, figs, winner, out_dir / "fit.png")
+    plot(stages, figs, winner, out_dir / "fit.png", src.directions)
     if args.out and winner == "source":
         print(f"{args.out} not written: {warning}")
     elif args.out:

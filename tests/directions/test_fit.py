@@ -129,6 +129,20 @@ def test_several_refusal_prefixes_score_their_summed_probability():
     torch.testing.assert_close(bare.weights, boxed.weights)
 
 
+def test_a_fit_can_start_from_the_files_weights():
+    """``init_from_file``: with nothing to learn (lr 0) the stage ends at the file's own writer weights
+    (within the [0, w_max] squashing), where the default starts every writer at 1."""
+    model = tiny_model("llama")
+    ds = random_direction_set(model)
+    harmful, harmless = _prompts(10, 4), _prompts(40, 4)
+    prefixes = [[5]] * 4
+    cfg = FitConfig(lambdas=(1.0,), steps=1, batch=4, lr=0.0, init_from_file=True)
+    got = fit_weights(model, TOK, ds, harmful, harmless, prefixes, cfg)[0].weights
+    torch.testing.assert_close(got, ds.writer_weights().clamp(2e-4, 2 - 2e-4), atol=1e-5, rtol=1e-5)
+    flat = fit_weights(model, TOK, ds, harmful, harmless, prefixes, dataclasses.replace(cfg, init_from_file=False))
+    torch.testing.assert_close(flat[0].weights, torch.ones_like(got))
+
+
 def test_smoothness_penalty_smooths_the_weights():
     model = tiny_model("qwen2")
     ds = random_direction_set(model)
