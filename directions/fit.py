@@ -63,6 +63,7 @@ class FitConfig:
     lr: float = 0.15  # Adam on theta
     w_max: float = 2.0  # weights live in [0, w_max]
     init: float = 1.0  # starting weight of every writer (1 = the flat file)
+    comply_weight: float = 1.0  # weight of the compliance term (when compliance targets are given)
     init_from_file: bool = False  # start from the file's own writer weights instead (refining a fitted file)
     seed: int = 0
     fit_embedding: bool = True
@@ -121,7 +122,14 @@ def last_logits(model, batch: Sequence[Sequence[int]], pad: int) -> torch.Tensor
 
 
 def prefix_prob(model, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
-    """P(prefix | prompt) per row, teacher-forced (B,), float32, differentiable: each row is its
+    """P(prefix | prompt) per row (:func:`prefix_logprob`, exponentiated, capped below 1)."""
+    return prefix_logprob(model, prompts, prefixes, pad).exp().clamp(max=1 - 1e-6)
+
+
+def prefix_logprob(
+    model, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], pad: int
+) -> torch.Tensor:
+    """log P(prefix | prompt) per row, teacher-forced (B,), float32, differentiable: each row is its
     prompt followed by its prefix, left padded, with the LM head computed at the last K + 1
     positions only (K = the longest prefix; shorter prefixes are padded on the left inside that
     window and their padding positions count as probability 1)."""
@@ -136,7 +144,7 @@ def prefix_prob(model, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequ
     valid = torch.zeros_like(tok_lp, dtype=torch.bool)
     for i, p in enumerate(prefixes):
         valid[i, k - len(p) :] = True
-    return (tok_lp * valid).sum(-1).exp().clamp(max=1 - 1e-6)
+    return (tok_lp * valid).sum(-1)
 
 
 def fit_weights(
@@ -148,12 +156,19 @@ def fit_weights(
     prefixes: Sequence[Sequence[int]],
     cfg: FitConfig,
     progress: Callable[[str, int, int, dict], None] | None = None,
+    comply: Sequence[Sequence[int] | None] | None = None,
 ) -> list[StageResult]:
     """Fit the writer weights of ``ds`` (its directions fixed); one :class:`StageResult` per
     lambda of ``cfg.lambdas``. ``prefixes[i]`` is the refusal prefix of ``harmful[i]`` (at least one
     token), or a list of such prefixes: then the refusal term scores the sum of their
     probabilities (distinct prefixes are disjoint events: the mass of "any of these refusal
-    openings"). ``progress(stage, step, steps, figures)`` is called after every step."""
+    openings").
+
+    ``comply[i]`` (optional; None where a prompt has none): a compliant opening of ``harmful[i]``
+    (e.g. the first tokens of the strongly edited model's own answer); the loss then adds
+    ``cfg.comply_weight`` times its mean per-token negative log-likelihood. Without it the refusal
+    term alone can be met by a non-answer ("I'm glad I could help!") that no marker judges a
+    refusal; the compliance term asks for an answer instead. ``progress(stage, step, steps, figures)`` is called after every step."""
     if not harmful or not harmless:
         raise ValueError("the fit needs harmful and harmless prompts")
     if len(prefixes) != len(harmful):
@@ -161,6 +176,8 @@ def fit_weights(
     prefix_sets = [[list(x) for x in p] if p and not isinstance(p[0], int) else [list(p)] for p in prefixes]
     if any(not ps or any(len(x) == 0 for x in ps) for ps in prefix_sets):
         raise ValueError("every harmful prompt needs a refusal prefix of at least one token")
+    if comply is not None and len(comply) != len(harmful):
+        raise ValueError("comply needs one entry (a token list or None) per harmful prompt")
     if cfg.direction not in DIRECTION_MODES:
         raise ValueError(f"direction must be one of {', '.join(DIRECTION_MODES)}, not {cfg.direction!r}")
     pad = pad_id(tokenizer)
@@ -223,10 +240,15 @@ def fit_weights(
                 mass = torch.zeros(len(hi), dtype=rows_p.dtype).index_add(0, torch.tensor(owner), rows_p)
                 mass = mass.clamp(max=1 - 1e-6)
                 r_term = (-torch.log1p(-mass)).mean()
+                ci = [i for i in hi if comply is not None and comply[i]]
+                c_term = torch.zeros(())
+                if ci:
+                    lp = prefix_logprob(model, [harmful[i] for i in ci], [comply[i] for i in ci], pad)
+                    c_term = (-lp / torch.tensor([len(comply[i]) for i in ci], dtype=lp.dtype)).mean()
                 ln = torch.log_softmax(last_logits(model, [harmless[i] for i in ni], pad), -1)
                 bp = base[ni]
                 kl = (bp.exp() * (bp - ln)).sum(-1).clamp_min(0).mean()
-                loss = r_term + lam * kl
+                loss = r_term + lam * kl + (cfg.comply_weight * c_term if ci else 0.0)
                 if cfg.smooth:
                     w = edit.weights[[COMPONENTS.index("attn"), COMPONENTS.index("mlp")]]
                     loss = loss + cfg.smooth * (w[:, 1:] - w[:, :-1]).pow(2).sum()
@@ -238,6 +260,7 @@ def fit_weights(
                 figs = {
                     "loss": loss.item(),
                     "refusal_term": r_term.item(),
+                    **({"comply_nll": round(c_term.item(), 5)} if comply is not None else {}),
                     "mass": mass.mean().item(),
                     "kl": kl.item(),
                     **({"min_cos": round(cos.min().item(), 5)} if fit_dir else {}),

@@ -150,6 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         help="score each harmful prompt's own refusal prefix plus the N-1 most common other ones "
         "(e.g. 'As an AI language' beside 'I'm sorry, but'); 1: its own only",
     )
+    ap.add_argument(
+        "--comply-tokens",
+        type=int,
+        default=8,
+        help="compliance term: the first N tokens of the source file's own answer (at --comply-strength) to "
+        "each refused harmful prompt are scored as a target, so a non-answer cannot meet the refusal term; 0: off",
+    )
+    ap.add_argument("--comply-strength", type=float, default=1.0)
+    ap.add_argument("--comply-weight", type=float, default=1.0, help="weight of the compliance term's per-token NLL")
     ap.add_argument("--confirm-tokens", type=int, default=64)
     ap.add_argument(
         "--max-extra-refusals",
@@ -161,10 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from directions.measure import Measurements
     from directions.models import load_model
     from directions.search_confirm import confirm
-    from server.engine.offline import engine_generate
 
     t0 = time.monotonic()
     out_dir = Path(args.out_dir)
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         fit_embedding=not args.no_embedding,
         init_from_file=args.init_from_file,
+        comply_weight=args.comply_weight,
         smooth=args.smooth,
         direction=args.fit_direction,
         direction_lr=args.direction_lr,
@@ -212,13 +220,34 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(stage, step, steps, f):
         cos = f"  min cos to source {f['min_cos']:.4f}" if "min_cos" in f else ""
+        comply_s = f"  comply nll {f['comply_nll']:.3f}" if "comply_nll" in f else ""
         print(
             f"[{stage}] step {step}/{steps}: loss {f['loss']:.4f}  refusal term {f['refusal_term']:.4f}  "
-            f"mass {f['mass']:.4f}  kl {f['kl']:.4f}{cos}  ({f['s']} s)",
+            f"mass {f['mass']:.4f}  kl {f['kl']:.4f}{cos}{comply_s}  ({f['s']} s)",
             flush=True,
         )
 
-    stages = fit_weights(model, tok, src, fit_on, harmless, prefixes, cfg, progress)
+    from directions.measure import Job, Measurements
+    from directions.strengths import DirectionRequest
+    from server.engine.offline import engine_generate
+
+    comply = None
+    if args.comply_tokens > 0:
+        m = Measurements(model, tok, engine_generate(model, tok, batch_size=args.batch_size))
+        m.set_directions({"source": src})
+        job = Job(("comply",), fit_on, args.label_tokens, {"source": DirectionRequest(args.comply_strength)})
+        answers = m.generate([job], desc="compliant openings (source file)")[("comply",)]
+        comply = [None if is_refusal(a.text) else a.token_ids[: args.comply_tokens] or None for a in answers]
+        n_c = sum(c is not None for c in comply)
+        first = next((c for c in comply if c), None)
+        print(
+            f"compliance targets: {n_c} of {len(fit_on)} (the source file at strength {args.comply_strength:g} "
+            f"answers them), e.g. {tok.decode(first)!r}"
+            if first
+            else "compliance targets: none",
+            flush=True,
+        )
+    stages = fit_weights(model, tok, src, fit_on, harmless, prefixes, cfg, progress, comply=comply)
     base_record = {
         "source": Path(args.direction).name,
         "source_sha256": sha256_file(args.direction),
@@ -227,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
         + ("" if cfg.direction == "none" else f" + {cfg.direction_reg:g} * mean(1 - cos(direction, source direction))"),
         "prefix_tokens": args.prefix_tokens,
         "refusal_prefixes": args.refusal_prefixes,
+        "comply": None
+        if comply is None
+        else {
+            "tokens": args.comply_tokens,
+            "strength": args.comply_strength,
+            "weight": args.comply_weight,
+            "n": sum(c is not None for c in comply),
+        },
         "label_tokens": args.label_tokens,
         "n_fit": [len(fit_on), len(harmless)],
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},

@@ -129,6 +129,40 @@ def test_several_refusal_prefixes_score_their_summed_probability():
     torch.testing.assert_close(bare.weights, boxed.weights)
 
 
+def test_the_compliance_term_pulls_toward_its_targets():
+    """With compliance targets the fitted edit makes them likelier than the same fit without them
+    (same seed and steps), a prompt without a target (None) is skipped, and a wrong-length list is
+    refused."""
+    from directions.fit import prefix_logprob
+
+    model = tiny_model("qwen2")
+    ds = random_direction_set(model)
+    ds = dataclasses.replace(ds, layer_weights=torch.ones(ds.n_layers))
+    harmful, harmless = _prompts(10, 8), _prompts(40, 8)
+    prefixes = [_greedy(model, ds, p, 1) for p in harmful]
+    g = torch.Generator().manual_seed(3)
+    targets = [torch.randint(3, 100, (3,), generator=g).tolist() for _ in harmful]
+    targets[0] = None
+    cfg = FitConfig(lambdas=(0.1,), steps=20, batch=8, lr=0.3, comply_weight=5.0)
+
+    def nll(st):
+        edit = DifferentiableEdit(model, ds.directions)
+        try:
+            edit.weights = st.weights
+            with torch.no_grad():
+                lp = prefix_logprob(model, harmful[1:], targets[1:], 0)
+        finally:
+            edit.remove()
+        return float(-lp.mean())
+
+    with_c = fit_weights(model, TOK, ds, harmful, harmless, prefixes, cfg, comply=targets)[0]
+    without = fit_weights(model, TOK, ds, harmful, harmless, prefixes, cfg)[0]
+    assert nll(with_c) < nll(without)
+    assert "comply_nll" in with_c.history[0] and "comply_nll" not in without.history[0]
+    with pytest.raises(ValueError, match="comply needs one entry"):
+        fit_weights(model, TOK, ds, harmful, harmless, prefixes, cfg, comply=targets[:3])
+
+
 def test_a_fit_can_start_from_the_files_weights():
     """``init_from_file``: with nothing to learn (lr 0) the stage ends at the file's own writer weights
     (within the [0, w_max] squashing), where the default starts every writer at 1."""
@@ -247,7 +281,7 @@ def test_fit_weights_script(tmp_path, capsys, monkeypatch, fit_direction):
     printed = capsys.readouterr().out
     assert "[lambda=10] step 2/2" in printed and "| source |" in printed
     assert "fitting on the 6 of 16 harmful train prompts" in printed
-    assert "common refusal prefixes: " in printed
+    assert "common refusal prefixes: " in printed and "compliance targets: " in printed
     res = json.loads((out_dir / "fit.json").read_text())
     assert [s["lambda"] for s in res["stages"]] == [1.0, 10.0]
     assert set(res["confirm"]) == {"source", "lam1", "lam10"}
