@@ -11,6 +11,7 @@ refusals is no use at any KL), with a warning in the record.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from directions.fileformat import DirectionSet
@@ -48,6 +49,9 @@ def confirm(
             "first_token_kl": round(kl, 5),
             "tokens": tokens,
             "strength": strength,
+            # the commonest reply openings: a non-answer ("I'm glad I could help!") is not a refusal to
+            # the marker judge, so a candidate that trades refusals for it shows up here
+            "openings": Counter(" ".join(r.text.split()[:3]) for r in out[(lbl,)]).most_common(3),
         }
     return figs
 

@@ -289,11 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     figs = confirm(m, {"source": src, **sets}, vh, vn, args.confirm_tokens, 1.0)
     winner, warning = pick(figs, args.max_extra_refusals)
     print(
-        f"\n| candidate | refusals of {len(vh)} harmful val ({args.confirm_tokens} tokens) | first-token KL, {len(vn)} harmless val |"
+        f"\n| candidate | refusals of {len(vh)} harmful val ({args.confirm_tokens} tokens) | first-token KL, "
+        f"{len(vn)} harmless val | commonest openings of the harmful replies |"
     )
-    print("|---|---|---|")
+    print("|---|---|---|---|")
     for k, f in figs.items():
-        print(f"| {k}{' (winner)' if k == winner else ''} | {f['refusals']} | {f['first_token_kl']:.4f} |")
+        top = "; ".join(f"{o!r} x{n}" for o, n in f.get("openings", []))
+        print(f"| {k}{' (winner)' if k == winner else ''} | {f['refusals']} | {f['first_token_kl']:.4f} | {top} |")
     if warning:
         print("warning:", warning)
     res = {

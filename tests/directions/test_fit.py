@@ -285,6 +285,7 @@ def test_fit_weights_script(tmp_path, capsys, monkeypatch, fit_direction):
     res = json.loads((out_dir / "fit.json").read_text())
     assert [s["lambda"] for s in res["stages"]] == [1.0, 10.0]
     assert set(res["confirm"]) == {"source", "lam1", "lam10"}
+    assert all(len(f["openings"]) >= 1 for f in res["confirm"].values())  # the commonest reply openings
     assert (out_dir / "fit.png").stat().st_size > 0
     for p in (out_dir / "fit-lam1.safetensors", out_dir / "fit-lam10.safetensors"):
         got = load_direction(p)
