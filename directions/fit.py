@@ -252,9 +252,10 @@ def fit_weights(
                 if cfg.smooth:
                     w = edit.weights[[COMPONENTS.index("attn"), COMPONENTS.index("mlp")]]
                     loss = loss + cfg.smooth * (w[:, 1:] - w[:, :-1]).pow(2).sum()
-                cos = (edit.dirs * r0).sum(-1)
-                if fit_dir and cfg.direction_reg:
-                    loss = loss + cfg.direction_reg * (1 - cos).mean()
+                if fit_dir:
+                    cos = (edit.dirs * r0).sum(-1)
+                    if cfg.direction_reg:
+                        loss = loss + cfg.direction_reg * (1 - cos).mean()
                 loss.backward()
                 opt.step()
                 figs = {
@@ -276,7 +277,6 @@ def fit_weights(
             results.append(stage)
     finally:
         edit.remove()
-        edit.dirs = r0
         for p, r in zip(model.parameters(), req, strict=True):
             p.requires_grad_(r)
         model.train(was_training)

@@ -69,9 +69,10 @@ def pick(figs: dict[str, dict], extra: int) -> tuple[str, str | None]:
     return best, None
 
 
-def plot(stages, figs: dict, winner: str, path: Path, source_dirs: torch.Tensor | None = None) -> Path:
+def plot(stages, figs: dict, winner: str, path: Path, records: dict[float, dict] | None = None) -> Path:
     """Fitted weights per layer, (when the direction was fitted) each layer's cosine to the source
-    direction, and the confirmed candidates' refusals against KL."""
+    direction (``records[lambda]["direction_cos_to_source"]``), and the confirmed candidates'
+    refusals against KL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +81,10 @@ def plot(stages, figs: dict, winner: str, path: Path, source_dirs: torch.Tensor 
     from directions.plots import save_figure
     from directions.search_confirm import confirmed_panel
 
-    fitted = source_dirs is not None and any(st.directions is not None for st in stages)
+    cosines = {
+        lam: r["direction_cos_to_source"] for lam, r in (records or {}).items() if "direction_cos_to_source" in r
+    }
+    fitted = bool(cosines)
     fig, axes = plt.subplots(1, 3 if fitted else 2, figsize=(16 if fitted else 11, 4.2))
     a, b = axes[0], axes[-1]
     for k, st in enumerate(stages):
@@ -95,9 +99,8 @@ def plot(stages, figs: dict, winner: str, path: Path, source_dirs: torch.Tensor 
     if fitted:
         c = axes[1]
         for k, st in enumerate(stages):
-            if st.directions is not None:
-                cos = (torch.nn.functional.normalize(st.directions, dim=-1) * source_dirs).sum(-1)
-                c.plot(cos.tolist(), "o-", c=f"C{k}", ms=3, label=f"lambda={st.lam:g}")
+            if st.lam in cosines:
+                c.plot(cosines[st.lam], "o-", c=f"C{k}", ms=3, label=f"lambda={st.lam:g}")
         c.set_xlabel("layer")
         c.set_ylabel("cos(fitted direction, source direction)")
         c.set_title("how far the fit turned each layer's direction", fontsize=9)
@@ -231,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     from directions.strengths import DirectionRequest
     from server.engine.offline import engine_generate
 
+    m = Measurements(model, tok, engine_generate(model, tok, batch_size=args.batch_size))
     comply = None
     if args.comply_tokens > 0:
-        m = Measurements(model, tok, engine_generate(model, tok, batch_size=args.batch_size))
         m.set_directions({"source": src})
         job = Job(("comply",), fit_on, args.label_tokens, {"source": DirectionRequest(args.comply_strength)})
         answers = m.generate([job], desc="compliant openings (source file)")[("comply",)]
@@ -273,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     for st in stages:
         label = f"lam{st.lam:g}"
         records[label] = {**base_record, "lambda": st.lam}
-        if st.directions is not None:
-            cos = (torch.nn.functional.normalize(st.directions, dim=-1) * src.directions).sum(-1)
+        if st.directions is not None:  # unit rows, as the source's
+            cos = (st.directions * src.directions).sum(-1)
             records[label]["direction_cos_to_source"] = [round(float(c), 5) for c in cos]
         sets[label] = with_weights(src, st.weights, records[label], st.directions)
         save_direction(sets[label], out_dir / f"fit-{label}.safetensors", model.config)
@@ -282,8 +285,6 @@ def main(argv: list[str] | None = None) -> int:
         f"fit done in {time.monotonic() - t0:.0f} s; confirming {len(sets)} candidates + the source on validation",
         flush=True,
     )
-    gen = engine_generate(model, tok, batch_size=args.batch_size)
-    m = Measurements(model, tok, gen)
     vh = build_prompts(tok, read_lines(args.val_positive))
     vn = build_prompts(tok, read_lines(args.val_negative))
     figs = confirm(m, {"source": src, **sets}, vh, vn, args.confirm_tokens, 1.0)
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.monotonic() - t0),
     }
     (out_dir / "fit.json").write_text(json.dumps(res, indent=1))
-    plot(stages, figs, winner, out_dir / "fit.png", src.directions)
+    plot(stages, figs, winner, out_dir / "fit.png", {st.lam: records[f"lam{st.lam:g}"] for st in stages})
     if args.out and winner == "source":
         print(f"{args.out} not written: {warning}")
     elif args.out:
