@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "source_sha256": sha256_file(args.direction),
         "objective": "mean -log(1 - P(plain refusal prefix)) on refused harmful train + lambda * first-token KL "
         "on harmless train"
+        + ("" if comply is None else f" + {cfg.comply_weight:g} * per-token NLL of the source file's answer opening")
         + ("" if cfg.direction == "none" else f" + {cfg.direction_reg:g} * mean(1 - cos(direction, source direction))"),
         "prefix_tokens": args.prefix_tokens,
         "refusal_prefixes": args.refusal_prefixes,
