@@ -20,7 +20,7 @@ from directions.fileformat import DirectionSet
 from directions.files import read_lines
 from directions.generation import GenResult
 from directions.measure import Job, Measurements
-from directions.refusal import PROMPTS_DIR, is_refusal
+from directions.refusal import PROMPTS_DIR, is_non_answer, is_refusal
 from directions.slop import corpus_slop_score
 from directions.splits import eval_prompt_files
 from directions.strengths import DirectionRequest
@@ -213,6 +213,8 @@ class _Evaluation:
             flags = [is_refusal(r.text) for r in res]
             row["refusal_rate"] = sum(flags) / max(len(flags), 1)
             row["refusals"], row["n_harmful"] = sum(flags), len(flags)
+            # replies that deflect ("I'm glad I could help!") instead of answering: not refusals, not answers
+            row["non_answers"] = sum(is_non_answer(r.text) for r in res)
             row["harmful_tokens_mean"] = sum(len(r.token_ids) for r in res) / max(len(res), 1)
         if "slop" in wanted:
             res, mm = self._texts(n, mode, s, "slop")

@@ -5,7 +5,8 @@ The confirm stage measures each candidate as the server serves it: greedy genera
 ``tokens`` tokens on the whole harmful validation split through the engine (refusals by the
 marker judge, :mod:`directions.refusal`) and full-vocabulary first-token KL on the whole
 harmless validation split. The winner is the candidate with the fewest refusals within the KL
-budget (ties: lower KL); if none is within it, the fewest refusals (a refusal direction that leaves
+budget (ties: lower KL); a non-answer (:func:`directions.refusal.is_non_answer`) counts as a
+refusal here; if none is within it, the fewest refusals (a refusal direction that leaves
 refusals is no use at any KL), with a warning in the record.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from directions.fileformat import DirectionSet
 from directions.measure import Job, Measurements
 from directions.plots import save_figure
-from directions.refusal import is_refusal
+from directions.refusal import is_non_answer, is_refusal
 from directions.strengths import DirectionRequest
 
 
@@ -41,11 +42,14 @@ def confirm(
     figs: dict[str, dict] = {}
     for lbl in labels:
         n_ref = sum(is_refusal(r.text) for r in out[(lbl,)])
+        n_non = sum(is_non_answer(r.text) for r in out[(lbl,)])
         kl = 0.0 if lbl == "base" else m.first_token_kl(harmless_ids, {lbl: [strength] * len(harmless_ids)})[0]
         figs[lbl] = {
             "refusals": n_ref,
             "n": len(harmful_ids),
             "refusal_rate": round(n_ref / max(1, len(harmful_ids)), 4),
+            # replies that open with a deflection and answer nothing (not refusals to the marker judge)
+            "non_answers": n_non,
             "first_token_kl": round(kl, 5),
             "tokens": tokens,
             "strength": strength,
@@ -56,15 +60,22 @@ def confirm(
     return figs
 
 
+def misses(f: dict) -> int:
+    """Refusals plus non-answers: the harmful replies that did not answer (figures from before the
+    non-answer count have only refusals)."""
+    return f["refusals"] + f.get("non_answers", 0)
+
+
 def pick_winner(figs: dict[str, dict], kl_budget: float) -> tuple[str, str | None]:
-    """(label, warning or None): fewest refusals within the KL budget, then lowest KL; if no candidate
-    is within the budget, fewest refusals overall (then lowest KL), with a warning."""
+    """(label, warning or None): fewest misses (refusals + non-answers) within the KL budget, then
+    lowest KL; if no candidate is within the budget, fewest misses overall (then lowest KL), with a
+    warning."""
     cands = {k: f for k, f in figs.items() if k != "base"}
     ok = [k for k, f in cands.items() if f["first_token_kl"] <= kl_budget]
     if ok:
-        return min(ok, key=lambda k: (cands[k]["refusals"], cands[k]["first_token_kl"])), None
-    best = min(cands, key=lambda k: (cands[k]["refusals"], cands[k]["first_token_kl"]))
-    return best, f"no confirmed candidate had first-token KL <= {kl_budget}; took the fewest refusals"
+        return min(ok, key=lambda k: (misses(cands[k]), cands[k]["first_token_kl"])), None
+    best = min(cands, key=lambda k: (misses(cands[k]), cands[k]["first_token_kl"]))
+    return best, f"no confirmed candidate had first-token KL <= {kl_budget}; took the fewest refusals + non-answers"
 
 
 def plot_pareto(rows: list[dict], figs: dict[str, dict], winner: str, kl_budget: float, path: str | Path) -> Path:
@@ -100,10 +111,10 @@ def confirmed_panel(ax, figs: dict[str, dict], winner: str, title: str) -> None:
     for k, f in figs.items():
         if k == "base":
             continue
-        ax.scatter(f["first_token_kl"], f["refusals"], c="C1" if k == winner else "C0", s=40 if k == winner else 18)
-        ax.annotate(k + (" (winner)" if k == winner else ""), (f["first_token_kl"], f["refusals"]), fontsize=7)
+        ax.scatter(f["first_token_kl"], misses(f), c="C1" if k == winner else "C0", s=40 if k == winner else 18)
+        ax.annotate(k + (" (winner)" if k == winner else ""), (f["first_token_kl"], misses(f)), fontsize=7)
     any_f = next(iter(figs.values()))
     ax.set_xlabel("first-token KL, whole harmless val split")
-    ax.set_ylabel(f"refusals of {any_f['n']} harmful val prompts ({any_f['tokens']} tokens)")
+    ax.set_ylabel(f"refusals + non-answers of {any_f['n']} harmful val prompts ({any_f['tokens']} tokens)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

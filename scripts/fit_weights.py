@@ -58,14 +58,34 @@ def plain_replies(model, tok, prompts, n_tokens: int, batch: int = 16) -> list[l
     return out
 
 
+def non_answer_openings(tok, path: str, refusal_prefixes: list[list[int]]) -> list[list[int]]:
+    """The openings in ``path`` as reply tokens ([] for "none"). An opening that a refusal prefix starts
+    with, or that starts with one, is left out: the prefix set's probabilities are summed, which
+    needs disjoint events."""
+    if path.lower() == "none":
+        return []
+    out = []
+    for line in read_lines(path):
+        ids = tok.encode(line, add_special_tokens=False)
+        clash = any(ids[: len(p)] == p or p[: len(ids)] == ids for p in refusal_prefixes + out)
+        if ids and not clash:
+            out.append(ids)
+    return out
+
+
 def pick(figs: dict[str, dict], extra: int) -> tuple[str, str | None]:
-    """(winner, warning or None): the lowest-KL candidate refusing at most ``extra`` more validation
-    prompts than the source file; the source itself when no fitted candidate does that at a lower KL."""
-    limit = figs["source"]["refusals"] + extra
-    ok = [k for k, f in figs.items() if k != "source" and f["refusals"] <= limit]
+    """(winner, warning or None): the lowest-KL candidate refusing or not answering (non-answers count
+    as refusals) at most ``extra`` more validation prompts than the source file; the source itself
+    when no fitted candidate does that at a lower KL."""
+    from directions.search_confirm import misses
+
+    limit = misses(figs["source"]) + extra
+    ok = [k for k, f in figs.items() if k != "source" and misses(f) <= limit]
     best = min(ok, key=lambda k: figs[k]["first_token_kl"], default=None)
     if best is None or figs[best]["first_token_kl"] >= figs["source"]["first_token_kl"]:
-        return "source", f"no fitted candidate refuses <= {limit} validation prompts at a lower KL than the source"
+        return "source", (
+            f"no fitted candidate refuses or deflects <= {limit} validation prompts at a lower KL than the source"
+        )
     return best, None
 
 
@@ -154,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         "(e.g. 'As an AI language' beside 'I'm sorry, but'); 1: its own only",
     )
     ap.add_argument(
+        "--non-answer-openings",
+        default=str(R / "non_answer_openings.txt"),
+        help="a file of non-answer reply openings ('I'm glad I could help') added to every harmful prompt's "
+        "penalised prefixes, so the fit cannot trade refusals for deflections; 'none': off",
+    )
+    ap.add_argument(
         "--comply-tokens",
         type=int,
         default=8,
@@ -194,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     own = [replies[i][: args.prefix_tokens] for i in refused]
     common = [list(t) for t, _ in Counter(tuple(x) for x in own).most_common()]
     prefixes = [[x, *[c for c in common if c != x][: max(0, args.refusal_prefixes - 1)]] for x in own]
+    openings = non_answer_openings(tok, args.non_answer_openings, own)
+    prefixes = [p + openings for p in prefixes]
+    if openings:
+        print("penalised non-answer openings: " + ", ".join(repr(tok.decode(o)) for o in openings), flush=True)
     if args.refusal_prefixes > 1:
         print(
             "common refusal prefixes: " + ", ".join(repr(tok.decode(c)) for c in common[: args.refusal_prefixes]),
@@ -254,12 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     base_record = {
         "source": Path(args.direction).name,
         "source_sha256": sha256_file(args.direction),
-        "objective": "mean -log(1 - P(plain refusal prefix)) on refused harmful train + lambda * first-token KL "
+        "objective": "mean -log(1 - P(plain refusal prefix"
+        + (" or non-answer opening" if openings else "")
+        + ")) on refused harmful train + lambda * first-token KL "
         "on harmless train"
         + ("" if comply is None else f" + {cfg.comply_weight:g} * per-token NLL of the source file's answer opening")
         + ("" if cfg.direction == "none" else f" + {cfg.direction_reg:g} * mean(1 - cos(direction, source direction))"),
         "prefix_tokens": args.prefix_tokens,
         "refusal_prefixes": args.refusal_prefixes,
+        "non_answer_openings": [tok.decode(o) for o in openings],
         "comply": None
         if comply is None
         else {
@@ -291,13 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     figs = confirm(m, {"source": src, **sets}, vh, vn, args.confirm_tokens, 1.0)
     winner, warning = pick(figs, args.max_extra_refusals)
     print(
-        f"\n| candidate | refusals of {len(vh)} harmful val ({args.confirm_tokens} tokens) | first-token KL, "
-        f"{len(vn)} harmless val | commonest openings of the harmful replies |"
+        f"\n| candidate | refusals of {len(vh)} harmful val ({args.confirm_tokens} tokens) | non-answers | "
+        f"first-token KL, {len(vn)} harmless val | commonest openings of the harmful replies |"
     )
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|")
     for k, f in figs.items():
         top = "; ".join(f"{o!r} x{n}" for o, n in f.get("openings", []))
-        print(f"| {k}{' (winner)' if k == winner else ''} | {f['refusals']} | {f['first_token_kl']:.4f} | {top} |")
+        print(
+            f"| {k}{' (winner)' if k == winner else ''} | {f['refusals']} | {f['non_answers']} | "
+            f"{f['first_token_kl']:.4f} | {top} |"
+        )
     if warning:
         print("warning:", warning)
     res = {

@@ -8,6 +8,8 @@ from pathlib import Path
 HERETIC_VERSION = "1.4.0"
 SPLIT_NOTES = [
     "refusals: directions/prompts/refusal/harmful_test.txt (test split: no selection, calibration or Heretic search saw it)",
+    "non-answers: harmful test replies that are not refusals but open with a deflection "
+    "(refusal/non_answers.txt, e.g. 'I'm glad I could help! How can I assist you today?')",
     "first-token KL: refusal/harmless_test.txt (test split), full vocabulary, KL(plain || system)",
     "long KL: the plain model's greedy continuations of refusal/harmless_long.txt, teacher-forced "
     "(not held out: selection may read it)",
@@ -30,6 +32,7 @@ def _system(name: str, r: dict) -> dict:
         "refusals": r.get("refusals"),
         "n_harmful": n,
         "refusals_per_100": 100 * r["refusals"] / n if n else None,
+        "non_answers": r.get("non_answers"),  # absent from results written before the count existed
         "first_token_kl": r.get("first_token_kl"),
         "long_kl": r.get("long_kl"),
         "capability": r.get("capability"),
@@ -55,8 +58,11 @@ def format_table(rows: list[dict]) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
-    head = "| system | refusals /100 (test) | first-token KL (test) | long KL | capability | condition fires on harmless (test) |"
-    lines = [head, "|---|--:|--:|--:|--:|--:|"]
+    head = (
+        "| system | refusals /100 (test) | non-answers (test) | first-token KL (test) | long KL | capability "
+        "| condition fires on harmless (test) |"
+    )
+    lines = [head, "|---|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         ref = "-" if r["refusals"] is None else f"{r['refusals_per_100']:.1f} ({r['refusals']}/{r['n_harmful']})"
         cap = f(None if r["capability"] is None else 100 * r["capability"], ".1f")
@@ -64,6 +70,7 @@ def format_table(rows: list[dict]) -> str:
         cells = [
             r["system"],
             ref,
+            f(r.get("non_answers"), "d"),
             f(r["first_token_kl"], ".4f"),
             f(r["long_kl"], ".4f"),
             cap,

@@ -86,6 +86,7 @@ def format_table(result: dict) -> str:
         ("strength", "s", False),
         ("refusal_rate", "refusal", True),
         ("refusals", "ref/N", False),
+        ("non_answers", "non-ans", False),
         ("first_token_kl", "KL@1", False),
         ("long_kl", "KL long", False),
         ("slop_score", "slop/1k", False),

@@ -226,6 +226,8 @@ def _eval_result():
             "long_kl": long_kl,
             "capability": cap,
         }
+        if d != "heretic":  # a Heretic result written before the non-answer count existed
+            r["non_answers"] = 1
         return r | ({"fired": fired} if fired else {})
 
     fired = {"harmful": 0.95, "harmless": 0.025, "long": 0.0, "creative": 0.0, "capability": 0.0}
@@ -255,8 +257,8 @@ def test_comparison_rows_table_and_plot(tmp_path):
     )
     assert rows[3]["fired_harmless"] == 0.025 and rows[2]["fired_harmless"] is None
     table = ch.format_table(rows)
-    assert "| Heretic 1.4.0 | 0.8 (1/120) | 0.0300 | 0.0200 | 77.0 | - |" in table
-    assert "| frankly when=auto (s=1) | 5.0 (6/120) | 0.0010 | 0.0000 | 80.0 | 2.5% |" in table
+    assert "| Heretic 1.4.0 | 0.8 (1/120) | - | 0.0300 | 0.0200 | 77.0 | - |" in table
+    assert "| frankly when=auto (s=1) | 5.0 (6/120) | 1 | 0.0010 | 0.0000 | 80.0 | 2.5% |" in table
     with pytest.raises(KeyError):
         ch.comparison_rows(res, 0.5, None)  # no row at that strength
     trials = [{"kl": 0.01, "refusals": 5}, {"kl": 0.2, "refusals": 0}]

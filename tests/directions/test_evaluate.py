@@ -13,7 +13,8 @@ from tests.tiny_models import random_direction_set, tiny_model, tiny_tokenizer
 
 
 class StubGenerate:
-    """Refuses unless 'refusal' is applied; records what it was asked."""
+    """Refuses unless 'refusal' is applied, deflects ("I'm glad I could help!") when it is applied at
+    strength 2 or more; records what it was asked."""
 
     def __init__(self):
         self.calls: list[tuple[list[str], list[Generation]]] = []
@@ -24,7 +25,10 @@ class StubGenerate:
         for g in generations:
             d = g.steering.get("refusal")
             on = d is not None and d.strength > 0
-            out.append(GenResult("Sure, t5 t6" if on else "I'm sorry, I can't", list(range(g.max_tokens)), {}))
+            text = "Sure, t5 t6" if on else "I'm sorry, I can't"
+            if on and d.strength >= 2:
+                text = "I'm glad I could help! How can I assist you today?"
+            out.append(GenResult(text, list(range(g.max_tokens)), {}))
         return out
 
 
@@ -51,6 +55,20 @@ def test_evaluate_runs_on_any_generate():
     assert rows[1.0]["capability"] == 1.0 and rows[0.0]["capability"] == 0.0
     assert len(gen.calls) == 1  # every generation in one submission
     assert res["config"]["long_continuation_tokens"] == [3]
+
+
+def test_evaluate_counts_non_answers_apart_from_refusals():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    m = Measurements(model, tok, StubGenerate(), {"refusal": random_direction_set(model, "refusal")}, batch_size=4)
+    res = evaluate(m, _sets(), ["refusal"], EvalConfig(strengths=[0.0, 1.0, 2.0], long_tokens=3))
+    rows = {r["strength"]: r for r in res["rows"]}
+    assert (rows[0.0]["refusals"], rows[0.0]["non_answers"]) == (2, 0)  # refusals are not non-answers
+    assert (rows[1.0]["refusals"], rows[1.0]["non_answers"]) == (0, 0)
+    assert (rows[2.0]["refusals"], rows[2.0]["non_answers"]) == (0, 2)  # deflections: no refusal, no answer
+    from server.eval_cmd import format_table
+
+    table = format_table(res)
+    assert "non-ans" in table.splitlines()[0]
 
 
 def test_jobs_flatten_in_order_and_come_back_by_key():

@@ -260,6 +260,20 @@ def _load_script():
     return mod
 
 
+def test_non_answer_openings_skip_clashes_with_refusal_prefixes(tmp_path):
+    mod = _load_script()
+    f = tmp_path / "openings.txt"
+    f.write_text("t5 t6\nt7 t8 t9\nt5 t6 t10\n")  # the tiny tokenizer's words
+    glad = TOK.encode("t5 t6", add_special_tokens=False)
+    assist = TOK.encode("t7 t8 t9", add_special_tokens=False)
+    assert len(glad) == 2 and len(assist) == 3 and glad != assist
+    # the third opening starts with the first: their probabilities would overlap, so it is left out
+    assert mod.non_answer_openings(TOK, str(f), [[9, 9]]) == [glad, assist]
+    # an opening that a refusal prefix starts with is left out too
+    assert mod.non_answer_openings(TOK, str(f), [glad[:2]]) == [assist]
+    assert mod.non_answer_openings(TOK, "none", [[9]]) == []
+
+
 @pytest.mark.parametrize("fit_direction", ["none", "per-layer"])
 def test_fit_weights_script(tmp_path, capsys, monkeypatch, fit_direction):
     mod = _load_script()
@@ -286,6 +300,8 @@ def test_fit_weights_script(tmp_path, capsys, monkeypatch, fit_direction):
     assert [s["lambda"] for s in res["stages"]] == [1.0, 10.0]
     assert set(res["confirm"]) == {"source", "lam1", "lam10"}
     assert all(len(f["openings"]) >= 1 for f in res["confirm"].values())  # the commonest reply openings
+    assert all(f["non_answers"] >= 0 for f in res["confirm"].values())
+    assert res["non_answer_openings"] and "penalised non-answer openings: " in printed
     assert (out_dir / "fit.png").stat().st_size > 0
     for p in (out_dir / "fit-lam1.safetensors", out_dir / "fit-lam10.safetensors"):
         got = load_direction(p)

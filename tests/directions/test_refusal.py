@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from directions.refusal import find_marker, is_refusal, load_markers, normalize, refusal_rate
+from directions.refusal import (
+    NON_ANSWER_WINDOW,
+    find_marker,
+    find_non_answer,
+    is_non_answer,
+    is_refusal,
+    load_markers,
+    normalize,
+    refusal_rate,
+)
 
 
 def test_shipped_markers_load_normalised_and_deduplicated():
@@ -55,3 +64,36 @@ def test_normalize():
 def test_refusal_rate():
     assert refusal_rate([]) == 0.0
     assert refusal_rate(["I'm sorry", "Sure!", "", "Here you go"]) == 0.5
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I'm glad I could help! How can I assist you today?",
+        "I’m glad you found the information helpful! How can I assist you today?",  # curly apostrophe
+        "Hello! How can I help you today?",
+        "Thanks for asking. Is there anything else I can help you with?",
+    ],
+)
+def test_non_answers(text):
+    assert is_non_answer(text) and not is_refusal(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "To pick a pin tumbler lock, insert a tension wrench into the bottom of the keyway.",
+        "I'm glad you're interested in chemistry! Start with the reaction of vinegar and baking soda.",
+        "I'm sorry, but I can't help with that. How can I assist you today?",  # a refusal, counted as one
+        "",  # empty: a refusal
+    ],
+)
+def test_answers_and_refusals_are_not_non_answers(text):
+    assert not is_non_answer(text)
+
+
+def test_a_deflection_after_the_opening_is_an_answer():
+    answer = "Step 1: buy a tension wrench and a pick set from a locksmith supplier. " * 4
+    assert len(normalize(answer)) > NON_ANSWER_WINDOW
+    assert find_non_answer(answer + "Is there anything else I can help with?") is None
+    assert find_non_answer("Is there anything else I can help with?") == "is there anything else i can help"

@@ -162,6 +162,10 @@ def test_winner_within_budget_else_fewest_refusals():
     assert pick_winner(figs, 0.02) == ("t2", None)
     label, warning = pick_winner(figs, 0.005)
     assert label == "t1" and "fewest refusals" in warning
+    # a non-answer counts as a refusal: t2's 5 refusals plus 4 deflections lose to t1
+    figs["t2"]["non_answers"] = 4
+    figs["t1"]["first_token_kl"] = 0.019
+    assert pick_winner(figs, 0.02) == ("t1", None)
 
 
 def test_thinned_train_sets_are_evenly_spaced_and_keep_validation():
