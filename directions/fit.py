@@ -35,7 +35,9 @@ Only train prompts go into the fit; candidates are then confirmed on validation
 
 Cost: one forward and one backward pass (activation gradients only: the model's parameters do
 not require grad) per step over ``batch`` harmful + ``batch`` harmless prompts, logits only at
-the last position.
+the last position; each harmful prompt is computed once for all its scored prefixes and its
+compliance target (:func:`prefix_set_logprobs`: the prompt's KV cache is shared), so extra
+prefixes cost only their own few tokens.
 """
 
 from __future__ import annotations
@@ -121,11 +123,6 @@ def last_logits(model, batch: Sequence[Sequence[int]], pad: int) -> torch.Tensor
     return out.logits[:, -1].float()
 
 
-def prefix_prob(model, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
-    """P(prefix | prompt) per row (:func:`prefix_logprob`, exponentiated, capped below 1)."""
-    return prefix_logprob(model, prompts, prefixes, pad).exp().clamp(max=1 - 1e-6)
-
-
 def prefix_logprob(
     model, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], pad: int
 ) -> torch.Tensor:
@@ -145,6 +142,49 @@ def prefix_logprob(
     for i, p in enumerate(prefixes):
         valid[i, k - len(p) :] = True
     return (tok_lp * valid).sum(-1)
+
+
+def prefix_set_logprobs(
+    model, prompts: Sequence[Sequence[int]], prefix_sets: Sequence[Sequence[Sequence[int]]], pad: int
+) -> torch.Tensor:
+    """log P(prefix | prompt) for every prefix of every prompt, flattened in order (prompt 0's
+    prefixes, then prompt 1's, ...), float32, differentiable, each prompt computed **once**: one
+    forward over the left-padded prompts keeps its KV cache and the first prefix token's
+    log-probability; the cache is then repeated per prefix and one more forward over the prefixes'
+    remaining tokens (right-padded; causal attention keeps the padding out of the scored positions)
+    scores the rest. Equal to :func:`prefix_logprob` on each (prompt, prefix) pair (tested), at the
+    cost of one prompt forward instead of one per prefix. Models whose cache cannot be
+    re-indexed fall back to :func:`prefix_logprob`."""
+    rows = [list(x) for ps in prefix_sets for x in ps]
+    owner_l = [i for i, ps in enumerate(prefix_sets) for _ in ps]
+    if not rows or any(len(x) == 0 for x in rows):
+        raise ValueError("every prefix needs at least one token")
+    device = next(model.parameters()).device
+    ids, mask, pos = pad_left(prompts, pad, device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    if not hasattr(cache, "batch_select_indices"):
+        return prefix_logprob(model, [prompts[i] for i in owner_l], rows, pad)
+    owner = torch.tensor(owner_l, device=device)
+    first = torch.log_softmax(out.logits[:, -1].float(), -1)[owner]  # (N, vocab)
+    lp = first.gather(-1, torch.tensor([[x[0]] for x in rows], device=device)).squeeze(-1)
+    k = max(len(x) for x in rows) - 1  # tokens fed to score the rest
+    if k == 0:
+        return lp
+    cache.batch_select_indices(owner)
+    feed = torch.full((len(rows), k), pad, dtype=torch.long)
+    target = torch.full((len(rows), k), pad, dtype=torch.long)
+    valid = torch.zeros((len(rows), k), dtype=torch.bool)
+    for j, x in enumerate(rows):
+        feed[j, : len(x) - 1] = torch.tensor(x[:-1])
+        target[j, : len(x) - 1] = torch.tensor(x[1:])
+        valid[j, : len(x) - 1] = True
+    feed, target, valid = feed.to(device), target.to(device), valid.to(device)
+    full_mask = torch.cat([mask[owner], torch.ones_like(feed)], dim=1)
+    pos2 = pos[owner, -1:] + 1 + torch.arange(k, device=device)
+    out2 = model(input_ids=feed, attention_mask=full_mask, position_ids=pos2, cache=cache, use_cache=True)
+    rest = torch.log_softmax(out2.logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return lp + (rest * valid).sum(-1)
 
 
 def fit_weights(
@@ -230,20 +270,21 @@ def fit_weights(
                 edit.weights = weights_of(theta)
                 if fit_dir:
                     edit.dirs = dirs_of(delta)
-                owner = [j for j, i in enumerate(hi) for _ in prefix_sets[i]]
-                rows_p = prefix_prob(
-                    model,
-                    [harmful[i] for i in hi for _ in prefix_sets[i]],
-                    [x for i in hi for x in prefix_sets[i]],
-                    pad,
+                # every refusal prefix of a prompt and its compliance target (last) share one prompt forward
+                ci = [i for i in hi if comply is not None and comply[i]]
+                sets = [prefix_sets[i] + ([comply[i]] if i in ci else []) for i in hi]
+                lp_all = prefix_set_logprobs(model, [harmful[i] for i in hi], sets, pad).cpu()
+                is_c = torch.tensor(
+                    [i in ci and k == len(ps) - 1 for i, ps in zip(hi, sets, strict=True) for k in range(len(ps))]
                 )
-                mass = torch.zeros(len(hi), dtype=rows_p.dtype).index_add(0, torch.tensor(owner), rows_p)
+                owner = torch.tensor([j for j, ps in enumerate(sets) for _ in ps])
+                rows_p = lp_all[~is_c].exp().clamp(max=1 - 1e-6)
+                mass = torch.zeros(len(hi), dtype=rows_p.dtype).index_add(0, owner[~is_c], rows_p)
                 mass = mass.clamp(max=1 - 1e-6)
                 r_term = (-torch.log1p(-mass)).mean()
-                ci = [i for i in hi if comply is not None and comply[i]]
                 c_term = torch.zeros(())
                 if ci:
-                    lp = prefix_logprob(model, [harmful[i] for i in ci], [comply[i] for i in ci], pad)
+                    lp = lp_all[is_c]
                     c_term = (-lp / torch.tensor([len(comply[i]) for i in ci], dtype=lp.dtype)).mean()
                 ln = torch.log_softmax(last_logits(model, [harmless[i] for i in ni], pad), -1)
                 bp = base[ni]

@@ -106,6 +106,39 @@ def test_fit_lowers_its_objective():
     assert all(not p.requires_grad for p in model.parameters())  # left as found
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_shared_prompt_prefix_scores_equal_one_forward_per_pair(arch):
+    """prefix_set_logprobs (each prompt computed once, its KV cache repeated per prefix) gives the
+    log-probabilities and the gradients of prefix_logprob run on every (prompt, prefix) pair, with
+    prompts of different lengths (left padding), prefixes of different lengths (right padding, one
+    a single token) and the edit on."""
+    from directions.fit import prefix_logprob, prefix_set_logprobs
+
+    model = tiny_model(arch)
+    ds = random_direction_set(model)
+    prompts = _prompts(3, 3)
+    sets = [[[5, 6, 7], [8]], [[9, 10]], [[11, 12, 13, 14], [15, 16], [17]]]
+    edit = DifferentiableEdit(model, ds.directions)
+    try:
+        outs = []
+        for fn in ("shared", "pairs"):
+            w = torch.full((len(COMPONENTS), ds.n_layers), 0.7, requires_grad=True)
+            edit.weights = w
+            if fn == "shared":
+                lp = prefix_set_logprobs(model, prompts, sets, 0)
+            else:
+                pairs = [(p, x) for p, ps in zip(prompts, sets, strict=True) for x in ps]
+                lp = prefix_logprob(model, [p for p, _ in pairs], [x for _, x in pairs], 0)
+            (lp * torch.linspace(0.5, 1.5, len(lp))).sum().backward()
+            outs.append((lp.detach(), w.grad.clone()))
+    finally:
+        edit.remove()
+    assert outs[0][0].shape == (6,)
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-3, atol=1e-4)
+    assert float(outs[0][1].abs().sum()) > 0  # the edit is in the graph
+
+
 def test_several_refusal_prefixes_score_their_summed_probability():
     """A harmful prompt given a set of refusal openings: the refusal term's mass is the sum of their
     teacher-forced probabilities (checked at the first step, where the weights are still the
