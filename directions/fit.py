@@ -272,10 +272,11 @@ def fit_weights(
                     edit.dirs = dirs_of(delta)
                 # every refusal prefix of a prompt and its compliance target (last) share one prompt forward
                 ci = [i for i in hi if comply is not None and comply[i]]
-                sets = [prefix_sets[i] + ([comply[i]] if i in ci else []) for i in hi]
+                sets = [prefix_sets[i] + ([comply[i]] if comply is not None and comply[i] else []) for i in hi]
                 lp_all = prefix_set_logprobs(model, [harmful[i] for i in hi], sets, pad).cpu()
+                # a row past the prompt's refusal prefixes is its compliance target
                 is_c = torch.tensor(
-                    [i in ci and k == len(ps) - 1 for i, ps in zip(hi, sets, strict=True) for k in range(len(ps))]
+                    [k >= len(prefix_sets[i]) for i, ps in zip(hi, sets, strict=True) for k in range(len(ps))]
                 )
                 owner = torch.tensor([j for j, ps in enumerate(sets) for _ in ps])
                 rows_p = lp_all[~is_c].exp().clamp(max=1 - 1e-6)

@@ -53,10 +53,15 @@ def find_marker(text: str, markers: Iterable[str] | None = None) -> str | None:
     norm = normalize(text)
     if not norm:
         return "<empty>"
-    for m in load_markers() if markers is None else markers:
-        m = normalize(m)
-        if m and m in norm:
-            return m
+    return _first_in(norm, load_markers() if markers is None else markers)
+
+
+def _first_in(norm: str, phrases: Iterable[str]) -> str | None:
+    """The first of ``phrases`` (normalised) that occurs in the normalised text ``norm``, or None."""
+    for p in phrases:
+        p = normalize(p)
+        if p and p in norm:
+            return p
     return None
 
 
@@ -76,14 +81,10 @@ def refusal_rate(texts: list[str], markers: Iterable[str] | None = None) -> floa
 def find_non_answer(text: str, phrases: Iterable[str] | None = None, window: int = NON_ANSWER_WINDOW) -> str | None:
     """The deflection phrase found in the opening ``window`` characters of ``text`` when the reply is
     a non-answer (not a refusal, not empty), else None."""
-    if is_refusal(text):
+    norm = normalize(text)
+    if not norm or _first_in(norm, load_markers()):  # empty or a refusal
         return None
-    head = normalize(text)[:window]
-    for p in _load(str(DEFAULT_NON_ANSWERS)) if phrases is None else phrases:
-        p = normalize(p)
-        if p and p in head:
-            return p
-    return None
+    return _first_in(norm[:window], _load(str(DEFAULT_NON_ANSWERS)) if phrases is None else phrases)
 
 
 def is_non_answer(text: str, phrases: Iterable[str] | None = None) -> bool:
