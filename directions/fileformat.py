@@ -16,6 +16,15 @@ weight of writer (kind, l) is ``layer_weights[l] * component_weights[kind, l]``
 (the embedding reads column 0); a file without the tensor means all ones, so
 older files load unchanged and mean what they meant. :meth:`DirectionSet.writer_weight`
 is the one accessor the hooks, the bake and the LoRA export share.
+
+Optional firing-case edit for conditional mode: ``auto_directions`` (n_layers, d_model),
+``auto_layer_weights`` (n_layers,) and optionally ``auto_component_weights`` (3, n_layers),
+with metadata ``auto_edit`` (JSON: where it came from and what it measured). A ``when: auto``
+request whose condition fires gets this edit instead of the file's own; ``when: always`` and
+the bake keep the file's own. Damage on harmless prompts in ``auto`` mode comes only from the
+condition's false positives, so the firing case can use an edit that removes more refusals at
+a higher KL than the ``always`` edit could afford. Engines load it as one more direction named
+``NAME@auto`` (:func:`edit_sets`); '@' cannot occur in a direction name.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = "1"
 FORMAT_VERSION_COMPONENTS = "2"  # written only when a file carries component_weights
+AUTO_EDIT_SUFFIX = "@auto"  # engines' name for a file's firing-case edit: NAME@auto
 COMPONENTS = ("embed", "attn", "mlp")  # rows of component_weights; Writer.kind values
 HOOK_SITES = "embed_tokens,self_attn.o_proj,mlp.down_proj"
 OPERATION = "project_out"
@@ -92,6 +102,7 @@ class DirectionSet:
     detect_layer: int | None = None
     detect_threshold: float | None = None
     component_weights: torch.Tensor | None = None  # (3, n_layers) float32 >= 0, rows COMPONENTS
+    auto_edit: DirectionSet | None = None  # the edit a firing ``when: auto`` request gets (None: this one)
 
     @property
     def n_layers(self) -> int:
@@ -156,6 +167,13 @@ class DirectionSet:
             md["detect_layer"] = self.detect_layer
             md["detect_threshold"] = self.detect_threshold
             md["auto_strength"] = self.auto_strength
+        # the firing-case edit: None, or what its metadata records ({} when nothing)
+        md["auto_edit"] = None
+        if self.auto_edit is not None:
+            try:
+                md["auto_edit"] = json.loads(self.metadata.get("auto_edit") or "{}")
+            except (TypeError, ValueError):
+                md["auto_edit"] = {}
         return md
 
     def check_fits(self, config, path: str = "") -> None:
@@ -201,6 +219,20 @@ def save_direction(ds: DirectionSet, path: str | Path, config=None) -> Path:
         tensors["detect_vector"] = ds.detect_vector.to(torch.float32).contiguous()
         md["detect_layer"] = str(ds.detect_layer)
         md["detect_threshold"] = repr(float(ds.detect_threshold))
+    if ds.auto_edit is not None:
+        a = ds.auto_edit
+        if tuple(a.directions.shape) != tuple(ds.directions.shape):
+            raise DirectionFileError(
+                f"direction '{ds.name}': the firing-case edit has shape {tuple(a.directions.shape)}, "
+                f"the file's own {tuple(ds.directions.shape)}"
+            )
+        tensors["auto_directions"] = a.directions.to(torch.float32).contiguous()
+        tensors["auto_layer_weights"] = a.layer_weights.to(torch.float32).contiguous()
+        if a.component_weights is not None:
+            tensors["auto_component_weights"] = a.component_weights.to(torch.float32).contiguous()
+        md.setdefault("auto_edit", "{}")
+    else:
+        md.pop("auto_edit", None)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=md)
     tmp.replace(path)
@@ -243,7 +275,54 @@ def load_direction(path: str | Path, name: str | None = None) -> DirectionSet:
         ds.detect_layer = int(md["detect_layer"])
         ds.detect_threshold = float(md["detect_threshold"])
     _check_logit_term(md, path)
+    ds.auto_edit = _auto_edit(tensors, ds, path)
     return ds
+
+
+def _auto_edit(tensors: dict[str, torch.Tensor], ds: DirectionSet, path: Path) -> DirectionSet | None:
+    """The optional firing-case edit (``auto_*`` tensors), checked like the file's own edit."""
+    keys = ("auto_directions", "auto_layer_weights", "auto_component_weights")
+    if not any(k in tensors for k in keys):
+        return None
+    if "auto_directions" not in tensors or "auto_layer_weights" not in tensors:
+        raise DirectionFileError(
+            f"direction file {path}: a firing-case edit needs auto_directions and auto_layer_weights"
+        )
+    d = tensors["auto_directions"].to(torch.float32)
+    w = tensors["auto_layer_weights"].to(torch.float32)
+    if d.dim() == 1:
+        d = d.unsqueeze(0).repeat(ds.n_layers, 1)
+    if tuple(d.shape) != tuple(ds.directions.shape) or tuple(w.shape) != (ds.n_layers,):
+        raise DirectionFileError(
+            f"direction file {path}: auto_directions {tuple(d.shape)} / auto_layer_weights {tuple(w.shape)} "
+            f"do not match the file's directions {tuple(ds.directions.shape)}"
+        )
+    if not torch.isfinite(d).all() or not torch.isfinite(w).all() or (w < 0).any():
+        raise DirectionFileError(f"direction file {path}: the firing-case edit holds non-finite or negative values")
+    d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a = DirectionSet(name=ds.name + AUTO_EDIT_SUFFIX, directions=d, layer_weights=w)
+    a.component_weights = _component_weights(tensors.get("auto_component_weights"), ds.n_layers, path)
+    return a
+
+
+def edit_sets(directions: dict[str, DirectionSet]) -> dict[str, DirectionSet]:
+    """What an engine hooks or exports: every direction under its name, plus each firing-case
+    edit under ``NAME@auto`` (:func:`firing_name`)."""
+    out = dict(directions)
+    for n, ds in directions.items():
+        if ds.auto_edit is not None:
+            out[n + AUTO_EDIT_SUFFIX] = ds.auto_edit
+    return out
+
+
+def firing_name(name: str, ds: DirectionSet) -> str:
+    """The edit a ``when: auto`` request of direction ``name`` gets when its condition fires."""
+    return name + AUTO_EDIT_SUFFIX if ds.auto_edit is not None else name
+
+
+def base_name(name: str) -> str:
+    """The direction an engine edit name belongs to (``refusal@auto`` -> ``refusal``)."""
+    return name.removesuffix(AUTO_EDIT_SUFFIX)
 
 
 def _check_logit_term(md: dict[str, str], path: Path) -> None:

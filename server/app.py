@@ -68,10 +68,12 @@ def llamacpp_engine(
     """The llama.cpp engine on ``loaded.gguf``, with the directions' adapters (exported once, cached)."""
     from pathlib import Path
 
+    from directions.fileformat import edit_sets
     from directions.files import cache_root
     from server.engine.llamacpp_engine import LlamaCppConfig, LlamaCppEngine, ensure_adapters
 
-    base, adapters = ensure_adapters(Path(loaded.gguf), directions, cache_root())
+    # one adapter per direction, and per firing-case edit (NAME@auto) for conditional requests
+    base, adapters = ensure_adapters(Path(loaded.gguf), edit_sets(directions), cache_root())
     config = LlamaCppConfig(**engine_limits(settings, max_model_len, num_threads), num_threads_batch=num_threads_batch)
     eos = eos_ids(loaded.model, loaded.tokenizer)
     return LlamaCppEngine(base, loaded.tokenizer, adapters, eos, config, observer=metrics, directions=directions)

@@ -5,7 +5,8 @@ A conditional direction is off in the row's first prefill forward; the probe of
 detection layer at the last prompt token, and the direction applies (for the whole
 generation) when ``score = h . detect_vector`` (plus, where the file has one, a term on the
 unedited next-token distribution: :func:`directions.detection.condition_score`) exceeds its
-threshold.
+threshold. A file with a firing-case edit (:attr:`DirectionSet.auto_edit`) applies that edit
+instead of its own: the row's strength goes to the engine direction ``NAME@auto``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from directions.detection import condition_score
-from directions.fileformat import DirectionSet
+from directions.fileformat import DirectionSet, firing_name
 from server.engine.protocol import EngineObserver
 from server.engine.rows import Row
 from server.engine.types import SteeringReport
@@ -59,7 +60,7 @@ def decide(
         r.fired, r.score = fired, round(score, 4)
         r.applied = r.strength if fired else 0.0
         obs.condition(n, fired)
-        if fired:
-            row.strengths[n] = d.strength
+        if fired:  # the file's firing-case edit where it has one (NAME@auto), else its own
+            row.strengths[firing_name(n, ds)] = d.strength
             any_fired = True
     return any_fired

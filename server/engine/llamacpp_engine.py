@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from directions.fileformat import DirectionSet
+from directions.fileformat import DirectionSet, base_name
 from directions.files import file_key
 from directions.llamacpp import Context, LlamaCpp, LlamaCppError
 from server.engine.condition import decide, start_row
@@ -309,7 +309,7 @@ class LlamaCppEngine(ThreadedEngine):
         now = time.monotonic()
         for r in rows:
             r.pos = r.prompt_len
-            for n in r.strengths:
+            for n in {base_name(n) for n in r.strengths}:
                 self.observer.steering_used(n)
             self.observer.first_token(now - r.t_arrival)
             r.t_last = now

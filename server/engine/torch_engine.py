@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from directions.fileformat import DirectionSet
+from directions.fileformat import DirectionSet, base_name, edit_sets
 from directions.hooks import SteeringHooks
 from server.engine.batch import Batch
 from server.engine.decode import decode_step
@@ -84,7 +84,7 @@ class TorchEngine(ThreadedEngine):
         self.directions = directions
         self.config = config
         self.observer = observer or NullObserver()
-        self.hooks = SteeringHooks(model, directions)
+        self.hooks = SteeringHooks(model, edit_sets(directions))  # with the NAME@auto firing-case edits
         self.eos_ids = eos_ids(model, tokenizer)
         self.batch = self.running = Batch(self.device)
         self.output = RowOutput(tokenizer, self.eos_ids, config.max_model_len, self.observer)
@@ -152,7 +152,7 @@ class TorchEngine(ThreadedEngine):
         """Append freshly prefilled rows to the running batch; emit their first tokens."""
         self.observer.prefill_batch(len(p.rows))
         for s in p.rows:
-            for n in s.strengths:
+            for n in {base_name(n) for n in s.strengths}:
                 self.observer.steering_used(n)
         self.batch.join(p.rows, p.cache, p.mask, p.tokens)
         now = time.monotonic()

@@ -8,7 +8,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from directions.fileformat import CONVENTION, DirectionFileError, load_direction, model_fingerprint, save_direction
+from directions.fileformat import (
+    CONVENTION,
+    DirectionFileError,
+    DirectionSet,
+    base_name,
+    edit_sets,
+    firing_name,
+    load_direction,
+    model_fingerprint,
+    save_direction,
+)
 from tests.tiny_models import random_direction_set, tiny_model
 
 
@@ -47,6 +57,54 @@ def test_one_vector_for_every_layer_is_broadcast(tmp_path):
 def test_bad_tensors_are_clear_errors(tmp_path, tensors, why):
     p = tmp_path / "bad.safetensors"
     save_file(tensors, str(p))
+    with pytest.raises(DirectionFileError, match=why):
+        load_direction(p)
+
+
+def test_firing_case_edit_round_trip(tmp_path):
+    """The optional firing-case edit (auto_* tensors) survives a round trip, is reported in the
+    public metadata, and engines see it as NAME@auto; a file without one is unchanged."""
+    model = tiny_model("qwen2")
+    ds = random_direction_set(model, "r")
+    n = ds.n_layers
+    fire = DirectionSet("x", torch.randn(n, 64) * 3, torch.linspace(0, 2, n))
+    fire.component_weights = torch.rand(3, n)
+    ds.auto_edit = fire
+    ds.metadata["auto_edit"] = json.dumps({"source": "cand.safetensors"})
+    back = load_direction(save_direction(ds, tmp_path / "r.safetensors"))
+    assert back.auto_edit is not None and back.auto_edit.name == "r@auto"
+    torch.testing.assert_close(back.auto_edit.directions, torch.nn.functional.normalize(fire.directions, dim=-1))
+    torch.testing.assert_close(back.auto_edit.writer_weights(), fire.writer_weights())
+    assert back.public_metadata()["auto_edit"] == {"source": "cand.safetensors"}
+    assert set(edit_sets({"r": back})) == {"r", "r@auto"} and firing_name("r", back) == "r@auto"
+    assert base_name("r@auto") == "r" and base_name("r") == "r"
+    ds.auto_edit = None  # dropping it drops its metadata too
+    plain = load_direction(save_direction(ds, tmp_path / "p.safetensors"))
+    assert (
+        plain.auto_edit is None and "auto_edit" not in plain.metadata and plain.public_metadata()["auto_edit"] is None
+    )
+    assert set(edit_sets({"r": plain})) == {"r"} and firing_name("r", plain) == "r"
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ({"auto_directions": torch.ones(3, 8)}, "needs auto_directions and auto_layer_weights"),
+        ({"auto_directions": torch.ones(2, 8), "auto_layer_weights": torch.ones(3)}, "do not match"),
+        ({"auto_directions": torch.ones(3, 8), "auto_layer_weights": -torch.ones(3)}, "negative"),
+        (
+            {
+                "auto_directions": torch.ones(3, 8),
+                "auto_layer_weights": torch.ones(3),
+                "auto_component_weights": torch.ones(2, 3),
+            },
+            "component_weights",
+        ),
+    ],
+)
+def test_bad_firing_case_edit_is_a_clear_error(tmp_path, extra, why):
+    p = tmp_path / "bad.safetensors"
+    save_file({"directions": torch.ones(3, 8), "layer_weights": torch.ones(3), **extra}, str(p))
     with pytest.raises(DirectionFileError, match=why):
         load_direction(p)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from directions.fileformat import load_direction
+from directions.fileformat import edit_sets, firing_name, load_direction
 from directions.models import cache_root
 from directions.prompting import user_prompt_ids
 from directions.strengths import DirectionRequest
@@ -55,7 +55,7 @@ def _run(eng, reqs, timeout=600):
 @pytest.fixture(scope="module")
 def engine(demo_model):
     dirs = {n: load_direction(SHIPPED / f"qwen-demo-{n}.safetensors", name=n) for n in ("refusal", "slop")}
-    base, adapters = ensure_adapters(Path(demo_model.gguf), dirs, cache_root())
+    base, adapters = ensure_adapters(Path(demo_model.gguf), edit_sets(dirs), cache_root())  # as app.py
     eos = eos_ids(demo_model.model, demo_model.tokenizer)
     config = LlamaCppConfig(max_batch_size=4, max_model_len=512)
     eng = LlamaCppEngine(base, demo_model.tokenizer, adapters, eos, config, directions=dirs)
@@ -130,7 +130,8 @@ def test_conditional_rows_decide_like_the_torch_engine(engine, demo_model):
     near the torch engine's (Q4_K_M against fp32) and on the same side of the threshold."""
     tok = demo_model.tokenizer
     auto = {"refusal": DirectionRequest(1.0, when="auto")}
-    on = {"refusal": DirectionRequest(1.0)}
+    # a firing row gets the file's firing-case edit where it has one (refusal@auto), else its own
+    on = {firing_name("refusal", engine.directions["refusal"]): DirectionRequest(1.0)}
     det0 = engine.detector_prefills
     out = _run(
         engine,

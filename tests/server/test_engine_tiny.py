@@ -209,3 +209,45 @@ def test_batched_prefill_matches_one_by_one(tiny):
         one, many = results[1][f"b1-{i}"], results[8][f"b8-{i}"]
         _close(many, one)
     assert results[8]["b8-1"][0] != results[8]["b8-0"][0]
+
+
+def test_firing_case_edit(tiny):
+    """A file with a firing-case edit: a ``when: auto`` row that fires gets that edit (the same
+    as the always-on request of a file whose own edit it is), a quiet row stays plain, and an
+    ``always`` request keeps the file's own edit."""
+    g = torch.Generator().manual_seed(2)
+    own = torch.nn.functional.normalize(torch.randn(3, 32, generator=g), dim=-1)
+    fire_dirs = torch.nn.functional.normalize(torch.randn(3, 32, generator=g), dim=-1)
+    fire_w = torch.tensor([0.5, 1.0, 2.0])
+    v = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
+    prompts = [[5, 9, 13, 2, 7], [3, 4, 50, 61, 22, 8, 8]]
+    s = _scores(tiny, prompts, 2, v)
+    hi, lo = (0, 1) if s[0] > s[1] else (1, 0)
+    cond = {"detect_vector": v, "detect_layer": 2, "detect_threshold": (s[0] + s[1]) / 2}
+    ds = DirectionSet("d", own, torch.ones(3), **cond)
+    ds.auto_edit = DirectionSet("d@auto", fire_dirs, fire_w)
+    as_own = DirectionSet("d", fire_dirs, fire_w)  # the firing-case edit as a plain file
+
+    def run(dirs, reqs):
+        eng = TorchEngine(tiny, IdTokenizer(), {"d": dirs}, EngineConfig(max_batch_size=4))
+        try:
+            return _run(eng, reqs, start=True)
+        finally:
+            eng.shutdown()
+
+    auto, always = {"d": DirectionRequest(1.0, "auto")}, {"d": DirectionRequest(1.0)}
+    fired = run(ds, [_req("f", prompts[hi], auto)])["f"]
+    quiet = run(ds, [_req("q", prompts[lo], auto)])["q"]
+    own_always = run(ds, [_req("a", prompts[hi], always)])["a"]
+    other_always = run(as_own, [_req("o", prompts[hi], always)])["o"]
+    plain = run(ds, [_req("p", prompts[lo])])["p"]
+    plain_hi = run(ds, [_req("p", prompts[hi])])["p"]
+    old_style = run(DirectionSet("d", own, torch.ones(3), **cond), [_req("f", prompts[hi], auto)])["f"]
+    assert fired[2]["d"].fired is True and fired[2]["d"].applied == 1.0 and "d@auto" not in fired[2]
+    assert quiet[2]["d"].fired is False
+    assert fired[:2] == other_always[:2]  # the firing-case edit, bit for bit
+    assert quiet[:2] == plain[:2]
+    assert old_style[:2] == own_always[:2]  # without one, a firing row gets the file's own edit
+    # the two edits differ by far more than rounding
+    assert max(abs(a - b) for a, b in zip(fired[1], own_always[1], strict=True)) > 1000 * LOGPROB_TOL
+    assert max(abs(a - b) for a, b in zip(fired[1], plain_hi[1], strict=True)) > 1000 * LOGPROB_TOL
