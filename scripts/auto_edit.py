@@ -52,10 +52,12 @@ def attach(target: DirectionSet, source: DirectionSet, source_path: Path, note: 
     info = {
         "source": source_path.name,
         "source_sha256": hashlib.sha256(source_path.read_bytes()).hexdigest(),
-        "source_method": source.metadata.get("method", ""),
         "attached": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    for k in ("eval", "fit"):
+    # A fit candidate (scripts/fit_weights.py) carries its source file's method/eval metadata
+    # unchanged; its own record is "fit". Otherwise the source's method and eval describe it.
+    own_fit = "fit" in source.metadata and source.metadata["fit"] != target.metadata.get("fit")
+    for k in ("fit",) if own_fit else ("method", "eval"):
         if k in source.metadata:
             try:
                 info[f"source_{k}"] = json.loads(source.metadata[k])

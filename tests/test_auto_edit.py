@@ -50,7 +50,14 @@ def test_attach_and_remove(tmp_path, capsys):
     assert after.detect_threshold == before.detect_threshold and after.detect_layer == before.detect_layer
     info = after.public_metadata()["auto_edit"]
     assert info["source"] == "cand.safetensors" and info["note"] == "val 0/65" and len(info["source_sha256"]) == 64
-    assert info["source_eval"] == {"refusal": 0.0, "first_token_kl": 0.08}
+    assert info["source_eval"] == {"refusal": 0.0, "first_token_kl": 0.08} and "source_fit" not in info
+    # a fit candidate: its own "fit" record, not the eval it inherited from its source
+    fit = load_direction(c)
+    fit.metadata["fit"] = json.dumps({"lambda": "1.0"})
+    save_direction(fit, c)
+    assert mod.main(["--direction", str(t), "--from", str(c)]) == 0
+    info = load_direction(t).public_metadata()["auto_edit"]
+    assert info["source_fit"] == {"lambda": "1.0"} and "source_eval" not in info
     assert mod.main(["--direction", str(t), "--remove"]) == 0
     assert load_direction(t).auto_edit is None
     assert "removed" in capsys.readouterr().out
