@@ -7,6 +7,10 @@ it fires. Per file and condition it prints: fires, fires on refused prompts (wan
 removes that refusal), fires on answered prompts (a false positive: the edit touches an answer
 that needed nothing), and refused prompts it misses (a refusal ``auto`` leaves). Writes JSON.
 
+``--lookahead 3,4`` adds, beside the files' conditions, an output-based condition for each K: the
+same judge on the first K tokens of the unedited reply (what a condition that lets a request
+decode K tokens unsteered, then restarts it steered if they open a refusal, would decide).
+
     python scripts/condition_report.py shipped=directions/shipped/qwen-demo-refusal.safetensors \\
         other=OTHER.safetensors --out condition-report.json
 """
@@ -36,6 +40,15 @@ R = PROMPTS_DIR / "refusal"
 DEFAULT_FILES = ("harmless_val.txt", "harmless_val_hard.txt", "harmful_val.txt")
 
 
+def _counts(fired: list[bool], refused: list[bool]) -> dict[str, int]:
+    return {
+        "fires": sum(fired),
+        "fires_refused": sum(f and r for f, r in zip(fired, refused, strict=True)),
+        "fires_answered": sum(f and not r for f, r in zip(fired, refused, strict=True)),
+        "misses_refused": sum(r and not f for f, r in zip(fired, refused, strict=True)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("conditions", nargs="+", metavar="NAME=FILE", help="direction files with a condition")
@@ -43,8 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", nargs="+", metavar="FILE", help="prompt files (default: the validation files)")
     ap.add_argument("--label-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--lookahead",
+        default="",
+        help="comma-separated token counts K: also report the judge on the first K tokens of the unedited reply",
+    )
     ap.add_argument("--out", default="condition-report.json")
     args = ap.parse_args(argv)
+    try:
+        lookahead = [int(k) for k in args.lookahead.split(",") if k.strip()]
+    except ValueError:
+        ap.error(f"--lookahead: comma-separated token counts, not {args.lookahead!r}")
+    if any(k < 1 for k in lookahead):
+        ap.error("--lookahead: token counts must be >= 1")
     conds = {}
     for item in args.conditions:
         name, sep, path = item.partition("=")
@@ -70,23 +94,21 @@ def main(argv: list[str] | None = None) -> int:
                 condition_score(ds, states[i, ds.detect_layer], logits[i]) > ds.detect_threshold
                 for i in range(len(ids))
             ]
-            row["conditions"][name] = {
-                "fires": sum(fired),
-                "fires_refused": sum(f and r for f, r in zip(fired, refused, strict=True)),
-                "fires_answered": sum(f and not r for f, r in zip(fired, refused, strict=True)),
-                "misses_refused": sum(r and not f for f, r in zip(fired, refused, strict=True)),
-            }
+            row["conditions"][name] = _counts(fired, refused)
+        for k in lookahead:
+            early = [is_refusal(lm.tokenizer.decode(r.token_ids[:k], skip_special_tokens=True)) for r in replies]
+            row["conditions"][f"first-{k}-tokens"] = _counts(early, refused)
         res["files"][Path(path).name] = row
     res["wall_s"] = round(time.monotonic() - t0, 1)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(
-        f"{'file':<24} {'n':>4} {'refused':>7} {'condition':<12} {'fires':>5} {'on refused':>10} "
+        f"{'file':<24} {'n':>4} {'refused':>7} {'condition':<16} {'fires':>5} {'on refused':>10} "
         f"{'on answered':>11} {'missed refused':>14}"
     )
     for fname, row in res["files"].items():
         for name, c in row["conditions"].items():
             print(
-                f"{fname:<24} {row['n']:>4} {row['refused']:>7} {name:<12} {c['fires']:>5} {c['fires_refused']:>10} "
+                f"{fname:<24} {row['n']:>4} {row['refused']:>7} {name:<16} {c['fires']:>5} {c['fires_refused']:>10} "
                 f"{c['fires_answered']:>11} {c['misses_refused']:>14}"
             )
     print(f"wrote {args.out} in {res['wall_s']:.0f} s")

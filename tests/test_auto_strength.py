@@ -88,3 +88,37 @@ def test_condition_report_counts_fires_against_the_judge(tmp_path, monkeypatch, 
     assert "missed refused" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         mod.main(["nofile", "--model", model_dir])
+
+
+def test_condition_report_lookahead_is_the_judge_on_the_reply_opening(tmp_path, monkeypatch, capsys):
+    """--lookahead K: the judge on the first K tokens of the unedited reply. With K at least the
+    label length it is the label itself (no false fires, no misses); with fewer tokens it sees less."""
+    mod = _load("condition_report")
+    _, model_dir, data, _ds, src = tiny_refusal_direction(tmp_path)
+    (tmp_path / "p.txt").write_text("\n".join(data.pos_val[:6] + data.neg_val[:6]) + "\n")
+    # a deterministic judge on the text (a random model's replies are noise): "refused" when the
+    # reply holds an even number of characters
+    monkeypatch.setattr(mod, "is_refusal", lambda text: len(text) > 0 and len(text) % 2 == 0)
+    out = tmp_path / "c.json"
+    args = ["a=" + str(src), "--model", model_dir, "--prompts", str(tmp_path / "p.txt"), "--label-tokens", "3"]
+    assert mod.main([*args, "--lookahead", "1,3,5", "--batch-size", "4", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["files"]["p.txt"]
+    c = row["conditions"]
+    assert 0 < row["refused"] < 12  # the judge splits these replies
+    assert set(c) == {"a", "first-1-tokens", "first-3-tokens", "first-5-tokens"}
+    for k in ("first-3-tokens", "first-5-tokens"):  # the whole 3-token reply: the label
+        assert c[k] == {
+            "fires": row["refused"],
+            "fires_refused": row["refused"],
+            "fires_answered": 0,
+            "misses_refused": 0,
+        }
+    assert (
+        c["first-1-tokens"]["fires"] + c["first-1-tokens"]["misses_refused"] - c["first-1-tokens"]["fires_answered"]
+        == row["refused"]
+    )
+    assert "first-3-tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main([*args, "--lookahead", "0"])
+    with pytest.raises(SystemExit):
+        mod.main([*args, "--lookahead", "x"])
