@@ -330,11 +330,13 @@ def with_weights(
 ) -> DirectionSet:
     """A copy of ``ds`` whose writer weights are ``weights`` (3, n_layers): layer weights 1 and the
     weights as ``component_weights``, and, where given, ``directions`` (n_layers, d) as its
-    directions (normalised); its condition is kept, ``record`` goes into the metadata as ``fit``."""
+    directions (normalised); its condition is kept, ``record`` goes into the metadata as ``fit``.
+    A firing-case edit of ``ds`` is not: the copy is a new edit, measured on its own."""
     import json
 
     md = dict(ds.metadata)
     md["fit"] = json.dumps(record)
+    md.pop("auto_edit", None)
     dirs = ds.directions if directions is None else torch.nn.functional.normalize(directions.float(), dim=-1)
     return dataclasses.replace(
         ds,
@@ -342,4 +344,5 @@ def with_weights(
         layer_weights=torch.ones(ds.n_layers, dtype=torch.float32),
         component_weights=weights.detach().to(torch.float32).clamp_min(0).clone(),
         metadata=md,
+        auto_edit=None,
     )

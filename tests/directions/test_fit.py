@@ -55,6 +55,19 @@ def test_differentiable_edit_is_the_server_edit(arch):
     assert not any(m._forward_hooks for m in model.modules())  # removed
 
 
+def test_a_fitted_copy_drops_the_sources_firing_case_edit():
+    """A fit candidate is a new edit: it keeps the source's condition but not its firing-case edit
+    (which would otherwise stand in for the candidate in every ``auto`` measurement)."""
+    model = tiny_model("qwen2")
+    ds = random_direction_set(model)
+    ds.detect_vector, ds.detect_layer, ds.detect_threshold = torch.ones(64), 1, 0.0
+    ds.auto_edit = random_direction_set(model, seed=7)
+    ds.metadata["auto_edit"] = "{}"
+    cand = with_weights(ds, torch.ones(len(COMPONENTS), ds.n_layers), {})
+    assert cand.has_condition and cand.auto_edit is None and "auto_edit" not in cand.metadata
+    assert ds.auto_edit is not None  # the source is untouched
+
+
 @torch.no_grad()
 def _greedy(model, ds, prompt, n):
     """``n`` greedy tokens after ``prompt`` with ``ds`` at strength 1 (the server's hooks)."""
