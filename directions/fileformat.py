@@ -156,7 +156,7 @@ class DirectionSet:
 
     def public_metadata(self) -> dict:
         md = dict(self.metadata)
-        for k in ("eval", "prompt_hashes", "fingerprint", "selection", "detect_logit_tokens"):
+        for k in ("eval", "prompt_hashes", "fingerprint", "selection", "detect_logit_tokens", "auto_edit"):
             if k in md:
                 with contextlib.suppress(TypeError, ValueError):
                     md[k] = json.loads(md[k])
@@ -167,13 +167,11 @@ class DirectionSet:
             md["detect_layer"] = self.detect_layer
             md["detect_threshold"] = self.detect_threshold
             md["auto_strength"] = self.auto_strength
-        # the firing-case edit: None, or what its metadata records ({} when nothing)
-        md["auto_edit"] = None
-        if self.auto_edit is not None:
-            try:
-                md["auto_edit"] = json.loads(self.metadata.get("auto_edit") or "{}")
-            except (TypeError, ValueError):
-                md["auto_edit"] = {}
+        # the firing-case edit: None, or what its metadata records ({} when nothing readable)
+        if self.auto_edit is None:
+            md["auto_edit"] = None
+        elif not isinstance(md.get("auto_edit"), dict):
+            md["auto_edit"] = {}
         return md
 
     def check_fits(self, config, path: str = "") -> None:
@@ -264,9 +262,7 @@ def load_direction(path: str | Path, name: str | None = None) -> DirectionSet:
         raise DirectionFileError(
             f"direction file {path}: directions {tuple(d.shape)} and layer_weights {tuple(w.shape)} do not agree"
         )
-    if not torch.isfinite(d).all() or not torch.isfinite(w).all() or (w < 0).any():
-        raise DirectionFileError(f"direction file {path} holds non-finite values or negative layer weights")
-    d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    d = _unit_rows(d, w, path)
     ds = DirectionSet(name=name or md.get("name") or path.stem, directions=d, layer_weights=w, metadata=md)
     ds.component_weights = _component_weights(tensors.get("component_weights"), w.shape[0], path)
     if "detect_vector" in tensors and "detect_layer" in md and "detect_threshold" in md:
@@ -277,6 +273,14 @@ def load_direction(path: str | Path, name: str | None = None) -> DirectionSet:
     _check_logit_term(md, path)
     ds.auto_edit = _auto_edit(tensors, ds, path)
     return ds
+
+
+def _unit_rows(d: torch.Tensor, w: torch.Tensor, path: Path, what: str = "") -> torch.Tensor:
+    """``d`` with unit rows, once the edit (directions ``d``, layer weights ``w``) is known finite
+    with non-negative weights; ``what`` names the edit in the error."""
+    if not torch.isfinite(d).all() or not torch.isfinite(w).all() or (w < 0).any():
+        raise DirectionFileError(f"direction file {path}{what} holds non-finite values or negative layer weights")
+    return d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _auto_edit(tensors: dict[str, torch.Tensor], ds: DirectionSet, path: Path) -> DirectionSet | None:
@@ -297,9 +301,7 @@ def _auto_edit(tensors: dict[str, torch.Tensor], ds: DirectionSet, path: Path) -
             f"direction file {path}: auto_directions {tuple(d.shape)} / auto_layer_weights {tuple(w.shape)} "
             f"do not match the file's directions {tuple(ds.directions.shape)}"
         )
-    if not torch.isfinite(d).all() or not torch.isfinite(w).all() or (w < 0).any():
-        raise DirectionFileError(f"direction file {path}: the firing-case edit holds non-finite or negative values")
-    d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    d = _unit_rows(d, w, path, " (its firing-case edit)")
     a = DirectionSet(name=ds.name + AUTO_EDIT_SUFFIX, directions=d, layer_weights=w)
     a.component_weights = _component_weights(tensors.get("auto_component_weights"), ds.n_layers, path)
     return a

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from directions.fileformat import (  # noqa: E402
+    AUTO_EDIT_SUFFIX,
     DirectionFileError,
     DirectionSet,
     load_direction,
@@ -46,7 +47,7 @@ def attach(target: DirectionSet, source: DirectionSet, source_path: Path, note: 
         raise DirectionFileError(f"{source_path} was made for another model ({fp_s.get('architecture')})")
     if not target.has_condition:
         raise DirectionFileError("the direction file has no condition: a firing-case edit would never apply")
-    edit = DirectionSet(target.name + "@auto", source.directions.clone(), source.layer_weights.clone())
+    edit = DirectionSet(target.name + AUTO_EDIT_SUFFIX, source.directions.clone(), source.layer_weights.clone())
     edit.component_weights = None if source.component_weights is None else source.component_weights.clone()
     target.auto_edit = edit
     info = {

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
 from directions.fileformat import DirectionSet, load_direction, save_direction
+from tests.scripts_loader import load_script
 from tests.tiny_models import random_direction_set, tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("auto_edit", ROOT / "scripts" / "auto_edit.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["auto_edit"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _files(tmp_path):
@@ -36,7 +24,7 @@ def _files(tmp_path):
 
 
 def test_attach_and_remove(tmp_path, capsys):
-    mod = _script()
+    mod = load_script("auto_edit")
     _, t, c, cand = _files(tmp_path)
     before = load_direction(t)
     assert mod.main(["--direction", str(t), "--from", str(c), "--note", "val 0/65"]) == 0
@@ -64,7 +52,7 @@ def test_attach_and_remove(tmp_path, capsys):
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
-    mod = _script()
+    mod = load_script("auto_edit")
     model, t, c, _ = _files(tmp_path)
     plain = random_direction_set(model, "plain", seed=3)  # no condition
     p = save_direction(plain, tmp_path / "plain.safetensors", config=model.config)

@@ -4,29 +4,17 @@ they print can be checked exactly."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from directions import extract
+from tests.scripts_loader import load_script
 from tests.tiny_models import tiny_refusal_direction, tiny_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str = "auto_strength"):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_auto_strength_counts_and_kl(tmp_path, monkeypatch, capsys):
-    mod = _load()
+    mod = load_script("auto_strength")
     _, model_dir, data, ds, src = tiny_refusal_direction(tmp_path)
     assert ds.has_condition
     (tmp_path / "harmful.txt").write_text("\n".join(data.pos_val) + "\n")
@@ -51,7 +39,7 @@ def test_auto_strength_counts_and_kl(tmp_path, monkeypatch, capsys):
 
 
 def test_auto_strength_rejects_a_file_without_a_condition(tmp_path, capsys):
-    mod = _load()
+    mod = load_script("auto_strength")
     *_, src = tiny_refusal_direction(tmp_path, detect=False)
     assert mod.main(["--model", "unused", "--direction", str(src)]) == 2
     assert "no condition" in capsys.readouterr().err
@@ -61,7 +49,7 @@ def test_condition_report_counts_fires_against_the_judge(tmp_path, monkeypatch, 
     from directions.detection import condition_score
     from directions.forward import forward_last
 
-    mod = _load("condition_report")
+    mod = load_script("condition_report")
     model, model_dir, data, ds, src = tiny_refusal_direction(tmp_path)
     tok = tiny_tokenizer()
     texts = data.pos_val[:6] + data.neg_val[:6]
@@ -93,7 +81,7 @@ def test_condition_report_counts_fires_against_the_judge(tmp_path, monkeypatch, 
 def test_condition_report_lookahead_is_the_judge_on_the_reply_opening(tmp_path, monkeypatch, capsys):
     """--lookahead K: the judge on the first K tokens of the unedited reply. With K at least the
     label length it is the label itself (no false fires, no misses); with fewer tokens it sees less."""
-    mod = _load("condition_report")
+    mod = load_script("condition_report")
     _, model_dir, data, _ds, src = tiny_refusal_direction(tmp_path)
     (tmp_path / "p.txt").write_text("\n".join(data.pos_val[:6] + data.neg_val[:6]) + "\n")
     # a deterministic judge on the text (a random model's replies are noise): "refused" when the

@@ -4,7 +4,6 @@ split), the driver's answers to Heretic's questions, the comparison table, JSON 
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,26 +12,14 @@ import pytest
 import tomllib
 
 from directions.refusal import load_markers
+from tests.scripts_loader import load_script
 from tests.tiny_models import save_tiny_dir, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    """A module of scripts/ (which imports its sibling heretic_report as a script would)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return mod
-
-
-ch = _load("compare_heretic")
-drv = _load("heretic_driver")
+ch = load_script("compare_heretic")
+drv = load_script("heretic_driver")
 
 
 def test_arguments_defaults_and_bad_values(capsys):

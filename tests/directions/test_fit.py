@@ -5,11 +5,8 @@ writes loadable candidates that keep the source file's condition."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ import torch
 from directions.fileformat import COMPONENTS, load_direction
 from directions.fit import DifferentiableEdit, FitConfig, fit_weights, last_logits, with_weights
 from directions.forward import forward_last
+from tests.scripts_loader import load_script
 from tests.tiny_models import (
     random_direction_set,
     tiny_model,
@@ -25,7 +23,6 @@ from tests.tiny_models import (
     tokens,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 TOK = tiny_tokenizer()
 
 
@@ -298,16 +295,8 @@ def test_fit_rejects_empty_inputs():
         fit_weights(model, TOK, ds, _prompts(0, 2), _prompts(5, 2), [[3], [4]], FitConfig(steps=1, direction="rows"))
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("fit_weights", ROOT / "scripts" / "fit_weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fit_weights"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_non_answer_openings_skip_clashes_with_refusal_prefixes(tmp_path):
-    mod = _load_script()
+    mod = load_script("fit_weights")
     f = tmp_path / "openings.txt"
     f.write_text("t5 t6\nt7 t8 t9\nt5 t6 t10\n")  # the tiny tokenizer's words
     glad = TOK.encode("t5 t6", add_special_tokens=False)
@@ -322,7 +311,7 @@ def test_non_answer_openings_skip_clashes_with_refusal_prefixes(tmp_path):
 
 @pytest.mark.parametrize("fit_direction", ["none", "per-layer"])
 def test_fit_weights_script(tmp_path, capsys, monkeypatch, fit_direction):
-    mod = _load_script()
+    mod = load_script("fit_weights")
     _, model_dir, data, ds, src = tiny_refusal_direction(tmp_path, n_val=8)
     files = {}
     for k, v in {"pos": data.pos_train, "neg": data.neg_train, "vpos": data.pos_val, "vneg": data.neg_val}.items():
@@ -378,7 +367,7 @@ def test_fit_weights_script(tmp_path, capsys, monkeypatch, fit_direction):
 
 
 def test_pick_rule():
-    mod = _load_script()
+    mod = load_script("fit_weights")
     f = lambda r, kl: {"refusals": r, "first_token_kl": kl}  # noqa: E731
     figs = {"source": f(1, 0.066), "lam1": f(2, 0.055), "lam3": f(2, 0.050), "lam10": f(8, 0.033)}
     assert mod.pick(figs, 1) == ("lam3", None)

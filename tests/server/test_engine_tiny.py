@@ -75,6 +75,16 @@ def _run(engine, reqs, start: bool = False):
     return out
 
 
+def _run_fresh(model, directions, reqs):
+    """``reqs`` on a fresh engine, all submitted before it starts (admitted together, one prefill
+    group): (outputs as :func:`_run`, the engine's batched prefill count)."""
+    eng = TorchEngine(model, IdTokenizer(), directions, EngineConfig(max_batch_size=4))
+    try:
+        return _run(eng, reqs, start=True), eng.batched_prefills
+    finally:
+        eng.shutdown()
+
+
 def _req(rid, ids, steering=None, n=6):
     sp = SamplingParams(max_tokens=n, temperature=0, logprobs=True, ignore_eos=True)
     return GenerationRequest(rid, ids, sp, steering or {})
@@ -117,13 +127,8 @@ def test_conditional_rows_share_a_batch(tiny):
     prefills = {}
 
     def run(tag, reqs):
-        # all submitted before the engine starts: admitted together, one prefill group
-        eng = TorchEngine(tiny, IdTokenizer(), {"d": ds}, EngineConfig(max_batch_size=4))
-        try:
-            return _run(eng, reqs, start=True)
-        finally:
-            eng.shutdown()
-            prefills[tag] = eng.batched_prefills
+        out, prefills[tag] = _run_fresh(tiny, {"d": ds}, reqs)
+        return out
 
     mixed = run("mixed", [_req("fire", prompts[hi], auto), _req("quiet", prompts[lo], auto)])
     plain = run("plain", [_req("p_hi", prompts[hi]), _req("p_lo", prompts[lo])])
@@ -229,11 +234,7 @@ def test_firing_case_edit(tiny):
     as_own = DirectionSet("d", fire_dirs, fire_w)  # the firing-case edit as a plain file
 
     def run(dirs, reqs):
-        eng = TorchEngine(tiny, IdTokenizer(), {"d": dirs}, EngineConfig(max_batch_size=4))
-        try:
-            return _run(eng, reqs, start=True)
-        finally:
-            eng.shutdown()
+        return _run_fresh(tiny, {"d": dirs}, reqs)[0]
 
     auto, always = {"d": DirectionRequest(1.0, "auto")}, {"d": DirectionRequest(1.0)}
     fired = run(ds, [_req("f", prompts[hi], auto)])["f"]
