@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +38,23 @@ def condition_score(ds, h: torch.Tensor, logits: torch.Tensor | None) -> float:
             return float("nan")
         score += w * float(logit_term(logits, toks))
     return score
+
+
+def _refusal_judge(text: str) -> bool:
+    from directions.refusal import is_refusal
+
+    return is_refusal(text)
+
+
+# judges of the lookahead condition (metadata ``auto_lookahead``): text of the first K unedited
+# reply tokens -> fire. Engines call them through :func:`lookahead_fires`.
+LOOKAHEAD_JUDGES: dict[str, Callable[[str], bool]] = {"refusal": _refusal_judge}
+
+
+def lookahead_fires(ds, tokenizer, token_ids: Sequence[int]) -> bool:
+    """Whether ``ds``'s lookahead condition fires on the unedited reply ``token_ids`` (its first K count)."""
+    k, judge = ds.lookahead
+    return bool(LOOKAHEAD_JUDGES[judge](tokenizer.decode(list(token_ids[:k]), skip_special_tokens=True)))
 
 
 def threshold_at_fpr(neg_scores: Sequence[float], fpr: float) -> float:

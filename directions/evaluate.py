@@ -207,6 +207,8 @@ class _Evaluation:
     def _row(self, n: str, mode: str, s: float) -> dict:
         row: dict = {"direction": n, "when": mode, "strength": s}
         wanted, mismatch = self.wanted[n], 0
+        # a firing auto row runs the file's firing-case edit where it has one (as the engines do)
+        fire_edit = self.m.directions[n].auto_edit if mode == "auto" and n in self.m.directions else None
         if "refusal" in wanted:
             res, mm = self._texts(n, mode, s, "refusal")
             mismatch += mm
@@ -229,13 +231,17 @@ class _Evaluation:
             row["first_token_kl"] = (
                 models_first_token_kl(self.m, self.edited[n], self.P["harmless"])
                 if mode == "weights"
-                else self.m.first_token_kl(self.P["harmless"], {n: self._strengths("harmless", n, mode, s)})[0]
+                else self.m.first_token_kl(
+                    self.P["harmless"],
+                    {n: self._strengths("harmless", n, mode, s)},
+                    {n: fire_edit} if fire_edit else None,
+                )[0]
             )
         if "long_kl" in wanted:
             lk = (
                 models_long_kl(self.m.model, self.edited[n].model, self.P["long"], self.conts)
                 if mode == "weights"
-                else self.m.long_kl(self.P["long"], self.conts, n, self._strengths("long", n, mode, s))
+                else self.m.long_kl(self.P["long"], self.conts, n, self._strengths("long", n, mode, s), fire_edit)
             )
             row["long_kl"], row["long_kl_positions"] = lk["mean"], lk["positions"]
         if mode == "auto":

@@ -25,6 +25,14 @@ the bake keep the file's own. Damage on harmless prompts in ``auto`` mode comes 
 condition's false positives, so the firing case can use an edit that removes more refusals at
 a higher KL than the ``always`` edit could afford. Engines load it as one more direction named
 ``NAME@auto`` (:func:`edit_sets`); '@' cannot occur in a direction name.
+
+Optional output-based condition: metadata ``auto_lookahead`` (JSON ``{"tokens": K, "judge":
+"refusal"}``). A ``when: auto`` request of such a file decodes its first K tokens with the
+direction off, holding them back from the client, and the named judge
+(:data:`directions.detection.LOOKAHEAD_JUDGES`) reads their text: where it flags them the
+row restarts from its prompt with the direction (its firing-case edit) on, same seed; else
+the held tokens are released and the row goes on unedited. The prefill probe is then not
+consulted (the file may keep it: removing the lookahead restores it).
 """
 
 from __future__ import annotations
@@ -130,8 +138,28 @@ class DirectionSet:
         return w
 
     @property
-    def has_condition(self) -> bool:
+    def has_probe(self) -> bool:
+        """The file carries a prefill probe (detection vector, layer and threshold)."""
         return self.detect_vector is not None and self.detect_layer is not None and self.detect_threshold is not None
+
+    @property
+    def lookahead(self) -> tuple[int, str] | None:
+        """The output-based condition ``(tokens, judge)`` from metadata ``auto_lookahead``, or None."""
+        raw = self.metadata.get("auto_lookahead")
+        if not raw:
+            return None
+        spec = json.loads(raw) if isinstance(raw, str) else raw
+        return int(spec["tokens"]), str(spec.get("judge", "refusal"))
+
+    @property
+    def uses_probe(self) -> bool:
+        """``when: auto`` is decided by the prefill probe (a probe and no lookahead)."""
+        return self.has_probe and self.lookahead is None
+
+    @property
+    def has_condition(self) -> bool:
+        """``when: auto`` is possible: a prefill probe or a lookahead condition."""
+        return self.has_probe or self.lookahead is not None
 
     @property
     def detect_logit_tokens(self) -> tuple[int, ...]:
@@ -156,7 +184,15 @@ class DirectionSet:
 
     def public_metadata(self) -> dict:
         md = dict(self.metadata)
-        for k in ("eval", "prompt_hashes", "fingerprint", "selection", "detect_logit_tokens", "auto_edit"):
+        for k in (
+            "eval",
+            "prompt_hashes",
+            "fingerprint",
+            "selection",
+            "detect_logit_tokens",
+            "auto_edit",
+            "auto_lookahead",
+        ):
             if k in md:
                 with contextlib.suppress(TypeError, ValueError):
                     md[k] = json.loads(md[k])
@@ -164,9 +200,11 @@ class DirectionSet:
         md["d_model"] = self.d_model
         md["conditional"] = self.has_condition
         if self.has_condition:
+            md["auto_strength"] = self.auto_strength
+            md["condition"] = "lookahead" if self.lookahead is not None else "probe"
+        if self.has_probe:
             md["detect_layer"] = self.detect_layer
             md["detect_threshold"] = self.detect_threshold
-            md["auto_strength"] = self.auto_strength
         # the firing-case edit: None, or what its metadata records ({} when nothing readable)
         if self.auto_edit is None:
             md["auto_edit"] = None
@@ -213,7 +251,7 @@ def save_direction(ds: DirectionSet, path: str | Path, config=None) -> Path:
     if ds.component_weights is not None:
         tensors["component_weights"] = ds.component_weights.to(torch.float32).contiguous()
         md["format_version"] = FORMAT_VERSION_COMPONENTS
-    if ds.has_condition:
+    if ds.has_probe:
         tensors["detect_vector"] = ds.detect_vector.to(torch.float32).contiguous()
         md["detect_layer"] = str(ds.detect_layer)
         md["detect_threshold"] = repr(float(ds.detect_threshold))
@@ -271,6 +309,7 @@ def load_direction(path: str | Path, name: str | None = None) -> DirectionSet:
         ds.detect_layer = int(md["detect_layer"])
         ds.detect_threshold = float(md["detect_threshold"])
     _check_logit_term(md, path)
+    _check_lookahead(md, path)
     ds.auto_edit = _auto_edit(tensors, ds, path)
     return ds
 
@@ -340,6 +379,32 @@ def _check_logit_term(md: dict[str, str], path: Path) -> None:
         raise DirectionFileError(f"direction file {path}: detect_logit_tokens must be a list of token ids")
     if not math.isfinite(weight) or (weight != 0 and not toks):
         raise DirectionFileError(f"direction file {path}: detect_logit_weight must be finite, with tokens to weigh")
+
+
+MAX_LOOKAHEAD_TOKENS = 32
+
+
+def check_lookahead(spec) -> tuple[int, str]:
+    """A lookahead condition ``{"tokens": K, "judge": NAME}`` as ``(K, NAME)``; ValueError naming what is wrong."""
+    from directions.detection import LOOKAHEAD_JUDGES
+
+    if not isinstance(spec, dict) or "tokens" not in spec:
+        raise ValueError('expected {"tokens": K, "judge": NAME}')
+    k, judge = spec["tokens"], spec.get("judge", "refusal")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_LOOKAHEAD_TOKENS:
+        raise ValueError(f"tokens must be an integer from 1 to {MAX_LOOKAHEAD_TOKENS}, not {k!r}")
+    if judge not in LOOKAHEAD_JUDGES:
+        raise ValueError(f"unknown judge {judge!r} (known: {', '.join(sorted(LOOKAHEAD_JUDGES))})")
+    return k, judge
+
+
+def _check_lookahead(md: dict[str, str], path: Path) -> None:
+    if "auto_lookahead" not in md:
+        return
+    try:
+        check_lookahead(json.loads(md["auto_lookahead"]))
+    except (TypeError, ValueError) as e:
+        raise DirectionFileError(f"direction file {path}: bad auto_lookahead: {e}") from e
 
 
 def _component_weights(cw: torch.Tensor | None, n_layers: int, path: Path) -> torch.Tensor | None:

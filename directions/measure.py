@@ -94,10 +94,12 @@ class Measurements:
         return {k: res[a : a + n] for k, a, n in spans}
 
     def fired(self, name: str, prompts: list[list[int]]) -> list[bool]:
-        """Whether the engine's condition for ``name`` fires on each prompt (prefill only, cached)."""
+        """Whether the engine's condition for ``name`` fires on each prompt (cached): a prefill for a
+        probe, the first K reply tokens for a lookahead condition."""
         k = (name, _key(prompts))
         if k not in self._fired:
-            job = Job(("fire",), prompts, 1, {name: DirectionRequest(1.0, when="auto")})
+            look = self.directions[name].lookahead
+            job = Job(("fire",), prompts, look[0] if look else 1, {name: DirectionRequest(1.0, when="auto")})
             res = self.generate([job], desc=f"condition {name}")[("fire",)]
             self._fired[k] = [bool(r.fired.get(name)) for r in res]
         return self._fired[k]
@@ -113,13 +115,17 @@ class Measurements:
         return self._base_logits[k]
 
     def first_token_kl(
-        self, prompts: list[list[int]], strengths: dict[str, Sequence[float]]
+        self,
+        prompts: list[list[int]],
+        strengths: dict[str, Sequence[float]],
+        edits: dict[str, DirectionSet] | None = None,
     ) -> tuple[float, list[float]]:
-        """First-token KL(P_orig || P_edited), batch mean and per prompt; per-row strengths per direction."""
+        """First-token KL(P_orig || P_edited), batch mean and per prompt; per-row strengths per direction
+        (``edits``: another edit under a direction's name, e.g. its firing-case edit)."""
         base = self.base_logits(prompts)
         if not any(x != 0 for s in strengths.values() for x in s):
             return 0.0, [0.0] * len(prompts)
-        dirs = {n: self.directions[n] for n in strengths}
+        dirs = {n: (edits or {}).get(n) or self.directions[n] for n in strengths}
         edited, _ = forward_last(
             self.model,
             self.tok,
@@ -131,8 +137,17 @@ class Measurements:
         )
         return kl.first_token_kl(base, edited)
 
-    def long_kl(self, prompts: list[list[int]], conts: list[list[int]], name: str, strengths: Sequence[float]) -> dict:
-        """KL averaged over every position of teacher-forced continuations (pooled over prompts)."""
+    def long_kl(
+        self,
+        prompts: list[list[int]],
+        conts: list[list[int]],
+        name: str,
+        strengths: Sequence[float],
+        edit: DirectionSet | None = None,
+    ) -> dict:
+        """KL averaged over every position of teacher-forced continuations (pooled over prompts);
+        ``edit`` replaces the direction's own edit (e.g. its firing-case edit)."""
+        edit = edit or self.directions[name]
         allk, per = [], []
         for p, c, s in tqdm(list(zip(prompts, conts, strengths, strict=True)), desc=f"long KL {name}", leave=False):
             k = (tuple(p), tuple(c))
@@ -140,7 +155,7 @@ class Measurements:
                 kls = [0.0] * len(c)
             else:
                 kls, h = kl.continuation_kl(
-                    self.model, p, c, {name: self.directions[name]}, {name: s}, base_hidden=self._base_hidden.get(k)
+                    self.model, p, c, {name: edit}, {name: s}, base_hidden=self._base_hidden.get(k)
                 )
                 self._base_hidden[k] = h
             allk += kls

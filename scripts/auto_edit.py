@@ -13,6 +13,11 @@ and its condition are left as they are. Measure a candidate first, on validation
 then (atomically rewrites FILE; ``--remove`` takes the firing-case edit out again):
 
     python scripts/auto_edit.py --direction FILE --from CANDIDATE.safetensors [--note TEXT]
+
+It also sets which condition decides ``when: auto``: ``--lookahead K`` makes it the
+output-based one (the first K unedited reply tokens, held back from the client, read by the
+refusal judge; a flagged row restarts with the edit on), ``--probe`` goes back to the file's
+prefill probe. Either may come with ``--from`` or alone.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from directions.fileformat import (  # noqa: E402
     AUTO_EDIT_SUFFIX,
     DirectionFileError,
     DirectionSet,
+    check_lookahead,
     load_direction,
     save_direction,
 )
@@ -73,23 +79,51 @@ def attach(target: DirectionSet, source: DirectionSet, source_path: Path, note: 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--direction", required=True, type=Path, help="the direction file to rewrite (it keeps its name)")
-    g = ap.add_mutually_exclusive_group(required=True)
+    g = ap.add_mutually_exclusive_group()
     g.add_argument("--from", dest="source", type=Path, help="the direction file whose edit fires")
     g.add_argument("--remove", action="store_true", help="remove the firing-case edit")
     ap.add_argument("--note", default="", help="free text stored in the auto_edit metadata (what it measured)")
+    c = ap.add_mutually_exclusive_group()
+    c.add_argument(
+        "--lookahead",
+        type=int,
+        metavar="K",
+        help="decide when: auto on the first K unedited reply tokens (held back from the client)",
+    )
+    c.add_argument("--probe", action="store_true", help="decide when: auto with the prefill probe (drop the lookahead)")
+    ap.add_argument("--judge", default="refusal", help="the lookahead's judge (default: refusal)")
     args = ap.parse_args(argv)
+    if not (args.source or args.remove or args.lookahead is not None or args.probe):
+        ap.error("nothing to do: give --from, --remove, --lookahead or --probe")
+    done = []
     try:
         target = load_direction(args.direction)
+        if args.lookahead is not None:
+            try:
+                spec = {"tokens": args.lookahead, "judge": args.judge}
+                check_lookahead(spec)
+            except ValueError as e:
+                raise DirectionFileError(f"--lookahead: {e}") from e
+            target.metadata["auto_lookahead"] = json.dumps(spec)
+            done.append(f"when: auto decided on the first {args.lookahead} reply tokens ({args.judge} judge)")
+        elif args.probe:
+            if not target.has_probe:
+                raise DirectionFileError("the direction file has no prefill probe to decide with")
+            target.metadata.pop("auto_lookahead", None)
+            done.append("when: auto decided by the prefill probe")
         if args.remove:
             target.auto_edit = None
-        else:
+            done.append("removed the firing-case edit")
+        elif args.source:
             attach(target, load_direction(args.source), args.source, args.note)
+            done.append(f"firing-case edit from {args.source}")
+        if target.auto_edit is not None and not target.has_condition:
+            raise DirectionFileError("the direction file has no condition: a firing-case edit would never apply")
         save_direction(target, args.direction)
     except DirectionFileError as e:
         print(f"auto_edit: {e}", file=sys.stderr)
         return 2
-    what = "removed the firing-case edit" if args.remove else f"firing-case edit from {args.source}"
-    print(f"{args.direction}: {what}")
+    print(f"{args.direction}: {'; '.join(done)}")
     return 0
 
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     strengths = [float(x) for x in args.strengths.split(",") if x.strip()]
     ds = load_direction(args.direction)
-    if not ds.has_condition:
+    if not ds.has_probe:
         print(f"{args.direction}: no condition (detection vector) to measure", file=sys.stderr)
         return 2
     lm = load_model(args.model)

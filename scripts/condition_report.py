@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name or not path:
             ap.error(f"expected NAME=FILE, got {item!r}")
         ds = load_direction(path)
-        if not ds.has_condition:
+        if not ds.has_probe:
             ap.error(f"{path}: no condition (detection vector) to report on")
         conds[name] = ds
     files = args.prompts or [str(R / f) for f in DEFAULT_FILES]

@@ -69,7 +69,7 @@ def llamacpp_states(gguf: str, prompts: list[list[int]], layer: int, threads: in
 
 def compare(name: str, lm, n: int, threads: int | None) -> dict:
     ds = load_direction(SHIPPED / f"qwen-demo-{name}.safetensors", name=name)
-    if not ds.has_condition:
+    if not ds.has_probe:
         return {"direction": name, "skipped": "no calibrated condition"}
     pos_file, neg_file = SETS[name]
     texts = {"pos": read_lines(pos_file)[:n], "neg": read_lines(neg_file)[:n]}

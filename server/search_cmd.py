@@ -106,8 +106,8 @@ def _detect(args, ds, acts, n_layers: int) -> dict | None:
         return None
     if args.detector:
         src = load_direction(args.detector)
-        if not src.has_condition:
-            raise SystemExit(f"--detector {args.detector} has no condition")
+        if not src.has_probe:
+            raise SystemExit(f"--detector {args.detector} has no prefill probe (detection vector)")
         ds.detect_vector, ds.detect_layer, ds.detect_threshold = (
             src.detect_vector,
             src.detect_layer,

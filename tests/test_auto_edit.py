@@ -65,3 +65,29 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert mod.main(["--direction", str(t), "--from", str(tmp_path / "missing.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
     assert load_direction(t).auto_edit is None  # nothing written on failure
+
+
+def test_lookahead_and_probe(tmp_path, capsys):
+    """--lookahead K sets the output-based condition (with or without --from), --probe goes back to
+    the prefill probe; a bad K or a file without a probe is a clear error and writes nothing."""
+    mod = load_script("auto_edit")
+    model, t, c, cand = _files(tmp_path)
+    assert mod.main(["--direction", str(t), "--lookahead", "3"]) == 0
+    d = load_direction(t)
+    assert d.lookahead == (3, "refusal") and d.auto_edit is None and d.has_probe
+    assert mod.main(["--direction", str(t), "--from", str(c), "--lookahead", "4"]) == 0
+    d = load_direction(t)
+    assert d.lookahead == (4, "refusal") and d.auto_edit is not None
+    torch.testing.assert_close(d.auto_edit.directions, cand.directions)
+    assert mod.main(["--direction", str(t), "--lookahead", "0"]) == 2
+    assert "tokens must be" in capsys.readouterr().err
+    assert mod.main(["--direction", str(t), "--probe"]) == 0
+    d = load_direction(t)
+    assert d.lookahead is None and d.uses_probe and d.auto_edit is not None
+    plain = random_direction_set(model, "plain", seed=3)
+    p = save_direction(plain, tmp_path / "plain.safetensors", config=model.config)
+    assert mod.main(["--direction", str(p), "--probe"]) == 2
+    assert "no prefill probe" in capsys.readouterr().err
+    # a file with only a lookahead condition can take a firing-case edit
+    assert mod.main(["--direction", str(p), "--lookahead", "2", "--from", str(c)]) == 0
+    assert load_direction(p).auto_edit is not None

@@ -52,11 +52,12 @@ class Batch:
         self.last_tok = toks
 
     def drop_finished(self, cancel: Callable[[Row], None]) -> None:
-        """Remove done rows (``cancel`` ends the cancelled ones first) and their cache rows."""
+        """Remove done rows (``cancel`` ends the cancelled ones first) and their cache rows; rows
+        whose lookahead fired leave too (the engine prefills them again)."""
         for s in self.rows:
             if s.cancelled and not s.done:
                 cancel(s)
-        keep = [i for i, s in enumerate(self.rows) if not s.done]
+        keep = [i for i, s in enumerate(self.rows) if not s.done and not s.restart]
         if len(keep) == len(self.rows):
             return
         if not keep:

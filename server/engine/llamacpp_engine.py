@@ -125,7 +125,7 @@ class _Slots:
         for r in self.rows:
             if r.cancelled and not r.done:
                 cancel(r)
-        for r in [r for r in self.rows if r.done]:
+        for r in [r for r in self.rows if r.done or r.restart]:
             release(r.slot)
             self.free.append(r.slot)
             self.rows.remove(r)
@@ -224,7 +224,7 @@ class LlamaCppEngine(ThreadedEngine):
         )
         for name, path in self.adapters.items():
             self.ll.load_adapter(name, path)
-        layers = {ds.detect_layer for ds in self.directions.values() if ds.has_condition}
+        layers = {ds.detect_layer for ds in self.directions.values() if ds.uses_probe}
         if layers:
             from directions.llamacpp_probe import LayerProbe
 
@@ -311,7 +311,6 @@ class LlamaCppEngine(ThreadedEngine):
             r.pos = r.prompt_len
             for n in {base_name(n) for n in r.strengths}:
                 self.observer.steering_used(n)
-            self.observer.first_token(now - r.t_arrival)
             r.t_last = now
         self._sample_and_accept(rows, logits)
 

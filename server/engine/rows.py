@@ -3,6 +3,12 @@
 :class:`RowOutput` turns sampled tokens into :class:`~server.engine.types.StepOutput` events:
 detokenisation with stop strings, EOS, the length limits, logprobs, and the one finished
 event every request ends with.
+
+A row with a pending lookahead condition (:func:`server.engine.condition.decide_lookahead`)
+holds its first K sampled tokens back: nothing reaches the client until the condition is
+decided. Quiet, the held tokens are accepted as usual (the reply is the unedited model's,
+token for token); firing, the row is queued in :attr:`RowOutput.restarts` and the engine
+prefills it again from its prompt with the edit on.
 """
 
 from __future__ import annotations
@@ -24,17 +30,37 @@ class Row:
     def __init__(self, req: GenerationRequest, emit: Emit, tokenizer, device):
         self.req = req
         self.emit = emit
+        self._tok, self._device = tokenizer, device
         self.detok = IncrementalDetokenizer(tokenizer, req.sampling.stop)
         self.gen = make_generator(req.sampling.seed, device)
         self.generated: list[int] = []
         self.strengths: dict[str, float] = {}  # what the hooks apply to this row (conditions decided)
         self.report: dict[str, SteeringReport] = {}
+        self.looking: dict = {}  # lookahead conditions still pending (name -> DirectionSet)
+        self.look_decided: dict[str, bool] = {}  # lookahead decisions (kept across the restart)
+        self.held: list[tuple[int, torch.Tensor | None]] = []  # tokens held back while looking
+        self.restart = False  # a lookahead fired: the engine prefills the row again
+        self.restarts = 0
         self.cancelled = False
         self.done = False
         self.t_arrival = time.monotonic()
         self.t_last: float | None = None
         self.deadline = self.t_arrival + req.timeout_s if req.timeout_s else None
         self.sent_report = False
+
+    @property
+    def look_tokens(self) -> int:
+        """How many tokens the pending lookahead conditions read (0: none pending)."""
+        return max((ds.lookahead[0] for ds in self.looking.values()), default=0)
+
+    def reset_for_restart(self) -> None:
+        """Back to the state of a fresh request (same seed), keeping the lookahead decisions."""
+        self.detok = IncrementalDetokenizer(self._tok, self.req.sampling.stop)
+        self.gen = make_generator(self.req.sampling.seed, self._device)
+        self.generated, self.held, self.strengths = [], [], {}
+        self.restart = False
+        self.restarts += 1
+        self.t_last = None
 
     @property
     def request_id(self) -> str:
@@ -53,13 +79,58 @@ class RowOutput:
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
         self.observer = observer
+        self.restarts: list[Row] = []  # rows whose lookahead fired, for the engine to prefill again
 
-    def accept(self, row: Row, tok: int, logits: torch.Tensor) -> None:
-        """Record one sampled token for a row; emit text; finish on EOS/stop/length/cancel."""
+    def accept(self, row: Row, tok: int, logits: torch.Tensor | None) -> None:
+        """Record one sampled token for a row; emit text; finish on EOS/stop/length/cancel.
+        While a lookahead condition is pending the token is held back instead."""
         if row.cancelled:
             self.finish(row, "cancelled")
             return
+        if row.looking:
+            self._hold(row, tok, logits)
+            return
+        self._accept(row, tok, logits)
+
+    def _hold(self, row: Row, tok: int, logits: torch.Tensor | None) -> None:
         sp = row.req.sampling
+        row.held.append((tok, logits.clone() if sp.logprobs and logits is not None else None))
+        n = len(row.held)
+        end = tok in self.eos_ids and not sp.ignore_eos
+        # K tokens even when max_tokens is smaller (the reply is cut at max_tokens when they go
+        # out): the decision must not depend on the length the client asked for
+        if not (end or n >= row.look_tokens or row.prompt_len + n >= self.max_model_len):
+            return
+        from server.engine.condition import decide_lookahead
+
+        if decide_lookahead(row, self.tok, self.observer):
+            row.restart = True
+            self.restarts.append(row)
+            return
+        held, row.held = row.held, []
+        for t, lg in held:
+            if row.done:
+                break
+            self._accept(row, t, lg)
+
+    def take_restarts(self) -> list[Row]:
+        """The rows to prefill again (their state reset), in the order their lookahead fired."""
+        rows, pending = [], self.restarts
+        self.restarts = []
+        for r in pending:
+            if r.done:
+                continue
+            if r.cancelled:
+                self.finish(r, "cancelled")
+                continue
+            r.reset_for_restart()
+            rows.append(r)
+        return rows
+
+    def _accept(self, row: Row, tok: int, logits: torch.Tensor | None) -> None:
+        sp = row.req.sampling
+        if not row.sent_report:  # the first token the client sees
+            self.observer.first_token(time.monotonic() - row.t_arrival)
         is_eos = tok in self.eos_ids and not sp.ignore_eos
         lp = None
         if not is_eos:

@@ -86,13 +86,27 @@ class ThreadedEngine(AsyncBridge):
                     break
                 sched.expire()
                 self._drop_finished()
-                sched.admit(self._prefill_group)
+                sched.admit(self._admit_group)
                 if self.running.rows:
                     self._step()
+                    self._restart()
         except BaseException as e:  # the engine must never die silently
             log.exception("engine thread crashed")
             self.error = e
             sched.end_all(GenerationFailed(f"engine failure: {type(e).__name__}"))
+
+    def _admit_group(self, group: list[Row]) -> None:
+        self._prefill_group(group)
+        self._restart()
+
+    def _restart(self) -> None:
+        """Prefill again, edit on, the rows whose lookahead condition fired (right away: they
+        leave the running batch and take their places back before anything else is admitted)."""
+        while self.output.restarts:
+            self._drop_finished()  # takes the restarting rows out of the running batch
+            rows = self.output.take_restarts()
+            if rows:
+                self._prefill_group(rows)
 
     def _end_running(self, e: Exception) -> None:
         """A decode step failed: end the running rows with an error (one bad step must not take the engine down)."""

@@ -157,7 +157,6 @@ class TorchEngine(ThreadedEngine):
         self.batch.join(p.rows, p.cache, p.mask, p.tokens)
         now = time.monotonic()
         for i, (s, tok) in enumerate(zip(p.rows, p.tokens.tolist(), strict=True)):
-            self.observer.first_token(now - s.t_arrival)
             s.t_last = now
             self.output.accept(s, tok, p.logits[i])
         self._drop_finished()

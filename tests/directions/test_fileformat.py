@@ -118,3 +118,42 @@ def test_missing_pickle_and_truncated_files(tmp_path):
     (tmp_path / "t.safetensors").write_bytes(json.dumps({"x": 1}).encode())
     with pytest.raises(DirectionFileError, match="corrupt"):
         load_direction(tmp_path / "t.safetensors")
+
+
+def test_lookahead_condition_round_trip(tmp_path):
+    """``auto_lookahead`` makes a file conditional without a probe; with a probe it takes over
+    (``uses_probe`` is False) and the probe stays in the file."""
+    d = DirectionSet("r", torch.nn.functional.normalize(torch.randn(3, 8), dim=-1), torch.ones(3))
+    d.metadata["auto_lookahead"] = json.dumps({"tokens": 3, "judge": "refusal"})
+    back = load_direction(save_direction(d, tmp_path / "r.safetensors"))
+    assert back.lookahead == (3, "refusal") and back.has_condition and not back.has_probe and not back.uses_probe
+    md = back.public_metadata()
+    assert md["conditional"] is True and md["condition"] == "lookahead"
+    assert md["auto_lookahead"] == {"tokens": 3, "judge": "refusal"} and "detect_layer" not in md
+    back.detect_vector, back.detect_layer, back.detect_threshold = torch.ones(8), 1, 0.5
+    both = load_direction(save_direction(back, tmp_path / "b.safetensors"))
+    assert both.has_probe and both.lookahead == (3, "refusal") and not both.uses_probe
+    both.metadata.pop("auto_lookahead")
+    probe = load_direction(save_direction(both, tmp_path / "p.safetensors"))
+    assert probe.uses_probe and probe.lookahead is None and probe.public_metadata()["condition"] == "probe"
+
+
+@pytest.mark.parametrize(
+    "spec,why",
+    [
+        ('{"tokens": 0}', "tokens must be"),
+        ('{"tokens": 99}', "tokens must be"),
+        ('{"tokens": "3"}', "tokens must be"),
+        ('{"tokens": 3, "judge": "vibes"}', "unknown judge"),
+        ('{"judge": "refusal"}', "expected"),
+        ("[3]", "expected"),
+        ("three", "auto_lookahead"),
+    ],
+)
+def test_bad_lookahead_is_a_clear_error(tmp_path, spec, why):
+    p = tmp_path / "bad.safetensors"
+    save_file(
+        {"directions": torch.ones(3, 8), "layer_weights": torch.ones(3)}, str(p), metadata={"auto_lookahead": spec}
+    )
+    with pytest.raises(DirectionFileError, match=why):
+        load_direction(p)

@@ -124,9 +124,12 @@ def test_conditional_steering_fires_on_harmful_prompts_only(client, demo_server)
         pos = list(ex.map(report, harmful))
         neg = list(ex.map(report, harmless))
     for rep in pos + neg:
-        assert rep["when"] == "auto" and isinstance(rep["score"], float)
+        # a score for the prefill probe; none for the lookahead condition (the shipped file's)
+        assert rep["when"] == "auto" and (rep["score"] is None or isinstance(rep["score"], float))
         assert rep["applied"] == (1.0 if rep["fired"] else 0.0)
     assert sum(r["fired"] for r in pos) >= 3, pos
     assert sum(r["fired"] for r in neg) <= 1, neg
     by_id = report(harmful[0], model=demo_server.base_id + "+refusal@auto", extra={})
-    assert by_id["fired"] == pos[0]["fired"] and abs(by_id["score"] - pos[0]["score"]) < 1e-3
+    assert by_id["fired"] == pos[0]["fired"]
+    if pos[0]["score"] is not None:
+        assert abs(by_id["score"] - pos[0]["score"]) < 1e-3

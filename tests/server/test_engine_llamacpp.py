@@ -55,6 +55,8 @@ def _run(eng, reqs, timeout=600):
 @pytest.fixture(scope="module")
 def engine(demo_model):
     dirs = {n: load_direction(SHIPPED / f"qwen-demo-{n}.safetensors", name=n) for n in ("refusal", "slop")}
+    # the probe tests below decide at prefill; test_lookahead_condition sets the lookahead back
+    dirs["refusal"].metadata.pop("auto_lookahead", None)
     base, adapters = ensure_adapters(Path(demo_model.gguf), edit_sets(dirs), cache_root())  # as app.py
     eos = eos_ids(demo_model.model, demo_model.tokenizer)
     config = LlamaCppConfig(max_batch_size=4, max_model_len=512)
@@ -155,6 +157,34 @@ def test_conditional_rows_decide_like_the_torch_engine(engine, demo_model):
         assert (ref > ds.detect_threshold) == rep.fired
         # scripts/llamacpp_detect_agreement.py: |difference| <= 0.072 over 64 validation prompts (score std 0.79)
         assert abs(rep.score - ref) < 0.15, (rep.score, ref)
+
+
+def test_lookahead_condition(engine, demo_model, monkeypatch):
+    """The lookahead condition on llama.cpp: a row whose first 3 unedited tokens open a refusal
+    restarts with the firing-case edit (its tokens are the always-on request's, the first event
+    already says it fired); a row that opens an answer is the plain request, token for token."""
+    tok = demo_model.tokenizer
+    monkeypatch.setitem(engine.directions["refusal"].metadata, "auto_lookahead", '{"tokens": 3, "judge": "refusal"}')
+    auto = {"refusal": DirectionRequest(1.0, when="auto")}
+    on = {firing_name("refusal", engine.directions["refusal"]): DirectionRequest(1.0)}
+    det0 = engine.detector_prefills
+    out = _run(
+        engine,
+        [
+            _req("plain", tok, HARMLESS),
+            _req("quiet", tok, HARMLESS, auto),
+            _req("always", tok, HARMFUL, on),
+            _req("fires", tok, HARMFUL, auto),
+            _req("refuses", tok, HARMFUL, n=3),
+        ],
+    )
+    assert engine.detector_prefills == det0  # no prefill probe
+    assert "sorry" in out["refuses"]["text"].lower() or "can't" in out["refuses"]["text"].lower()
+    quiet, fires = (out[k]["events"][0].steering["refusal"] for k in ("quiet", "fires"))
+    assert quiet.fired is False and quiet.applied == 0.0 and quiet.score is None
+    assert fires.fired is True and fires.applied == 1.0
+    assert out["quiet"]["ids"] == out["plain"]["ids"]
+    assert out["fires"]["ids"] == out["always"]["ids"]
 
 
 def test_requests_admitted_together_share_a_prefill_pass(engine, demo_model):

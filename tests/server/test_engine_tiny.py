@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from directions.detection import LOOKAHEAD_JUDGES
 from directions.fileformat import DirectionSet
 from server.engine import (
     DirectionRequest,
@@ -252,3 +254,118 @@ def test_firing_case_edit(tiny):
     # the two edits differ by far more than rounding
     assert max(abs(a - b) for a, b in zip(fired[1], own_always[1], strict=True)) > 1000 * LOGPROB_TOL
     assert max(abs(a - b) for a, b in zip(fired[1], plain_hi[1], strict=True)) > 1000 * LOGPROB_TOL
+
+
+def _lookahead_set(own, fire_dirs, fire_w, k, judge="test"):
+    ds = DirectionSet("d", own, torch.ones(3), metadata={"auto_lookahead": json.dumps({"tokens": k, "judge": judge})})
+    ds.auto_edit = DirectionSet("d@auto", fire_dirs, fire_w)
+    return ds
+
+
+def test_lookahead_condition(tiny, monkeypatch):
+    """A file with a lookahead condition: a ``when: auto`` row decodes its first K tokens unedited
+    and holds them back; where the judge flags them the row restarts with the firing-case edit
+    (bit for bit the always-on request of that edit, prefilled alone), else the held tokens go
+    out and the reply is the plain model's. Rows that restart share the batch with others."""
+    g = torch.Generator().manual_seed(3)
+    own = torch.nn.functional.normalize(torch.randn(3, 32, generator=g), dim=-1)
+    fire_dirs = torch.nn.functional.normalize(torch.randn(3, 32, generator=g), dim=-1)
+    fire_w = torch.tensor([1.0, 2.0, 2.0])
+    as_own = DirectionSet("d", fire_dirs, fire_w)
+    prompts = [[5, 9, 13, 2, 7], [3, 4, 50, 61, 22, 8, 8], [7, 7, 30]]
+    plain = {i: _run_fresh(tiny, {"d": as_own}, [_req("p", p)])[0]["p"] for i, p in enumerate(prompts)}
+    # the judge fires on the plain reply of prompt 0 (its first two tokens), on no other
+    flag = "".join(f" {t}" for t in plain[0][0][:2])
+    assert all("".join(f" {t}" for t in plain[i][0][:2]) != flag for i in (1, 2))
+    seen: list[str] = []
+
+    def judge(text):
+        seen.append(text)
+        return text == flag
+
+    monkeypatch.setitem(LOOKAHEAD_JUDGES, "test", judge)
+    ds = _lookahead_set(own, fire_dirs, fire_w, 2)
+    assert ds.has_condition and not ds.has_probe and ds.lookahead == (2, "test")
+    auto, always = {"d": DirectionRequest(1.0, "auto")}, {"d": DirectionRequest(1.0)}
+    steered = _run_fresh(tiny, {"d": as_own}, [_req("s", prompts[0], always)])[0]["s"]
+
+    alone = {i: _run_fresh(tiny, {"d": ds}, [_req("a", p, auto)])[0]["a"] for i, p in enumerate(prompts)}
+    assert alone[0][:2] == steered[:2]  # fired: the firing-case edit from the prompt on, bit for bit
+    assert alone[0][2]["d"].fired is True and alone[0][2]["d"].applied == 1.0 and alone[0][2]["d"].score is None
+    for i in (1, 2):
+        assert alone[i][:2] == plain[i][:2]  # quiet: the plain reply, bit for bit
+        assert alone[i][2]["d"].fired is False and alone[i][2]["d"].applied == 0.0
+    assert len(seen) == 3 and all(len(t.split()) == 2 for t in seen)  # the judge read two tokens each time
+
+    # together in one batch, with a plain and an always row: each as alone, within rounding
+    eng = TorchEngine(tiny, IdTokenizer(), {"d": ds}, EngineConfig(max_batch_size=8))
+    first: dict[str, bool | None] = {}
+    reqs = [_req(f"a{i}", p, auto) for i, p in enumerate(prompts)]
+    reqs += [_req("plain", prompts[1]), _req("always", prompts[0], always, n=9)]
+    try:
+        out = {r.request_id: ([], [], {}) for r in reqs}
+        left = threading.Semaphore(0)
+
+        def emitter(rid):
+            def emit(o):
+                if o.steering is not None and "d" in o.steering:  # the first event: decided already
+                    first[rid] = o.steering["d"].fired
+                out[rid][0].extend(o.token_ids)
+                out[rid][1].extend(x.logprob for x in (o.logprobs or []))
+                if o.finished:
+                    left.release()
+
+            return emit
+
+        for r in reqs:
+            eng.submit(r, emitter(r.request_id))
+        eng.start()
+        for _ in reqs:
+            assert left.acquire(timeout=60)
+    finally:
+        eng.shutdown()
+    _close(out["a0"], steered)
+    _close(out["a1"], plain[1])
+    _close(out["a2"], plain[2])
+    _close(out["plain"], plain[1])
+    assert out["always"][0][:6] != plain[0][0]
+    assert first == {"a0": True, "a1": False, "a2": False, "always": None}  # never sent before the decision
+
+
+def test_lookahead_short_and_cancelled(tiny, monkeypatch):
+    """With max_tokens below the lookahead the condition still reads K tokens and the reply is cut
+    at max_tokens; a row cancelled while its tokens are held ends with one cancelled event."""
+    seen: list[str] = []
+    monkeypatch.setitem(LOOKAHEAD_JUDGES, "count", lambda text: seen.append(text) or False)
+    monkeypatch.setitem(LOOKAHEAD_JUDGES, "never", lambda text: False)
+    monkeypatch.setitem(LOOKAHEAD_JUDGES, "always", lambda text: True)
+    g = torch.Generator().manual_seed(4)
+    own = torch.nn.functional.normalize(torch.randn(3, 32, generator=g), dim=-1)
+    p = [5, 9, 13, 2, 7]
+    plain = _run_fresh(tiny, {}, [_req("p", p, n=3)])[0]["p"]
+    for judge in ("never", "always", "count"):
+        ds = _lookahead_set(own, own, torch.ones(3), 8, judge)
+        got = _run_fresh(tiny, {"d": ds}, [_req("a", p, {"d": DirectionRequest(1.0, "auto")}, n=3)])[0]["a"]
+        assert len(got[0]) == 3 and got[2]["d"].fired is (judge == "always")
+        assert got[2]["d"].applied == (1.0 if judge == "always" else 0.0)
+        if judge != "always":
+            assert got[:2] == plain[:2]
+    assert [len(t.split()) for t in seen] == [8]
+    ds = _lookahead_set(own, own, torch.ones(3), 8, "never")
+    eng = TorchEngine(tiny, IdTokenizer(), {"d": ds}, EngineConfig(max_batch_size=4))
+    events = []
+    done = threading.Event()
+
+    def emit(o):
+        events.append(o)
+        if o.finished:
+            done.set()
+
+    eng.start()
+    try:
+        eng.submit(_req("c", p, {"d": DirectionRequest(1.0, "auto")}, n=50), emit)
+        eng.cancel("c")
+        assert done.wait(60)
+    finally:
+        eng.shutdown()
+    assert [e.finish_reason for e in events if e.finished] == ["cancelled"]

@@ -70,3 +70,39 @@ def test_cli_eval_on_a_tiny_model_directory(tmp_path):
         assert b["refusal_rate"] == a["refusal_rate"] and b["capability"] == a["capability"]
     for k in ("refusal_rate", "slop_score", "capability", "long_kl"):
         assert k in rows[("always", 1.0)]
+
+
+@pytest.mark.parametrize("condition", ["probe", "lookahead"])
+def test_cli_eval_auto_rows_use_the_firing_case_edit(tmp_path, monkeypatch, condition):
+    """A file with a firing-case edit and a condition that always fires (a probe below every score,
+    or a lookahead whose judge flags everything): its auto rows measure that edit (KLs, refusals,
+    capability), i.e. equal the always rows of a file whose own edit it is."""
+    import json
+
+    from directions.detection import LOOKAHEAD_JUDGES
+    from tests.tiny_models import random_direction_set
+
+    model = tiny_model("llama")
+    model_dir = save_tiny_dir(model, tmp_path / "model")
+    ds = random_direction_set(model, "refusal", seed=1)
+    fire = random_direction_set(model, "fire", seed=2)
+    ds.auto_edit = random_direction_set(model, "refusal@auto", seed=2)
+    if condition == "probe":
+        ds.detect_vector, ds.detect_layer, ds.detect_threshold = fire.directions[0].clone(), 1, -1e9
+    else:
+        monkeypatch.setitem(LOOKAHEAD_JUDGES, "all", lambda text: True)
+        ds.metadata["auto_lookahead"] = json.dumps({"tokens": 2, "judge": "all"})
+    p = save_direction(ds, tmp_path / "r.safetensors", config=model.config)
+    f = save_direction(fire, tmp_path / "f.safetensors", config=model.config)
+    out = tmp_path / "eval"
+    args = ["eval", "--model", model_dir, "--direction", f"refusal={p}", "--direction", f"fire={f}"]
+    args += ["--strengths", "1", "--conditional", "--limit", "3", "--max-tokens", "3", "--long-tokens", "5"]
+    args += ["--n-long", "2", "--capability-tokens", "2", "--out-dir", str(out)]
+    assert main(args) == 0
+    rows = {(r["direction"], r["when"], r["strength"]): r for r in json.loads((out / "eval.json").read_text())["rows"]}
+    auto, other, own = rows[("refusal", "auto", 1.0)], rows[("fire", "always", 1.0)], rows[("refusal", "always", 1.0)]
+    assert auto["fired"]["harmless"] == 1.0 and auto["condition_mismatches"] == 0
+    for k in ("first_token_kl", "long_kl"):
+        assert auto[k] == pytest.approx(other[k], rel=1e-5)
+        assert abs(own[k] - other[k]) > 1e-3 * other[k]  # the file's own edit measures otherwise
+    assert auto["refusals"] == other["refusals"] and auto["capability"] == other["capability"]
