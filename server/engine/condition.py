@@ -1,9 +1,8 @@
 """Conditional ablation (``when="auto"``): which directions of a row apply.
 
 Two kinds of condition. A file with a lookahead condition (metadata ``auto_lookahead``) is
-decided after the row's first K unedited tokens (:func:`decide_lookahead`; the tokens are
-held back by :class:`server.engine.rows.RowOutput`, and a firing row restarts from its prompt
-with the edit on). Any other conditional file is decided at prefill, as follows.
+decided after the row's first K unedited tokens (:class:`server.engine.rows.RowOutput` holds
+them back and decides; a firing row restarts from its prompt with the edit on). Any other conditional file is decided at prefill, as follows.
 
 A conditional direction is off in the row's first prefill forward; the probe of
 :class:`directions.hooks.SteeringHooks` reads the residual stream entering the direction's
@@ -18,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from directions.detection import condition_score, lookahead_fires
+from directions.detection import condition_score
 from directions.fileformat import DirectionSet, firing_name
 from server.engine.protocol import EngineObserver
 from server.engine.rows import Row
@@ -38,7 +37,7 @@ def start_row(row: Row, directions: dict[str, DirectionSet]) -> dict[str, Direct
             row.report[n].fired = False
         elif conditional and directions[n].lookahead is not None:
             if n in row.look_decided:  # restarted after its lookahead: the decision stands
-                _apply(row, n, directions[n], d.strength, row.look_decided[n], None)
+                row.apply_decision(n, firing_name(n, directions[n]), d.strength, row.look_decided[n], None)
             else:
                 row.looking[n] = directions[n]
         elif conditional:
@@ -67,32 +66,7 @@ def decide(
         # no such layer captured: the score is NaN and the condition never fires
         score = condition_score(ds, h[index] if h is not None else None, logits[index] if logits is not None else None)
         fired = score > ds.detect_threshold
-        _apply(row, n, ds, d.strength, fired, round(score, 4))
+        row.apply_decision(n, firing_name(n, ds), d.strength, fired, round(score, 4))
         obs.condition(n, fired)
         any_fired |= fired
     return any_fired
-
-
-def decide_lookahead(row: Row, tokenizer, obs: EngineObserver) -> bool:
-    """Decide ``row``'s pending lookahead conditions from its held tokens; True if any fires
-    (the row must then restart from its prompt: :meth:`Row.reset_for_restart`)."""
-    ids = [t for t, _ in row.held]
-    any_fired = False
-    for n, ds in row.looking.items():
-        fired = lookahead_fires(ds, tokenizer, ids)
-        row.look_decided[n] = fired
-        _apply(row, n, ds, row.req.steering[n].strength, fired, None)
-        obs.condition(n, fired)
-        any_fired |= fired
-    row.looking = {}
-    return any_fired
-
-
-def _apply(row: Row, n: str, ds: DirectionSet, strength: float, fired: bool, score: float | None) -> None:
-    """Record a decided condition on the row's report; a firing one applies the file's firing-case
-    edit where it has one (NAME@auto), else its own."""
-    r = row.report[n]
-    r.fired, r.score = fired, score
-    r.applied = strength if fired else 0.0
-    if fired:
-        row.strengths[firing_name(n, ds)] = strength

@@ -4,7 +4,7 @@
 detokenisation with stop strings, EOS, the length limits, logprobs, and the one finished
 event every request ends with.
 
-A row with a pending lookahead condition (:func:`server.engine.condition.decide_lookahead`)
+A row with a pending lookahead condition (metadata ``auto_lookahead``, :mod:`server.engine.condition`)
 holds its first K sampled tokens back: nothing reaches the client until the condition is
 decided. Quiet, the held tokens are accepted as usual (the reply is the unedited model's,
 token for token); firing, the row is queued in :attr:`RowOutput.restarts` and the engine
@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from directions.detection import lookahead_fires
+from directions.fileformat import firing_name
 from server.engine.detok import IncrementalDetokenizer
 from server.engine.errors import EngineError
 from server.engine.protocol import Emit, EngineObserver
@@ -47,6 +49,15 @@ class Row:
         self.t_last: float | None = None
         self.deadline = self.t_arrival + req.timeout_s if req.timeout_s else None
         self.sent_report = False
+
+    def apply_decision(self, name: str, edit: str, strength: float, fired: bool, score: float | None) -> None:
+        """Record a decided condition of direction ``name`` on the report; a firing one applies
+        ``edit`` (the file's firing-case edit NAME@auto where it has one, else NAME) at ``strength``."""
+        r = self.report[name]
+        r.fired, r.score = fired, score
+        r.applied = strength if fired else 0.0
+        if fired:
+            self.strengths[edit] = strength
 
     @property
     def look_tokens(self) -> int:
@@ -101,9 +112,7 @@ class RowOutput:
         # out): the decision must not depend on the length the client asked for
         if not (end or n >= row.look_tokens or row.prompt_len + n >= self.max_model_len):
             return
-        from server.engine.condition import decide_lookahead
-
-        if decide_lookahead(row, self.tok, self.observer):
+        if self._decide_lookahead(row):
             row.restart = True
             self.restarts.append(row)
             return
@@ -112,6 +121,20 @@ class RowOutput:
             if row.done:
                 break
             self._accept(row, t, lg)
+
+    def _decide_lookahead(self, row: Row) -> bool:
+        """Decide ``row``'s pending lookahead conditions from its held tokens; True if any fires
+        (the row must then restart from its prompt)."""
+        ids = [t for t, _ in row.held]
+        any_fired = False
+        for n, ds in row.looking.items():
+            fired = lookahead_fires(ds, self.tok, ids)
+            row.look_decided[n] = fired
+            row.apply_decision(n, firing_name(n, ds), row.req.steering[n].strength, fired, None)
+            self.observer.condition(n, fired)
+            any_fired |= fired
+        row.looking = {}
+        return any_fired
 
     def take_restarts(self) -> list[Row]:
         """The rows to prefill again (their state reset), in the order their lookahead fired."""

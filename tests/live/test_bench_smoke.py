@@ -50,3 +50,18 @@ def test_bench_smoke(demo_server, tmp_path):
     assert set(run["finish_reasons"]) <= {"length", "stop"}
     # the table row went to stdout
     assert "| 2 | 2 | 0 |" in proc.stdout
+
+
+def test_steering_overhead_smoke(tmp_path):
+    """scripts/steering_overhead.py on the demo model, int8, one ABBA round of 4-token requests:
+    the table and JSON, 2 requests a side, positive rates, overhead from the medians."""
+    out = tmp_path / "overhead.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "steering_overhead.py"), "--weights", "int8"]
+    cmd += ["--tokens", "4", "--rounds", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "overhead" in proc.stdout and "int8" in proc.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert len(row["plain_tok_s"]) == len(row["steered_tok_s"]) == 2
+    assert min(row["plain_tok_s"] + row["steered_tok_s"]) > 0
+    assert row["overhead"] == 1 - row["steered_median"] / row["plain_median"]
