@@ -124,7 +124,7 @@ def test_conditional_steering_fires_on_harmful_prompts_only(client, demo_server)
         pos = list(ex.map(report, harmful))
         neg = list(ex.map(report, harmless))
     for rep in pos + neg:
-        # a score for the prefill probe; none for the lookahead condition (the shipped file's)
+        # a score for the prefill probe (the shipped file's); none for a lookahead condition
         assert rep["when"] == "auto" and (rep["score"] is None or isinstance(rep["score"], float))
         assert rep["applied"] == (1.0 if rep["fired"] else 0.0)
     assert sum(r["fired"] for r in pos) >= 3, pos
