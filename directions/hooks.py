@@ -15,7 +15,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from directions.edit import project_out
 from directions.fileformat import COMPONENTS, DirectionSet
 from directions.writers import Writer, decoder_layers, find_writers
 
@@ -38,7 +37,13 @@ class SteeringHooks:
             n: (ds.directions.to(self._device, self._dtype), ds.writer_weights().to(self._device, self._dtype))
             for n, ds in directions.items()
         }
-        self._coef: dict[str, torch.Tensor] = {}  # name -> (3, n_layers, B, 1, 1)
+        # the writers each direction touches (weight != 0): the others get no term at all
+        sites = {(COMPONENTS.index(w.kind), w.layer) for w in self.writers}
+        self._touches = {
+            n: sites & {(c, layer) for c, layer in (w != 0).nonzero().tolist()} for n, (_, w) in self.dirs.items()
+        }
+        # per writer (component, layer): the pass's terms, (r as a (d, 1) column, c*r as (B, 1, d))
+        self._terms: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._handles: list = []
 
     @property
@@ -58,9 +63,18 @@ class SteeringHooks:
             s = torch.as_tensor(s, dtype=self._dtype, device=self._device)
             if not torch.any(s != 0):
                 continue
-            w = self.dirs[name][1]
-            coef[name] = (w[:, :, None] * s[None, None, :]).view(*w.shape, s.shape[0], 1, 1)
-        self._coef = coef
+            coef[name] = s
+        # Each writer's edit y - sum_n c_n (y . r_n) r_n, with c_n = s_n * w_n per row, is computed
+        # as y - (y @ r_n) * (c_n r_n): one matmul and one addcmul per direction, the products
+        # c_n r_n made here once per pass composition instead of in every hook call.
+        terms: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for name, s in coef.items():
+            dirs, w = self.dirs[name]
+            for comp, layer in self._touches[name]:
+                r = dirs[layer]
+                cr = (w[comp, layer] * s)[:, None, None] * r  # (B, 1, d)
+                terms.setdefault((comp, layer), []).append((r.view(-1, 1), cr))
+        self._terms = terms
         if coef and not self._handles:
             self._install()
         elif not coef and self._handles:
@@ -104,13 +118,19 @@ class SteeringHooks:
         self._handles = []
 
     def _make_hook(self, comp: int, layer: int):
+        key = (comp, layer)
+
         def hook(module, inputs, output):
+            terms = self._terms.get(key)
+            if not terms:
+                return None  # the output as it is
             y = output
-            for name, coef in self._coef.items():
-                c = coef[comp, layer]
-                if y.dim() == 2:  # (tokens, d) layouts
-                    c = c.view(-1, 1)
-                y = project_out(y, self.dirs[name][0][layer], c)
+            for r_col, cr in terms:
+                if r_col.dtype != y.dtype:  # a writer computing in another dtype than the model's parameters
+                    r_col, cr = r_col.to(y.dtype), cr.to(y.dtype)
+                if y.dim() == 2:  # (tokens, d) layouts: one token per row
+                    cr = cr.view(-1, cr.shape[-1])
+                y = torch.addcmul(y, y @ r_col, cr, value=-1)
             return y
 
         return hook

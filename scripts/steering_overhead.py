@@ -1,16 +1,16 @@
 #!/usr/bin/env python
-"""What does steering cost a decoding request? The torch engine, one request at a time, plain
-against steered, interleaved so that the machine's drift hits both alike.
+"""What does steering cost a decoding request? Plain against steered decode steps, alternated
+step by step so that the machine's drift hits both sides alike.
 
-For each weight format, ``--rounds`` rounds of an ABBA pattern (plain, steered, steered, plain)
-of one ``--tokens``-token greedy request each, on a fresh :class:`~server.engine.TorchEngine`
-with the shipped refusal direction. The decode rate of a request is its tokens after the first
-over the time from its first to its last token (prefill excluded). The table gives the median
-rate of each side and the overhead from the medians, with the spread of the per-round ratios,
-so a reader can tell a real cost from noise. One server-level figure (``bench_compare.py``) is
-one request per side; this is the number to read for "what does the edit cost".
+For each weight format: the demo model with the engine's hooks (:class:`directions.hooks.SteeringHooks`)
+and the shipped refusal direction, one sequence, a KV cache. After a prompt, ``--steps`` decode
+steps at batch ``--batch``, alternating refusal strength 0 (no hook installed: the plain model)
+and 1 every step, each step timed alone (the hook switch is outside the timing). The table gives
+the median step time of each side and the overhead from the medians, with the interquartile range
+of each side, so a reader can tell a real cost from noise. (``bench_compare.py`` times whole
+requests through the server; with one or two requests a side it cannot resolve a few percent.)
 
-    python scripts/steering_overhead.py [--weights float,int8] [--tokens 64] [--rounds 4] [--out FILE.json]
+    python scripts/steering_overhead.py [--weights float,int8] [--steps 200] [--batch 1] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,90 +29,78 @@ SHIPPED = ROOT / "directions" / "shipped" / "qwen-demo-refusal.safetensors"
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 
 
-def decode_rate(engine, ids: list[int], tokens: int, steering: dict, rid: str) -> float:
-    """Tokens per second of one request's decode (first to last token)."""
-    from server.engine import GenerationRequest, SamplingParams
-
-    stamps: list[float] = []
-    done = threading.Event()
-
-    def emit(o):
-        if o.token_ids:
-            stamps.append(time.perf_counter())
-        if o.finished:
-            done.set()
-
-    sp = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    engine.submit(GenerationRequest(rid, ids, sp, steering), emit)
-    if not done.wait(600):
-        raise RuntimeError("request did not finish in 600 s")
-    if len(stamps) < 2:
-        raise RuntimeError(f"request {rid} produced {len(stamps)} tokens")
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
 
 
-def measure(weights: str, tokens: int, rounds: int, threads: int | None) -> dict:
+def measure(weights: str, steps: int, batch: int) -> dict:
     import torch
+    from transformers.cache_utils import DynamicCache
 
     from directions.fileformat import load_direction
+    from directions.hooks import SteeringHooks
     from directions.models import load_model
     from directions.prompting import user_prompt_ids
-    from server.engine import DirectionRequest, EngineConfig, TorchEngine
 
     lm = load_model("demo", device="cpu", weights=weights)
-    dirs = {"refusal": load_direction(SHIPPED, name="refusal")}
-    eng = TorchEngine(lm.model, lm.tokenizer, dirs, EngineConfig(max_batch_size=1, num_threads=threads))
-    eng.start()
-    ids = user_prompt_ids(lm.tokenizer, PROMPT)
-    on = {"refusal": DirectionRequest(1.0)}
-    plain, steered = [], []
-    try:
-        decode_rate(eng, ids, 8, {}, "warm-0")  # warm-up: allocator, kernels, the hooks
-        decode_rate(eng, ids, 8, on, "warm-1")
-        for r in range(rounds):
-            for k, side in enumerate(("plain", "steered", "steered", "plain")):
-                rate = decode_rate(eng, ids, tokens, on if side == "steered" else {}, f"{r}-{k}")
-                (steered if side == "steered" else plain).append(rate)
-            print(f"  {weights}: round {r + 1}/{rounds}", flush=True)
-    finally:
-        eng.shutdown()
-    ratios = [s / p for s, p in zip(steered, plain, strict=True)]
-    mp, ms = statistics.median(plain), statistics.median(steered)
+    model = lm.model
+    hooks = SteeringHooks(model, {"refusal": load_direction(SHIPPED, name="refusal")})
+    ids = torch.tensor([user_prompt_ids(lm.tokenizer, PROMPT)] * batch)
+    side_s: dict[str, list[float]] = {"plain": [], "steered": []}
+    with torch.inference_mode():
+        cache = DynamicCache()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        for step in range(steps + 8):
+            side = "steered" if step % 2 else "plain"
+            hooks.set_strengths({"refusal": [1.0 if side == "steered" else 0.0] * batch})
+            t0 = time.perf_counter()
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            dt = time.perf_counter() - t0
+            if step >= 8:  # the first steps warm the allocator and the kernels
+                side_s[side].append(dt)
+            if step % 50 == 49:
+                print(f"  {weights}: step {step + 1}/{steps + 8}", flush=True)
+    hooks.remove()
+    mp, ms = statistics.median(side_s["plain"]), statistics.median(side_s["steered"])
     return {
         "weights": weights,
+        "batch": batch,
         "threads": torch.get_num_threads(),
-        "plain_tok_s": plain,
-        "steered_tok_s": steered,
-        "plain_median": mp,
-        "steered_median": ms,
-        "overhead": 1 - ms / mp,
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
+        "plain_ms": 1000 * mp,
+        "steered_ms": 1000 * ms,
+        "plain_iqr_ms": [1000 * x for x in _quartiles(side_s["plain"])],
+        "steered_iqr_ms": [1000 * x for x in _quartiles(side_s["steered"])],
+        "overhead": ms / mp - 1,
+        "steps_per_side": len(side_s["plain"]),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", default="float,int8", help="comma-separated: float (fp32), int8")
-    ap.add_argument("--tokens", type=int, default=64, help="tokens per request (default 64)")
-    ap.add_argument("--rounds", type=int, default=4, help="ABBA rounds per format (default 4: 8 requests a side)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--steps", type=int, default=200, help="timed decode steps, both sides together (default 200)")
+    ap.add_argument("--batch", type=int, default=1, help="rows per step (default 1)")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args(argv)
-    if args.tokens < 2 or args.rounds < 1:
-        ap.error("--tokens must be >= 2 and --rounds >= 1")
-    rows = [measure(w.strip(), args.tokens, args.rounds, args.threads) for w in args.weights.split(",") if w.strip()]
+    if args.steps < 8 or args.batch < 1:
+        ap.error("--steps must be >= 8 and --batch >= 1")
+    rows = [measure(w.strip(), args.steps, args.batch) for w in args.weights.split(",") if w.strip()]
     print()
-    print(f"{'weights':<8} {'plain tok/s':>11} {'steered tok/s':>13} {'overhead':>9} {'per-round steered/plain':>24}")
+    print(
+        f"{'weights':<8} {'plain ms/step':>14} {'steered ms/step':>16} {'overhead':>9}  {'IQR plain':>13}  {'IQR steered':>13}"
+    )
     for r in rows:
-        spread = f"{r['ratio_min']:.3f} - {r['ratio_max']:.3f}"
+        ip, is_ = r["plain_iqr_ms"], r["steered_iqr_ms"]
         print(
-            f"{r['weights']:<8} {r['plain_median']:>11.2f} {r['steered_median']:>13.2f} "
-            f"{100 * r['overhead']:>8.1f}% {spread:>24}"
+            f"{r['weights']:<8} {r['plain_ms']:>14.2f} {r['steered_ms']:>16.2f} {100 * r['overhead']:>8.1f}%"
+            f"  {ip[0]:>6.1f}-{ip[1]:<6.1f}  {is_[0]:>6.1f}-{is_[1]:<6.1f}"
         )
-    print(f"(median of {2 * args.rounds} requests a side, {args.tokens} tokens each, refusal at strength 1)")
+    print(f"(batch {args.batch}, median of {rows[0]['steps_per_side']} steps a side, refusal at strength 1)")
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "tokens": args.tokens, "rounds": args.rounds}, indent=1))
+        args.out.write_text(json.dumps({"rows": rows, "steps": args.steps}, indent=1))
     return 0
 
 
