@@ -53,15 +53,26 @@ def test_bench_smoke(demo_server, tmp_path):
 
 
 def test_steering_overhead_smoke(tmp_path):
-    """scripts/steering_overhead.py on the demo model, int8, one ABBA round of 4-token requests:
-    the table and JSON, 2 requests a side, positive rates, overhead from the medians."""
+    """scripts/steering_overhead.py on the demo model, int8, 8 timed steps: table and JSON,
+    4 steps a side, positive times, the overhead from the medians."""
     out = tmp_path / "overhead.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "steering_overhead.py"), "--weights", "int8"]
-    cmd += ["--tokens", "4", "--rounds", "1", "--out", str(out)]
+    cmd += ["--steps", "8", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "overhead" in proc.stdout and "int8" in proc.stdout
     (row,) = json.loads(out.read_text())["rows"]
-    assert len(row["plain_tok_s"]) == len(row["steered_tok_s"]) == 2
-    assert min(row["plain_tok_s"] + row["steered_tok_s"]) > 0
-    assert row["overhead"] == 1 - row["steered_median"] / row["plain_median"]
+    assert row["steps_per_side"] == 4 and row["plain_ms"] > 0 and row["steered_ms"] > 0
+    assert row["overhead"] == row["steered_ms"] / row["plain_ms"] - 1
+
+
+def test_llamacpp_scaling_smoke(tmp_path):
+    """scripts/llamacpp_scaling.py on the demo GGUF, 1 and 2 rows, 2 passes each: table and JSON."""
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "llamacpp_scaling.py"), "--batches", "1,2", "--steps", "2"]
+    cmd += ["--context", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["rows"] for r in rows] == [1, 2] and rows[0]["x_one_row"] == 1.0
+    assert all(r["ms_per_pass"] > 0 and r["tok_s"] > 0 for r in rows)
