@@ -11,6 +11,13 @@ scheduler on llama.cpp could reach at that many streams. ``--adapter`` runs ever
 shipped refusal adapter at scale 1 (as a steered strength group).
 
     python scripts/llamacpp_scaling.py [--model demo] [--batches 1,2,4,8] [--steps 24] [--adapter]
+
+``--engine`` measures frankly's llama.cpp engine instead, in process (no HTTP, no client):
+``--repeats`` times, 1 request and then ``max(--batches)`` concurrent requests of ``--tokens``
+greedy tokens (prompts, prefill and the ramp included), steering off and refusal 1.0; it prints
+each aggregate rate, the ratio, and the engine's measured pass times (its pass planner's means).
+
+    python scripts/llamacpp_scaling.py --engine [--batches 1,8] [--tokens 64] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -36,10 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="threads of one-row passes (default: the engine's)")
     ap.add_argument("--threads-batch", type=int, default=None, help="threads of several-row passes")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    ap.add_argument("--engine", action="store_true", help="measure frankly's llama.cpp engine (in process) instead")
+    ap.add_argument("--tokens", type=int, default=64, help="--engine: tokens per request")
+    ap.add_argument("--repeats", type=int, default=2, help="--engine: rounds of (1 stream, k streams) per setting")
     args = ap.parse_args(argv)
     batches = [int(x) for x in args.batches.split(",") if x.strip()]
     if not batches or min(batches) < 1 or args.steps < 2:
         ap.error("--batches: positive integers; --steps >= 2")
+    if args.engine:
+        return engine_scaling(args.model, max(batches), args.tokens, args.repeats, args.out)
 
     from directions.llamacpp import LlamaCpp
     from directions.models import locate_gguf
@@ -96,6 +108,88 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(
             json.dumps({"rows": rows, "threads": t1, "threads_batch": tb, "adapter": args.adapter}, indent=1)
         )
+    return 0
+
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper.",
+    "Explain how rainbows form, in detail.",
+    "Describe a busy night market.",
+    "Write an essay about trains.",
+    "Tell me about the history of tea.",
+    "Explain photosynthesis step by step.",
+    "Write a poem about winter.",
+    "Describe the ocean at night.",
+]
+
+
+def engine_scaling(model: str, k: int, tokens: int, repeats: int, out: Path | None) -> int:
+    """1 and k concurrent requests on frankly's llama.cpp engine, in process, off and refusal 1.0."""
+    import threading
+
+    from directions.fileformat import edit_sets, load_direction
+    from directions.files import cache_root
+    from directions.prompting import user_prompt_ids
+    from directions.strengths import DirectionRequest
+    from server.engine.llamacpp_engine import LlamaCppConfig, LlamaCppEngine, ensure_adapters
+    from server.engine.torch_engine import eos_ids
+    from server.engine.types import GenerationRequest, SamplingParams
+    from server.settings import ModelSettings
+    from server.startup import _load_for_llamacpp
+
+    loaded = _load_for_llamacpp(ModelSettings(model=model, engine="llamacpp"))  # as frankly serve does
+    tok = loaded.tokenizer
+    dirs = {
+        "refusal": load_direction(ROOT / "directions" / "shipped" / "qwen-demo-refusal.safetensors", name="refusal")
+    }
+    base, adapters = ensure_adapters(Path(loaded.gguf), edit_sets(dirs), cache_root())
+    eos = eos_ids(loaded.model, tok)
+    eng = LlamaCppEngine(base, tok, adapters, eos, LlamaCppConfig(max_batch_size=k, max_model_len=512), directions=dirs)
+    eng.start()
+    ids = [user_prompt_ids(tok, PROMPTS[i % len(PROMPTS)]) for i in range(k)]
+    serial = iter(range(10**9))
+
+    def rate(n: int, steer: dict) -> float:
+        done, lock, got = threading.Semaphore(0), threading.Lock(), [0]
+
+        def emit(o):
+            with lock:
+                got[0] += len(o.token_ids)
+            if o.finished:
+                done.release()
+
+        sp = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        for i in range(n):
+            eng.submit(GenerationRequest(f"s{next(serial)}", ids[i], sp, steer), emit)
+        for _ in range(n):
+            if not done.acquire(timeout=600):
+                raise RuntimeError("a request did not finish in 600 s")
+        return got[0] / (time.perf_counter() - t0)
+
+    rows = []
+    try:
+        rate(1, {})  # warm-up
+        for r in range(repeats):
+            for name, steer in (("off", {}), ("refusal 1.0", {"refusal": DirectionRequest(1.0)})):
+                one, many = rate(1, steer), rate(k, steer)
+                passes = {n: round(1000 * v, 1) for n, v in sorted(eng.planner.cost.items())}
+                rows.append(
+                    {"round": r + 1, "steering": name, "one": one, "many": many, "ratio": many / one, "pass_ms": passes}
+                )
+                print(f"  round {r + 1} {name}: measured", flush=True)
+    finally:
+        eng.shutdown()
+    print(f"\nfrankly llama.cpp engine, in process: 1 and {k} requests of {tokens} tokens")
+    print(
+        f"{'round':>5} {'steering':<12} {'1 stream tok/s':>14} {f'{k} streams tok/s':>16} {'ratio':>6}  pass ms by rows (planner means)"
+    )
+    for x in rows:
+        print(
+            f"{x['round']:>5} {x['steering']:<12} {x['one']:>14.1f} {x['many']:>16.1f} {x['ratio']:>6.2f}  {x['pass_ms']}"
+        )
+    if out:
+        out.write_text(json.dumps({"engine": rows, "streams": k, "tokens": tokens}, indent=1))
     return 0
 
 

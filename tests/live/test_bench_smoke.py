@@ -76,3 +76,16 @@ def test_llamacpp_scaling_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["rows"] for r in rows] == [1, 2] and rows[0]["x_one_row"] == 1.0
     assert all(r["ms_per_pass"] > 0 and r["tok_s"] > 0 for r in rows)
+
+
+def test_llamacpp_engine_scaling_smoke(tmp_path):
+    """scripts/llamacpp_scaling.py --engine: frankly's llama.cpp engine in process, 1 and 2 requests
+    of 3 tokens, off and refusal 1.0, one round: every request completes, rates are positive."""
+    out = tmp_path / "engine.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "llamacpp_scaling.py"), "--engine", "--batches", "1,2"]
+    cmd += ["--tokens", "3", "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["engine"]
+    assert [r["steering"] for r in rows] == ["off", "refusal 1.0"]
+    assert all(r["one"] > 0 and r["many"] > 0 and r["ratio"] == r["many"] / r["one"] for r in rows)
