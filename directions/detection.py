@@ -51,10 +51,15 @@ def _refusal_judge(text: str) -> bool:
 LOOKAHEAD_JUDGES: dict[str, Callable[[str], bool]] = {"refusal": _refusal_judge}
 
 
+def first_tokens_flagged(tokenizer, token_ids: Sequence[int], k: int, judge: str = "refusal") -> bool:
+    """Whether ``judge`` flags the text of the first ``k`` of ``token_ids`` (a reply's tokens)."""
+    return bool(LOOKAHEAD_JUDGES[judge](tokenizer.decode(list(token_ids[:k]), skip_special_tokens=True)))
+
+
 def lookahead_fires(ds, tokenizer, token_ids: Sequence[int]) -> bool:
     """Whether ``ds``'s lookahead condition fires on the unedited reply ``token_ids`` (its first K count)."""
     k, judge = ds.lookahead
-    return bool(LOOKAHEAD_JUDGES[judge](tokenizer.decode(list(token_ids[:k]), skip_special_tokens=True)))
+    return first_tokens_flagged(tokenizer, token_ids, k, judge)
 
 
 def threshold_at_fpr(neg_scores: Sequence[float], fpr: float) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from directions.detection import condition_score  # noqa: E402
+from directions.detection import condition_score, first_tokens_flagged  # noqa: E402
 from directions.extract import build_prompts  # noqa: E402
 from directions.fileformat import load_direction  # noqa: E402
 from directions.files import read_lines  # noqa: E402
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             row["conditions"][name] = _counts(fired, refused)
         for k in lookahead:
-            early = [is_refusal(lm.tokenizer.decode(r.token_ids[:k], skip_special_tokens=True)) for r in replies]
+            early = [first_tokens_flagged(lm.tokenizer, r.token_ids, k) for r in replies]
             row["conditions"][f"first-{k}-tokens"] = _counts(early, refused)
         res["files"][Path(path).name] = row
     res["wall_s"] = round(time.monotonic() - t0, 1)

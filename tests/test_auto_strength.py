@@ -9,6 +9,7 @@ import json
 import pytest
 
 from directions import extract
+from directions.detection import LOOKAHEAD_JUDGES
 from tests.scripts_loader import load_script
 from tests.tiny_models import tiny_refusal_direction, tiny_tokenizer
 
@@ -85,8 +86,10 @@ def test_condition_report_lookahead_is_the_judge_on_the_reply_opening(tmp_path, 
     _, model_dir, data, _ds, src = tiny_refusal_direction(tmp_path)
     (tmp_path / "p.txt").write_text("\n".join(data.pos_val[:6] + data.neg_val[:6]) + "\n")
     # a deterministic judge on the text (a random model's replies are noise): "refused" when the
-    # reply holds an even number of characters
-    monkeypatch.setattr(mod, "is_refusal", lambda text: len(text) > 0 and len(text) % 2 == 0)
+    # reply holds an even number of characters (the lookahead reads replies through the same judge)
+    judge = lambda text: len(text) > 0 and len(text) % 2 == 0  # noqa: E731
+    monkeypatch.setattr(mod, "is_refusal", judge)
+    monkeypatch.setitem(LOOKAHEAD_JUDGES, "refusal", judge)
     out = tmp_path / "c.json"
     args = ["a=" + str(src), "--model", model_dir, "--prompts", str(tmp_path / "p.txt"), "--label-tokens", "3"]
     assert mod.main([*args, "--lookahead", "1,3,5", "--batch-size", "4", "--out", str(out)]) == 0

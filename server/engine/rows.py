@@ -42,7 +42,6 @@ class Row:
         self.look_decided: dict[str, bool] = {}  # lookahead decisions (kept across the restart)
         self.held: list[tuple[int, torch.Tensor | None]] = []  # tokens held back while looking
         self.restart = False  # a lookahead fired: the engine prefills the row again
-        self.restarts = 0
         self.cancelled = False
         self.done = False
         self.t_arrival = time.monotonic()
@@ -70,7 +69,6 @@ class Row:
         self.gen = make_generator(self.req.sampling.seed, self._device)
         self.generated, self.held, self.strengths = [], [], {}
         self.restart = False
-        self.restarts += 1
         self.t_last = None
 
     @property

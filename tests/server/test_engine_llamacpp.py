@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -40,6 +42,8 @@ def _run(eng, reqs, timeout=600):
             with lock:
                 out[rid]["text"] += o.text
                 out[rid]["ids"] += o.token_ids
+                if o.steering is not None:  # the reports as they were when the event was sent
+                    o = dataclasses.replace(o, steering={k: copy.copy(v) for k, v in o.steering.items()})
                 out[rid]["events"].append(o)
                 if o.finished and all(v["events"] and v["events"][-1].finished for v in out.values()):
                     done.set()
@@ -126,32 +130,39 @@ def _torch_score(demo_model, prompt: str, ds) -> float:
     return condition_score(ds, out.hidden_states[ds.detect_layer][0, -1].float(), out.logits[0, -1].float())
 
 
-def test_conditional_rows_decide_like_the_torch_engine(engine, demo_model):
-    """A quiet conditional row keeps its unsteered prefill (its KV cells copied over from the detector
-    context): its tokens are the plain request's; a firing row's are the always-on request's. Scores are
-    near the torch engine's (Q4_K_M against fp32) and on the same side of the threshold."""
-    tok = demo_model.tokenizer
+def _quiet_and_firing(engine, tok, fires_prompt: str, extra=()):
+    """A ``when: auto`` request on HARMLESS that must stay quiet and one on ``fires_prompt`` that must
+    fire, beside the plain request and the always-on request of the edit a firing row gets (the file's
+    firing-case edit, refusal@auto, where it has one), plus ``extra`` requests: the quiet row's tokens
+    are the plain request's, the firing row's the always-on request's, and the first event of each
+    already carries its decision. Returns (outputs, quiet report, firing report)."""
     auto = {"refusal": DirectionRequest(1.0, when="auto")}
-    # a firing row gets the file's firing-case edit where it has one (refusal@auto), else its own
     on = {firing_name("refusal", engine.directions["refusal"]): DirectionRequest(1.0)}
-    det0 = engine.detector_prefills
-    out = _run(
-        engine,
-        [
-            _req("plain", tok, HARMLESS),
-            _req("quiet", tok, HARMLESS, auto),
-            _req("always", tok, FIRES, on),
-            _req("fires", tok, FIRES, auto),
-        ],
-    )
-    assert engine.detector_prefills - det0 == 2
-    assert engine.ll.main.probe is None  # the decoding context never runs the per-node callback
-    ds = engine.directions["refusal"]
+    reqs = [
+        _req("plain", tok, HARMLESS),
+        _req("quiet", tok, HARMLESS, auto),
+        _req("always", tok, fires_prompt, on),
+        _req("fires", tok, fires_prompt, auto),
+        *extra,
+    ]
+    out = _run(engine, reqs)
     quiet, fires = (out[k]["events"][0].steering["refusal"] for k in ("quiet", "fires"))
     assert quiet.fired is False and quiet.applied == 0.0
     assert fires.fired is True and fires.applied == 1.0
     assert out["quiet"]["ids"] == out["plain"]["ids"]
     assert out["fires"]["ids"] == out["always"]["ids"]
+    return out, quiet, fires
+
+
+def test_conditional_rows_decide_like_the_torch_engine(engine, demo_model):
+    """A quiet conditional row keeps its unsteered prefill (its KV cells copied over from the detector
+    context): its tokens are the plain request's; a firing row's are the always-on request's. Scores are
+    near the torch engine's (Q4_K_M against fp32) and on the same side of the threshold."""
+    det0 = engine.detector_prefills
+    _, quiet, fires = _quiet_and_firing(engine, demo_model.tokenizer, FIRES)
+    assert engine.detector_prefills - det0 == 2
+    assert engine.ll.main.probe is None  # the decoding context never runs the per-node callback
+    ds = engine.directions["refusal"]
     for prompt, rep in ((HARMLESS, quiet), (FIRES, fires)):
         ref = _torch_score(demo_model, prompt, ds)
         assert (ref > ds.detect_threshold) == rep.fired
@@ -165,26 +176,11 @@ def test_lookahead_condition(engine, demo_model, monkeypatch):
     already says it fired); a row that opens an answer is the plain request, token for token."""
     tok = demo_model.tokenizer
     monkeypatch.setitem(engine.directions["refusal"].metadata, "auto_lookahead", '{"tokens": 3, "judge": "refusal"}')
-    auto = {"refusal": DirectionRequest(1.0, when="auto")}
-    on = {firing_name("refusal", engine.directions["refusal"]): DirectionRequest(1.0)}
     det0 = engine.detector_prefills
-    out = _run(
-        engine,
-        [
-            _req("plain", tok, HARMLESS),
-            _req("quiet", tok, HARMLESS, auto),
-            _req("always", tok, HARMFUL, on),
-            _req("fires", tok, HARMFUL, auto),
-            _req("refuses", tok, HARMFUL, n=3),
-        ],
-    )
+    out, quiet, fires = _quiet_and_firing(engine, tok, HARMFUL, [_req("refuses", tok, HARMFUL, n=3)])
     assert engine.detector_prefills == det0  # no prefill probe
     assert "sorry" in out["refuses"]["text"].lower() or "can't" in out["refuses"]["text"].lower()
-    quiet, fires = (out[k]["events"][0].steering["refusal"] for k in ("quiet", "fires"))
-    assert quiet.fired is False and quiet.applied == 0.0 and quiet.score is None
-    assert fires.fired is True and fires.applied == 1.0
-    assert out["quiet"]["ids"] == out["plain"]["ids"]
-    assert out["fires"]["ids"] == out["always"]["ids"]
+    assert quiet.score is None and fires.score is None
 
 
 def test_requests_admitted_together_share_a_prefill_pass(engine, demo_model):

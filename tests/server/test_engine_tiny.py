@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 
@@ -61,8 +62,8 @@ def _run(engine, reqs, start: bool = False):
         def emit(o):
             out[rid][0].extend(o.token_ids)
             out[rid][1].extend(x.logprob for x in (o.logprobs or []))
-            if o.steering is not None:
-                out[rid][2].update(o.steering)
+            if o.steering is not None:  # the first event's reports, as they were when it was sent
+                out[rid][2].update({k: copy.copy(v) for k, v in o.steering.items()})
             if o.finished:
                 left.release()
 
@@ -298,32 +299,10 @@ def test_lookahead_condition(tiny, monkeypatch):
     assert len(seen) == 3 and all(len(t.split()) == 2 for t in seen)  # the judge read two tokens each time
 
     # together in one batch, with a plain and an always row: each as alone, within rounding
-    eng = TorchEngine(tiny, IdTokenizer(), {"d": ds}, EngineConfig(max_batch_size=8))
-    first: dict[str, bool | None] = {}
     reqs = [_req(f"a{i}", p, auto) for i, p in enumerate(prompts)]
     reqs += [_req("plain", prompts[1]), _req("always", prompts[0], always, n=9)]
-    try:
-        out = {r.request_id: ([], [], {}) for r in reqs}
-        left = threading.Semaphore(0)
-
-        def emitter(rid):
-            def emit(o):
-                if o.steering is not None and "d" in o.steering:  # the first event: decided already
-                    first[rid] = o.steering["d"].fired
-                out[rid][0].extend(o.token_ids)
-                out[rid][1].extend(x.logprob for x in (o.logprobs or []))
-                if o.finished:
-                    left.release()
-
-            return emit
-
-        for r in reqs:
-            eng.submit(r, emitter(r.request_id))
-        eng.start()
-        for _ in reqs:
-            assert left.acquire(timeout=60)
-    finally:
-        eng.shutdown()
+    out = _run_fresh(tiny, {"d": ds}, reqs)[0]
+    first = {rid: o[2]["d"].fired for rid, o in out.items() if "d" in o[2]}  # the first event: decided already
     _close(out["a0"], steered)
     _close(out["a1"], plain[1])
     _close(out["a2"], plain[2])
