@@ -8,6 +8,9 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     FRANKLY_HOST=0.0.0.0 FRANKLY_PORT=8000
 
+# g++ builds frankly's int8 kernel for the CPU it runs on, on first use of --weights int8
+# (cached in the volume below); without it --weights int8 falls back to torch's slower kernel.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 1000 frankly
 WORKDIR /app
 

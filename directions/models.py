@@ -135,15 +135,25 @@ def locate(spec: str) -> tuple[str, str | None]:
     return spec, None  # a hub id
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "auto", weights: str = "float") -> LoadedModel:
+def load_model(
+    spec: str, device: str = "auto", dtype: str = "auto", weights: str = "float", int8_kernel: str | None = None
+) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no grad).
 
     ``dtype``: ``auto`` (see :func:`resolve_dtype`), a dtype name, or ``stored`` for the
     checkpoint's own dtype (what a bake edits and writes back). ``weights="int8"``: every linear
     layer int8 per channel, bfloat16 activations (CPU only; :mod:`directions.quant`); a GGUF source
     is then read tensor by tensor (:mod:`directions.gguf_load`), never as a whole fp32 model.
-    ``weights="int4"`` (GGUF only): its Q4_K / Q4_0 / Q4_1 tensors as they are, the rest int8."""
+    ``weights="int4"`` (GGUF only): its Q4_K / Q4_0 / Q4_1 tensors as they are, the rest int8.
+    ``int8_kernel``: auto / frankly / aten (:func:`directions.kernels.choose`; default the
+    ``FRANKLY_INT8_KERNEL`` environment variable, else auto), resolved here for quantized weights."""
     if weights in ("int8", "int4"):
+        from directions import kernels
+
+        try:
+            kernels.choose(int8_kernel)
+        except kernels.KernelError as e:
+            raise ModelLoadError(str(e)) from e
         return _load_quantized(spec, device, weights)
     if weights != "float":
         raise ModelLoadError(f"unknown weights format {weights!r}; choose float, int8 or int4")

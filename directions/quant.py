@@ -2,8 +2,10 @@
 
 Weight-only quantization: each linear layer keeps its weight as int8 with one
 fp scale per output channel (symmetric, round to nearest, the int8 range
-[-127, 127]) and runs ``torch.ops.aten._weight_int8pack_mm``, torch's own CPU
-kernel, on bf16 activations. Activations are not quantized: dynamic int8
+[-127, 127]). The matmul is frankly's own ``torch.ops.frankly.int8_linear``
+(:mod:`directions.kernels`: AVX2/FMA, activations widened to fp32, fp32 sums)
+where it builds, else ``torch.ops.aten._weight_int8pack_mm``, torch's own CPU
+kernel; activations between layers are bf16 either way. Activations are not quantized: dynamic int8
 activations (fbgemm's ``quantize_dynamic``) were measured at first-token KL
 0.15-1.5 against fp32 on the demo model (Qwen2 has large activation outliers),
 weight-only int8 at about 0.001 (``scripts/int8_kernels.py``).
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from directions import kernels
 
 WEIGHT_FORMATS = ("float", "int8")
 
@@ -56,6 +60,8 @@ class Int8Linear(nn.Module):
         return self.weight_q.float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.current().name == "frankly":
+            return torch.ops.frankly.int8_linear(x.to(self.compute_dtype), self.weight_q, self.scale, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_q, self.scale)

@@ -8,9 +8,10 @@ and first-token KL against fp32 on chat-templated harmless validation prompts.
 
 Formats: fp32; bf16; ``int8-dynamic`` (torch.ao ``quantize_dynamic``, fbgemm,
 int8 activations, per-channel weights: the fast kernel that loses quality);
-``int8`` (frankly's ``--weights int8``: weight-only per-channel int8,
-``aten._weight_int8pack_mm`` on bf16 activations, quantized from the fp32 load);
-``int8-gguf`` (the same format read straight from the GGUF, ``directions.gguf_load``);
+``int8`` (frankly's ``--weights int8``: weight-only per-channel int8 on frankly's own
+kernel ``frankly.int8_linear``, bf16 activations between layers, quantized from the fp32 load);
+``int8-aten`` (the same model on torch's ``aten._weight_int8pack_mm``);
+``int8-gguf`` / ``int8-gguf-aten`` (the same format read straight from the GGUF, ``directions.gguf_load``);
 ``int4-gguf`` (the GGUF's Q4_K / Q4_0 / Q4_1 tensors as they are on
 ``aten._weight_int4pack_mm_for_cpu``, the other tensors int8).
 
@@ -33,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from directions import kernels
 from directions.models import load_model
 from directions.quant import Int4Linear, Int8Linear, quantize_model
 
@@ -75,17 +77,26 @@ def bytes_per_token(model) -> int:
 
 
 def formats(base, spec: str, wanted: set[str]):
+    """(name, model, int8 kernel) for each wanted format; ``-aten`` formats share the model of the
+    format without the suffix and run it on torch's kernel."""
     if "fp32" in wanted:
-        yield "fp32", base
+        yield "fp32", base, "aten"
     for name in ("int8-gguf", "int4-gguf"):
-        if name in wanted:
-            yield name, load_model(spec, device="cpu", weights=name.split("-")[0]).model
+        if name in wanted or name + "-aten" in wanted:
+            model = load_model(spec, device="cpu", weights=name.split("-")[0]).model
+            if name in wanted:
+                yield name, model, "frankly"
+            if name + "-aten" in wanted:
+                yield name + "-aten", model, "aten"
     if "bf16" in wanted:
-        yield "bf16", copy.deepcopy(base).to(torch.bfloat16)
-    if "int8" in wanted:
+        yield "bf16", copy.deepcopy(base).to(torch.bfloat16), "aten"
+    if "int8" in wanted or "int8-aten" in wanted:
         q = copy.deepcopy(base)
         quantize_model(q)
-        yield "int8", q
+        if "int8" in wanted:
+            yield "int8", q, "frankly"
+        if "int8-aten" in wanted:
+            yield "int8-aten", q, "aten"
     if "int8-dynamic" not in wanted:
         return
     with warnings.catch_warnings():
@@ -93,7 +104,7 @@ def formats(base, spec: str, wanted: set[str]):
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         qspec = {n: per_channel_dynamic_qconfig for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
-        yield "int8-dynamic", quantize_dynamic(copy.deepcopy(base), qspec, dtype=torch.qint8)
+        yield "int8-dynamic", quantize_dynamic(copy.deepcopy(base), qspec, dtype=torch.qint8), "aten"
 
 
 def main(argv=None) -> int:
@@ -102,7 +113,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=24, help="decode steps timed per batch size")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of)")
     ap.add_argument("--model", default="demo", help="demo or a .gguf file (the *-gguf formats need one)")
-    ap.add_argument("--formats", default="fp32,bf16,int8-dynamic,int8,int8-gguf,int4-gguf", help="comma-separated")
+    ap.add_argument(
+        "--formats",
+        default="fp32,bf16,int8-dynamic,int8-aten,int8,int8-gguf,int4-gguf",
+        help="comma-separated: fp32 bf16 int8-dynamic int8 int8-aten int8-gguf int8-gguf-aten int4-gguf",
+    )
     args = ap.parse_args(argv)
     lm = load_model(args.model)
     tok = lm.tokenizer
@@ -121,15 +136,18 @@ def main(argv=None) -> int:
         f"{'KL mean':>8} {'KL max':>8} {'same top1':>9}"
     )
     models = list(formats(lm.model, args.model, set(args.formats.split(","))))
-    speed = {name: [0.0, 0.0] for name, _ in models}
+    print(f"frankly's int8 kernel: {kernels.choose().describe()}")
+    speed = {name: [0.0, 0.0] for name, _, _ in models}
     for _ in range(args.rounds):  # interleaved, best of rounds: a shared machine's load hits every format alike
-        for name, model in models:
-            speed[name][0] = max(speed[name][0], decode_tps(model, prompts[0], 1, args.tokens))
-            speed[name][1] = max(speed[name][1], decode_tps(model, prompts[0], 8, args.tokens))
+        for name, model, kernel in models:
+            with kernels.using(kernel):
+                speed[name][0] = max(speed[name][0], decode_tps(model, prompts[0], 1, args.tokens))
+                speed[name][1] = max(speed[name][1], decode_tps(model, prompts[0], 8, args.tokens))
     base_tps = speed[models[0][0]][0]
-    for name, model in models:
+    for name, model, kernel in models:
         b1, b8 = speed[name]
-        lp = first_token_logprobs(model, prompts)
+        with kernels.using(kernel):
+            lp = first_token_logprobs(model, prompts)
         kls = [float((r.exp() * (r - x)).sum()) for r, x in zip(ref, lp, strict=True)]
         top = sum(int(r.argmax() == x.argmax()) for r, x in zip(ref, lp, strict=True))
         mb = bytes_per_token(model) / 1e6

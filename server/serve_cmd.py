@@ -40,6 +40,7 @@ MODEL_FLAGS = [
     ("--num-threads", "num_threads", {}),
     ("--num-threads-batch", "num_threads_batch", {}),
     ("--weights", "weights", {}),
+    ("--int8-kernel", "int8_kernel", {"choices": ["auto", "frankly", "aten"]}),
     ("--packed-weights", "packed_weights", {}),
     ("--vllm-path", "vllm_path", {}),
     ("--vllm-strengths", "vllm_strengths", {"metavar": "S,S"}),

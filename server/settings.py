@@ -73,8 +73,14 @@ class ModelSettings(_Base):
     weights: Literal["float", "int8"] = Field(
         "float",
         description="float: weights in --dtype; int8: CPU, every linear layer (LM head included) int8 per "
-        "channel, bf16 activations, torch's _weight_int8pack_mm kernel, a GGUF read tensor by tensor without "
-        "an fp32 copy; torch engine only",
+        "channel, bf16 activations between layers, frankly's own AVX2 kernel (--int8-kernel), a GGUF read "
+        "tensor by tensor without an fp32 copy; torch engine only",
+    )
+    int8_kernel: Literal["auto", "frankly", "aten"] = Field(
+        "auto",
+        description="--weights int8 matmul: frankly (its own AVX2/FMA kernel, compiled with g++ for this CPU on "
+        "first use and cached), aten (torch's _weight_int8pack_mm), auto (frankly where it builds, else aten "
+        "with a warning saying why)",
     )
     packed_weights: bool = Field(
         False,

@@ -67,10 +67,22 @@ def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]
 
         raise QuantizationError("--packed-weights prepacks float weights; it does not combine with --weights int8")
     directions = load_directions(paths)  # a bad direction file fails before the model loads
-    loaded = load_model(ms.model, device=ms.device, dtype=ms.dtype, weights=ms.weights)
+    loaded = load_model(
+        ms.model,
+        device=ms.device,
+        dtype=ms.dtype,
+        weights=ms.weights,
+        int8_kernel=ms.int8_kernel if ms.weights != "float" else None,
+    )
     check_fit(directions, loaded.model.config, paths, allow_mismatch=ms.allow_fingerprint_mismatch)
     if ms.weights == "int8":
-        log.info("int8 weights: linear layers int8 per channel (a GGUF read tensor by tensor); activations in bfloat16")
+        from directions import kernels
+
+        log.info(
+            "int8 weights: linear layers int8 per channel (a GGUF read tensor by tensor); activations in "
+            "bfloat16; matmul: %s",
+            kernels.current().describe(),
+        )
     if ms.packed_weights:
         from server.packing import pack_linear_weights
 

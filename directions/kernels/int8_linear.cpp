@@ -1,0 +1,224 @@
+// frankly's int8 weight-only linear layer for x86 CPUs with AVX2 and FMA.
+//
+//   y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]  (+ bias[n])
+//
+// w is int8 [N, K] row-major (one fp32 scale per output row), x is float32 or
+// bfloat16 [M, K]; the result is x's dtype. Decode passes have a few rows (one
+// per stream), where the cost is reading w and widening it, not the products.
+//
+// Main path (K a multiple of 16): each row of x is rounded to int16 in blocks of
+// kBlock inputs, one fp32 scale per block (max |x| / 32767; finer than the bf16
+// the activations arrive in for every value above 1/128 of its block's largest),
+// and the products run as 16-bit integer multiply-adds (vpmaddwd: 16 weights
+// per instruction, one sign extension per 16 weights) summed exactly in int32
+// within a block and in fp32 across blocks. Fallback (any K): weights widened
+// to fp32, fp32 FMAs.
+//
+// Up to 4 rows of x share each widened weight vector; more rows go through in
+// groups of 4 while that stretch of w is still in cache.
+// Output rows are split across torch's own OpenMP threads (at::parallel_for).
+//
+// Built at first use by directions/kernels/__init__.py for the machine it runs
+// on (-march=native) and registered as torch.ops.frankly.int8_linear.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "frankly's int8 kernel needs AVX2 and FMA"
+#endif
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 sh = _mm_movehdup_ps(lo);
+  lo = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, lo);
+  lo = _mm_add_ss(lo, sh);
+  return _mm_cvtss_f32(lo);
+}
+
+inline __m256 widen8(const int8_t* p) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
+// NB output rows (n) by MB input rows (m) at a time; K is split into a vector
+// part (multiples of 8) and a scalar tail.
+template <int NB, int MB>
+inline void tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* scale,
+                 const float* bias, float* y, int64_t ldy, int64_t n) {
+  __m256 acc[NB][MB];
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int8_t* wr[NB];
+  for (int i = 0; i < NB; ++i) wr[i] = w + (n + i) * K;
+  const int64_t kv = K & ~int64_t(7);
+  for (int64_t k = 0; k < kv; k += 8) {
+    __m256 xv[MB];
+    for (int j = 0; j < MB; ++j) xv[j] = _mm256_loadu_ps(x + j * ldx + k);
+    for (int i = 0; i < NB; ++i) {
+      __m256 wv = widen8(wr[i] + k);
+      for (int j = 0; j < MB; ++j) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NB; ++i) {
+    const float s = scale[n + i];
+    const float b = bias ? bias[n + i] : 0.0f;
+    for (int j = 0; j < MB; ++j) {
+      float sum = hsum(acc[i][j]);
+      for (int64_t k = kv; k < K; ++k) sum += x[j * ldx + k] * float(wr[i][k]);
+      y[j * ldy + n + i] = sum * s + b;
+    }
+  }
+}
+
+constexpr int64_t kBlock = 128;  // int16 activation block: 8 vpmaddwd per lane, far from int32 overflow
+
+// NB output rows by MB input rows on int16 activations xq [MB][ldq] with scales xs [MB][nblk].
+template <int NB, int MB>
+inline void itile(const int16_t* xq, int64_t ldq, const float* xs, int64_t nblk, const int8_t* w, int64_t K,
+                  const float* scale, const float* bias, float* y, int64_t ldy, int64_t n) {
+  __m256 f[NB][MB];
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) f[i][j] = _mm256_setzero_ps();
+  const int8_t* wr[NB];
+  for (int i = 0; i < NB; ++i) wr[i] = w + (n + i) * K;
+  for (int64_t b = 0; b < nblk; ++b) {
+    const int64_t k0 = b * kBlock, k1 = std::min(K, k0 + kBlock);
+    __m256i a[NB][MB];
+    for (int i = 0; i < NB; ++i)
+      for (int j = 0; j < MB; ++j) a[i][j] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 16) {
+      __m256i xv[MB];
+      for (int j = 0; j < MB; ++j) xv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j * ldq + k));
+      for (int i = 0; i < NB; ++i) {
+        __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[i] + k)));
+        for (int j = 0; j < MB; ++j) a[i][j] = _mm256_add_epi32(a[i][j], _mm256_madd_epi16(wv, xv[j]));
+      }
+    }
+    for (int j = 0; j < MB; ++j) {
+      const __m256 s = _mm256_set1_ps(xs[j * nblk + b]);
+      for (int i = 0; i < NB; ++i) f[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i][j]), s, f[i][j]);
+    }
+  }
+  for (int i = 0; i < NB; ++i) {
+    const float s = scale[n + i];
+    const float bb = bias ? bias[n + i] : 0.0f;
+    for (int j = 0; j < MB; ++j) y[j * ldy + n + i] = hsum(f[i][j]) * s + bb;
+  }
+}
+
+template <int MB>
+void irows(const int16_t* xq, int64_t ldq, const float* xs, int64_t nblk, const int8_t* w, int64_t K,
+           const float* scale, const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int NB = MB == 1 ? 2 : MB == 2 ? 2 : 1;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) itile<NB, MB>(xq, ldq, xs, nblk, w, K, scale, bias, y, ldy, n);
+  for (; n < n1; ++n) itile<1, MB>(xq, ldq, xs, nblk, w, K, scale, bias, y, ldy, n);
+}
+
+using IRowsFn = void (*)(const int16_t*, int64_t, const float*, int64_t, const int8_t*, int64_t, const float*,
+                         const float*, float*, int64_t, int64_t, int64_t);
+constexpr IRowsFn kIRows[5] = {nullptr, irows<1>, irows<2>, irows<3>, irows<4>};
+
+// x [M, K] fp32 -> int16 blocks of kBlock with one scale each (round to nearest even).
+void quantize_x(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs, int64_t nblk) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nblk; ++b) {
+      const float* p = x + m * K + b * kBlock;
+      const int64_t len = std::min(kBlock, K - b * kBlock);
+      float amax = 0.0f;
+      for (int64_t k = 0; k < len; ++k) amax = std::max(amax, std::fabs(p[k]));
+      const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+      int16_t* q = xq + m * K + b * kBlock;
+      for (int64_t k = 0; k < len; ++k) q[k] = static_cast<int16_t>(std::nearbyint(p[k] * inv));
+      xs[m * nblk + b] = amax / 32767.0f;
+    }
+}
+
+// Rows [n0, n1) of the output for MB input rows.
+template <int MB>
+void rows(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* scale, const float* bias,
+          float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int NB = MB == 1 ? 8 : MB == 2 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) tile<NB, MB>(x, ldx, w, K, scale, bias, y, ldy, n);
+  for (; n < n1; ++n) tile<1, MB>(x, ldx, w, K, scale, bias, y, ldy, n);
+}
+
+using RowsFn = void (*)(const float*, int64_t, const int8_t*, int64_t, const float*, const float*, float*,
+                        int64_t, int64_t, int64_t);
+constexpr RowsFn kRows[5] = {nullptr, rows<1>, rows<2>, rows<3>, rows<4>};
+constexpr int64_t kMaxRows = 4;  // measured on an AVX2 EPYC: groups of 4 beat one pass of 8
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "frankly::int8_linear runs on the CPU");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2, "frankly::int8_linear: w must be int8 [N, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "frankly::int8_linear: x must be float32 or bfloat16");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x.size(-1) == K, "frankly::int8_linear: x has ", x.size(-1), " features, w expects ", K);
+  TORCH_CHECK(scale.numel() == N, "frankly::int8_linear: one scale per output row");
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  const int64_t M = x.numel() / K;
+  at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
+  at::Tensor wc = w.contiguous();
+  at::Tensor sf = scale.to(at::kFloat).contiguous();
+  at::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "frankly::int8_linear: one bias per output row");
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  at::Tensor y = at::empty({M, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  const int8_t* wp = wc.data_ptr<int8_t>();
+  const float* sp = sf.data_ptr<float>();
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  // about 64 KiB of weights per task, whole 8-row groups
+  const int64_t grain = std::max<int64_t>(8, ((65536 / std::max<int64_t>(K, 1)) + 7) & ~int64_t(7));
+  if (K % 16 == 0) {
+    const int64_t nblk = (K + kBlock - 1) / kBlock;
+    at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kShort));
+    at::Tensor xs = at::empty({M, nblk}, xf.options());
+    int16_t* qp = xq.data_ptr<int16_t>();
+    float* qs = xs.data_ptr<float>();
+    quantize_x(xp, M, K, qp, qs, nblk);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int64_t mb = std::min<int64_t>(kMaxRows, M - m0);
+        kIRows[mb](qp + m0 * K, K, qs + m0 * nblk, nblk, wp, K, sp, bp, yp + m0 * N, N, n0, n1);
+      }
+    });
+  } else at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int64_t mb = std::min<int64_t>(kMaxRows, M - m0);
+      kRows[mb](xp + m0 * K, K, wp, K, sp, bp, yp + m0 * N, N, n0, n1);
+    }
+  });
+  if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
+  return y.reshape(out_sizes);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(frankly, m) {
+  m.def("int8_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(frankly, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+}

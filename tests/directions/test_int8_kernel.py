@@ -1,0 +1,140 @@
+"""frankly's own int8 kernel (``directions.kernels``): built here with g++, checked against fp32 and
+against torch's kernel, and the fallbacks when it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from directions import kernels
+from directions.quant import Int8Linear, quantize_model, quantize_rows
+from tests.tiny_models import tiny_model, tokens
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The kernel, built (or found in the cache) for this machine: the CI machine has g++ and AVX2."""
+    kernels.reset_for_tests()
+    k = kernels.choose("frankly", quiet=True)
+    assert k.name == "frankly"
+    yield k
+    kernels.reset_for_tests()
+
+
+def _reference(x, q, s, b):
+    return x.float() @ (q.float() * s.float()[:, None]).T + (0 if b is None else b.float())
+
+
+@pytest.mark.parametrize("k", [16, 96, 128, 896, 1040, 37, 200])  # multiples of 16 (int16 path) and not (fp32 path)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9])
+def test_kernel_matches_fp32_for_every_row_count_and_width(built, k, m):
+    g = torch.Generator().manual_seed(k * 31 + m)
+    w = torch.randn(67, k, generator=g) * torch.logspace(-2, 0, 67)[:, None]
+    q, s = quantize_rows(w)
+    b = torch.randn(67, generator=g)
+    x = torch.randn(m, k, generator=g)
+    x[:, 3] *= 300.0  # an outlier channel, as Qwen2's activations have: blocks keep the rest precise
+    want = _reference(x, q, s, b)
+    got = torch.ops.frankly.int8_linear(x, q, s, b)
+    assert got.shape == (m, 67) and got.dtype == torch.float32
+    # the int16 path rounds each x to half a step of its 128-input block (block max / 32767): the
+    # error of each output is bounded by that, weighted by |w|; the fp32 path only by fp32 sums
+    wd = (q.float() * s[:, None]).abs()
+    if k % 16 == 0:
+        half = torch.zeros(m, k)
+        for b0 in range(0, k, 128):
+            half[:, b0 : b0 + 128] = x[:, b0 : b0 + 128].abs().amax(1, keepdim=True) / 32767 / 2
+        bound = half @ wd.T
+    else:
+        bound = torch.zeros(m, 67)
+    fp32 = 1e-5 * (x.abs() @ wd.T) + 1e-5
+    assert torch.all((got - want).abs() <= bound + fp32)
+    no_bias = torch.ops.frankly.int8_linear(x, q, s, None)
+    torch.testing.assert_close(no_bias + b, got, rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_keeps_bf16_in_and_out_and_leading_dims(built):
+    q, s = quantize_rows(torch.randn(40, 64))
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+    y = torch.ops.frankly.int8_linear(x, q, s.to(torch.bfloat16), None)
+    assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
+    want = _reference(x.reshape(6, 64), q, s.to(torch.bfloat16), None).reshape(2, 3, 40)
+    torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)  # the output rounded to bf16
+
+
+def test_kernel_rejects_bad_shapes_with_a_message(built):
+    q, s = quantize_rows(torch.randn(8, 32))
+    with pytest.raises(RuntimeError, match="features"):
+        torch.ops.frankly.int8_linear(torch.randn(1, 31), q, s, None)
+    with pytest.raises(RuntimeError, match="int8"):
+        torch.ops.frankly.int8_linear(torch.randn(1, 32), q.float(), s, None)
+
+
+def test_int8_linear_agrees_across_the_two_kernels(built):
+    lin = nn.Linear(256, 72, bias=True)
+    layer = Int8Linear.from_linear(lin)
+    x = torch.randn(4, 7, 256)
+    with kernels.using("frankly"):
+        ours = layer(x)
+    with kernels.using("aten"):
+        theirs = layer(x)
+    assert ours.dtype == theirs.dtype == torch.bfloat16 and ours.shape == theirs.shape == (4, 7, 72)
+    exact = _reference(x.to(torch.bfloat16).reshape(-1, 256), layer.weight_q, layer.scale, layer.bias)
+    err_ours = (ours.float().reshape(-1, 72) - exact).abs().max()
+    err_theirs = (theirs.float().reshape(-1, 72) - exact).abs().max()
+    assert err_ours <= err_theirs * 1.5 + 1e-3  # fp32 sums: no less exact than torch's kernel
+
+
+def test_a_quantized_model_gives_the_same_tokens_on_either_kernel(built):
+    model = tiny_model("qwen2")
+    quantize_model(model)
+    ids = tokens(batch=2)
+    with torch.no_grad():
+        with kernels.using("aten"):
+            a = model(ids).logits.float().log_softmax(-1)
+        with kernels.using("frankly"):
+            b = model(ids).logits.float().log_softmax(-1)
+    kl = (a.exp() * (a - b)).sum(-1).mean()
+    assert kl < 1e-3, kl
+    top2 = a.topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.05  # a random tiny model has near-ties; those may flip
+    assert clear.any() and torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
+
+
+def test_auto_falls_back_to_torch_and_says_why_without_a_compiler(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("FRANKLY_CACHE_DIR", str(tmp_path))  # nothing cached: it would have to build
+    kernels.reset_for_tests()
+    try:
+        k = kernels.choose("auto", quiet=True)
+        assert k.name == "aten" and "no C++ compiler" in k.why
+        assert "aten._weight_int8pack_mm" in k.describe() and "compiler" in caplog.text
+        with pytest.raises(kernels.KernelError, match="no C\\+\\+ compiler"):
+            kernels.choose("frankly", quiet=True)
+        layer = Int8Linear.from_linear(nn.Linear(32, 8))
+        assert layer(torch.randn(2, 32)).shape == (2, 8)  # the layer still runs, on torch's kernel
+    finally:
+        kernels.reset_for_tests()
+
+
+def test_a_compile_error_is_reported_with_the_compiler_output(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(kernels, "SOURCE", bad)
+    monkeypatch.setenv("FRANKLY_CACHE_DIR", str(tmp_path))
+    with pytest.raises(kernels.KernelError, match="building frankly's int8 kernel failed"):
+        kernels.build(quiet=True)
+    assert not list(tmp_path.glob("kernels/*/*.so"))  # no half-written library left to load next time
+
+
+def test_aten_choice_builds_nothing_and_unknown_choices_are_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("FRANKLY_CACHE_DIR", str(tmp_path))
+    kernels.reset_for_tests()
+    try:
+        assert kernels.choose("aten").name == "aten"
+        assert not (tmp_path / "kernels").exists()
+        with pytest.raises(kernels.KernelError, match="unknown int8 kernel"):
+            kernels.choose("fastest")
+    finally:
+        kernels.reset_for_tests()
