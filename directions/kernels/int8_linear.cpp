@@ -14,8 +14,8 @@
 // within a block and in fp32 across blocks. Fallback (any K): weights widened
 // to fp32, fp32 FMAs.
 //
-// Up to 4 rows of x share each widened weight vector; more rows go through in
-// groups of 4 while that stretch of w is still in cache.
+// Up to 8 rows of x (4 on the fp32 path) share each widened weight vector; more
+// rows go through in such groups while that stretch of w is still in cache.
 // Output rows are split across torch's own OpenMP threads (at::parallel_for).
 //
 // Built at first use by directions/kernels/__init__.py for the machine it runs
@@ -130,7 +130,9 @@ void irows(const int16_t* xq, int64_t ldq, const float* xs, int64_t nblk, const 
 
 using IRowsFn = void (*)(const int16_t*, int64_t, const float*, int64_t, const int8_t*, int64_t, const float*,
                          const float*, float*, int64_t, int64_t, int64_t);
-constexpr IRowsFn kIRows[5] = {nullptr, irows<1>, irows<2>, irows<3>, irows<4>};
+constexpr IRowsFn kIRows[9] = {nullptr,   irows<1>, irows<2>, irows<3>, irows<4>,
+                               irows<5>,  irows<6>, irows<7>, irows<8>};
+constexpr int64_t kMaxIRows = 8;  // measured: one pass of 8 beat two of 4 by 10-15% at 8 rows
 
 // x [M, K] fp32 -> int16 blocks of kBlock with one scale each (round to nearest even).
 void quantize_x(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs, int64_t nblk) {
@@ -198,8 +200,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     float* qs = xs.data_ptr<float>();
     quantize_x(xp, M, K, qp, qs, nblk);
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-        const int64_t mb = std::min<int64_t>(kMaxRows, M - m0);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxIRows) {
+        const int64_t mb = std::min<int64_t>(kMaxIRows, M - m0);
         kIRows[mb](qp + m0 * K, K, qs + m0 * nblk, nblk, wp, K, sp, bp, yp + m0 * N, N, n0, n1);
       }
     });
