@@ -51,12 +51,13 @@ SECTIONS = (
     "rss",
     "frankly-packed",
     "frankly-int8",
+    "frankly-int8-aten",
     "frankly-llamacpp",
     "llamacpp-server",
     "hf",
     "hf-cb",
 )
-OPT_IN_SECTIONS = {"frankly-packed"}  # run only when named in --only
+OPT_IN_SECTIONS = {"frankly-packed", "frankly-int8-aten"}  # run only when named in --only
 STRENGTH_CYCLE = (0.0, 0.5, 1.0, -0.5)
 
 
@@ -547,7 +548,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--streams", help="comma list of concurrent streams (default 1,8; quick 1,2)")
     p.add_argument("--requests-per-stream", type=int, help="requests per run = streams x this (default 2; quick 1)")
     p.add_argument(
-        "--only", help=f"comma list of sections to run, from {','.join(SECTIONS)} (frankly-packed only when named)"
+        "--only", help=f"comma list of sections to run, from {','.join(SECTIONS)} (frankly-packed and frankly-int8-aten only when named)"
     )
     p.add_argument("--skip", help="comma list of sections to leave out")
     p.add_argument("--join-long-tokens", type=int, help="length of the long generation (default 256; quick 48)")
@@ -658,7 +659,7 @@ def main(argv=None) -> int:
         )
 
     print(bench.table_header(), flush=True)
-    if sec & {"frankly", "join", "rss", "frankly-packed", "frankly-int8"}:
+    if sec & {"frankly", "join", "rss", "frankly-packed", "frankly-int8", "frankly-int8-aten"}:
         direction, origin = ensure_direction(out_dir, args.direction)
         res["direction"] = {"path": direction, "origin": origin}
         scen = []
@@ -671,10 +672,15 @@ def main(argv=None) -> int:
         res["servers"].append(info)
         res["join"] += [jl] if jl else []
         res["memory"] += [mem] if mem else []
-        for name, flags in (("frankly-packed", ["--packed-weights"]), ("frankly-int8", ["--weights", "int8"])):
+        for name, flags in (
+            ("frankly-packed", ["--packed-weights"]),
+            ("frankly-int8", ["--weights", "int8"]),
+            ("frankly-int8-aten", ["--weights", "int8", "--int8-kernel", "aten"]),
+        ):
             if name not in sec:
                 continue
             # the same server with other weights: oneDNN-prepacked fp32, or int8 weight-only (bf16 activations)
+            # on frankly's kernel or on torch's (frankly-int8-aten, opt-in)
             rows, _, mem, info = serve_and_measure(
                 f"frankly {' '.join(flags)}",
                 [*frankly_cmd(args, direction), *flags],

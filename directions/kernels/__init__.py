@@ -51,7 +51,7 @@ class Int8Kernel:
 
     def describe(self) -> str:
         if self.name == "frankly":
-            return "frankly int8_linear (AVX2/FMA, fp32 accumulation)"
+            return "frankly int8_linear (AVX2: activations int16 in blocks of 128, int32 sums per block, fp32 across)"
         return f"torch aten._weight_int8pack_mm ({self.why})" if self.why else "torch aten._weight_int8pack_mm"
 
 
