@@ -79,8 +79,9 @@ def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]
         from directions import kernels
 
         log.info(
-            "int8 weights: linear layers int8 per channel (a GGUF read tensor by tensor); activations in "
-            "bfloat16; matmul: %s",
+            "int8 weights: linear layers int8 per channel (a GGUF read tensor by tensor); activations in %s; "
+            "matmul: %s",
+            str(loaded.dtype).removeprefix("torch."),
             kernels.current().describe(),
         )
     if ms.packed_weights:

@@ -138,3 +138,32 @@ def test_aten_choice_builds_nothing_and_unknown_choices_are_refused(monkeypatch,
             kernels.choose("fastest")
     finally:
         kernels.reset_for_tests()
+
+
+def test_int8_activations_are_fp32_on_frankly_kernel_and_bf16_on_torchs(built):
+    from directions.models import quantized_compute_dtype
+
+    with kernels.using("frankly"):
+        assert quantized_compute_dtype("int8") is torch.float32  # the kernel widens them itself
+        assert quantized_compute_dtype("int4") is torch.bfloat16  # torch's int4 kernel
+    with kernels.using("aten"):
+        assert quantized_compute_dtype("int8") is torch.bfloat16  # _weight_int8pack_mm is fast only on bf16
+
+
+def test_an_fp32_activation_int8_model_is_closer_to_fp32_than_a_bf16_one(built):
+    import copy
+
+    base = tiny_model("qwen2")
+    ids = tokens(batch=2)
+    with torch.no_grad():
+        ref = base(ids).logits.float().log_softmax(-1)
+    kls = {}
+    for dt in (torch.float32, torch.bfloat16):
+        m = copy.deepcopy(base)
+        quantize_model(m, compute_dtype=dt)
+        if dt is torch.bfloat16:
+            m.to(torch.bfloat16)
+        with torch.no_grad(), kernels.using("frankly"):
+            lp = m(ids).logits.float().log_softmax(-1)
+        kls[dt] = float((ref.exp() * (ref - lp)).sum(-1).mean())
+    assert kls[torch.float32] < kls[torch.bfloat16], kls
