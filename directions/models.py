@@ -155,23 +155,30 @@ def load_model(
             kernels.choose(int8_kernel)
         except kernels.KernelError as e:
             raise ModelLoadError(str(e)) from e
-        return _load_quantized(spec, device, weights)
+        return _load_quantized(spec, device, weights, dtype)
     if weights != "float":
         raise ModelLoadError(f"unknown weights format {weights!r}; choose float, int8 or int4")
     return _load_float(spec, device, dtype)
 
 
-def quantized_compute_dtype(weights: str) -> torch.dtype:
-    """The activations' dtype of a quantized model: float32 for int8 on frankly's kernel (it widens
-    every activation itself, so fp32 costs it nothing and removes bf16's rounding between layers:
-    first-token KL against fp32 0.0017 instead of 0.0023 at the same speed, measured on the demo),
-    bfloat16 on torch's kernels (``_weight_int8pack_mm`` and the int4 kernel are fast only on bf16)."""
+def quantized_compute_dtype(weights: str, dtype: str = "auto") -> torch.dtype:
+    """The activations' dtype of a quantized model (``dtype``: auto, float32 or bfloat16). auto:
+    float32 for int8 on frankly's kernel (it widens every activation itself, so fp32 costs it nothing
+    and removes bf16's rounding between layers: first-token KL against fp32 0.0017 instead of 0.0023
+    at the same speed, measured on the demo; the KV cache doubles), bfloat16 on torch's kernels
+    (``_weight_int8pack_mm`` and the int4 kernel are fast only on bf16)."""
     from directions import kernels
 
+    if dtype in ("float32", "fp32"):
+        return torch.float32
+    if dtype in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if dtype != "auto":
+        raise ModelLoadError(f"--weights {weights} computes in float32 or bfloat16 (--dtype), not {dtype}")
     return torch.float32 if weights == "int8" and kernels.current().name == "frankly" else torch.bfloat16
 
 
-def _load_quantized(spec: str, device: str, weights: str) -> LoadedModel:
+def _load_quantized(spec: str, device: str, weights: str, dtype: str = "auto") -> LoadedModel:
     from directions.quant import QuantizationError, quantize_model
 
     dev = resolve_device(device)
@@ -182,7 +189,7 @@ def _load_quantized(spec: str, device: str, weights: str) -> LoadedModel:
     gguf = locate_gguf(spec)
     if gguf is None and weights == "int4":
         raise QuantizationError("--weights int4 loads a GGUF's own 4-bit tensors: give a .gguf model (or demo)")
-    cdt = quantized_compute_dtype(weights)
+    cdt = quantized_compute_dtype(weights, dtype)
     if gguf is None:  # safetensors / hub: load in fp32, then quantize layer by layer
         lm = _load_float(spec, dev, "float32")
         quantize_model(lm.model, compute_dtype=cdt)

@@ -49,7 +49,11 @@ class ModelSettings(_Base):
         None, description="model id clients use (default: 'qwen-demo' for demo, else the directory/file name)"
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-    dtype: str = Field("auto", description="auto (fp32 on CPU, bf16/fp16 on GPUs), float32, bfloat16, float16")
+    dtype: str = Field(
+        "auto",
+        description="auto (fp32 on CPU, bf16/fp16 on GPUs), float32, bfloat16, float16; with --weights int8 the "
+        "activations' dtype (auto: float32 on frankly's kernel, bfloat16 on torch's; bfloat16 halves the KV cache)",
+    )
     directions: list[str] = Field(default_factory=list, description="NAME=PATH direction file (repeat the flag)")
     no_default_directions: bool = Field(False, description="skip the directions shipped for the demo model")
     allow_fingerprint_mismatch: bool = Field(
@@ -73,7 +77,7 @@ class ModelSettings(_Base):
     weights: Literal["float", "int8"] = Field(
         "float",
         description="float: weights in --dtype; int8: CPU, every linear layer (LM head included) int8 per "
-        "channel, bf16 activations between layers, frankly's own AVX2 kernel (--int8-kernel), a GGUF read "
+        "channel on frankly's own AVX2 kernel with fp32 activations (--int8-kernel; bf16 on torch's), a GGUF read "
         "tensor by tensor without an fp32 copy; torch engine only",
     )
     int8_kernel: Literal["auto", "frankly", "aten"] = Field(

@@ -7,8 +7,8 @@
 // per stream), where the cost is reading w and widening it, not the products.
 //
 // Main path (K a multiple of 16): each row of x is rounded to int16 in blocks of
-// kBlock inputs, one fp32 scale per block (max |x| / 32767; finer than the bf16
-// the activations arrive in for every value above 1/128 of its block's largest),
+// kBlock inputs, one fp32 scale per block (max |x| / 32767; finer than bf16 for
+// every value above 1/128 of its block's largest),
 // and the products run as 16-bit integer multiply-adds (vpmaddwd: 16 weights
 // per instruction, one sign extension per 16 weights) summed exactly in int32
 // within a block and in fp32 across blocks. Fallback (any K): weights widened

@@ -167,3 +167,14 @@ def test_an_fp32_activation_int8_model_is_closer_to_fp32_than_a_bf16_one(built):
             lp = m(ids).logits.float().log_softmax(-1)
         kls[dt] = float((ref.exp() * (ref - lp)).sum(-1).mean())
     assert kls[torch.float32] < kls[torch.bfloat16], kls
+
+
+def test_dtype_chooses_the_int8_activations_and_refuses_float16(built):
+    from directions.models import ModelLoadError, quantized_compute_dtype
+
+    with kernels.using("frankly"):
+        assert quantized_compute_dtype("int8", "bfloat16") is torch.bfloat16  # half the KV cache
+    with kernels.using("aten"):
+        assert quantized_compute_dtype("int8", "float32") is torch.float32
+    with pytest.raises(ModelLoadError, match="float32 or bfloat16"):
+        quantized_compute_dtype("int8", "float16")
