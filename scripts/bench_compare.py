@@ -548,7 +548,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--streams", help="comma list of concurrent streams (default 1,8; quick 1,2)")
     p.add_argument("--requests-per-stream", type=int, help="requests per run = streams x this (default 2; quick 1)")
     p.add_argument(
-        "--only", help=f"comma list of sections to run, from {','.join(SECTIONS)} (frankly-packed and frankly-int8-aten only when named)"
+        "--only",
+        help=f"comma list of sections to run, from {','.join(SECTIONS)} (frankly-packed and frankly-int8-aten only when named)",
     )
     p.add_argument("--skip", help="comma list of sections to leave out")
     p.add_argument("--join-long-tokens", type=int, help="length of the long generation (default 256; quick 48)")

@@ -135,7 +135,9 @@ def test_the_readme_flag_table_uses_the_settings_descriptions():
     from tests.conftest import ROOT
 
     rows = dict(
-        re.findall(r"^\| `(--[a-z0-9-]+)` \| `FRANKLY_\w+` \| [^|]* \| (.+) \|$", (ROOT / "README.md").read_text(), re.M)
+        re.findall(
+            r"^\| `(--[a-z0-9-]+)` \| `FRANKLY_\w+` \| [^|]* \| (.+) \|$", (ROOT / "README.md").read_text(), re.M
+        )
     )
     for cls, flags in ((ModelSettings, MODEL_FLAGS), (ServerSettings, SERVER_FLAGS)):
         for flag, field, _ in flags:
