@@ -3,9 +3,11 @@
 Weight-only quantization: each linear layer keeps its weight as int8 with one
 fp scale per output channel (symmetric, round to nearest, the int8 range
 [-127, 127]). The matmul is frankly's own ``torch.ops.frankly.int8_linear``
-(:mod:`directions.kernels`: AVX2/FMA, activations widened to fp32, fp32 sums)
-where it builds, else ``torch.ops.aten._weight_int8pack_mm``, torch's own CPU
-kernel; activations between layers are bf16 either way. Activations are not quantized: dynamic int8
+(:mod:`directions.kernels`: AVX2, activations rounded to int16 in blocks of 128
+inside the kernel, exact int32 sums per block) where it builds, else
+``torch.ops.aten._weight_int8pack_mm``, torch's own CPU kernel. Between layers
+the activations are ``compute_dtype`` (:func:`directions.models.quantized_compute_dtype`:
+fp32 on frankly's kernel, bf16 on torch's). Activations are not quantized to int8: dynamic int8
 activations (fbgemm's ``quantize_dynamic``) were measured at first-token KL
 0.15-1.5 against fp32 on the demo model (Qwen2 has large activation outliers),
 weight-only int8 at about 0.001 (``scripts/int8_kernels.py``).

@@ -9,9 +9,10 @@ and first-token KL against fp32 on chat-templated harmless validation prompts.
 Formats: fp32; bf16; ``int8-dynamic`` (torch.ao ``quantize_dynamic``, fbgemm,
 int8 activations, per-channel weights: the fast kernel that loses quality);
 ``int8`` (frankly's ``--weights int8``: weight-only per-channel int8 on frankly's own
-kernel ``frankly.int8_linear``, bf16 activations between layers, quantized from the fp32 load);
-``int8-aten`` (the same model on torch's ``aten._weight_int8pack_mm``);
-``int8-gguf`` / ``int8-gguf-aten`` (the same format read straight from the GGUF, ``directions.gguf_load``);
+kernel ``frankly.int8_linear``, fp32 activations between layers, quantized from the fp32 load);
+``int8-aten`` (what ``--int8-kernel aten`` serves: the same weights on torch's
+``aten._weight_int8pack_mm``, bf16 activations);
+``int8-gguf`` / ``int8-gguf-aten`` (the same two, read straight from the GGUF, ``directions.gguf_load``);
 ``int4-gguf`` (the GGUF's Q4_K / Q4_0 / Q4_1 tensors as they are on
 ``aten._weight_int4pack_mm_for_cpu``, the other tensors int8).
 
@@ -77,26 +78,23 @@ def bytes_per_token(model) -> int:
 
 
 def formats(base, spec: str, wanted: set[str]):
-    """(name, model, int8 kernel) for each wanted format; ``-aten`` formats share the model of the
-    format without the suffix and run it on torch's kernel."""
+    """(name, model, int8 kernel) for each wanted format, each as ``frankly serve`` would run it:
+    the int8 formats on frankly's kernel with fp32 activations, the ``-aten`` ones on torch's kernel
+    with bf16 activations (:func:`directions.models.quantized_compute_dtype`)."""
     if "fp32" in wanted:
         yield "fp32", base, "aten"
-    for name in ("int8-gguf", "int4-gguf"):
-        if name in wanted or name + "-aten" in wanted:
-            model = load_model(spec, device="cpu", weights=name.split("-")[0]).model
-            if name in wanted:
-                yield name, model, "frankly"
-            if name + "-aten" in wanted:
-                yield name + "-aten", model, "aten"
+    for name, kernel, dtype in (("int8-gguf", "frankly", "float32"), ("int8-gguf-aten", "aten", "bfloat16")):
+        if name in wanted:
+            yield name, load_model(spec, device="cpu", dtype=dtype, weights="int8").model, kernel
+    if "int4-gguf" in wanted:  # torch's int4 kernel, bf16 activations; its int8 tensors on the current kernel
+        yield "int4-gguf", load_model(spec, device="cpu", weights="int4").model, "frankly"
     if "bf16" in wanted:
         yield "bf16", copy.deepcopy(base).to(torch.bfloat16), "aten"
-    if "int8" in wanted or "int8-aten" in wanted:
-        q = copy.deepcopy(base)
-        quantize_model(q)
-        if "int8" in wanted:
-            yield "int8", q, "frankly"
-        if "int8-aten" in wanted:
-            yield "int8-aten", q, "aten"
+    for name, kernel, dtype in (("int8", "frankly", torch.float32), ("int8-aten", "aten", torch.bfloat16)):
+        if name in wanted:
+            q = copy.deepcopy(base)
+            quantize_model(q, compute_dtype=dtype)
+            yield name, q, kernel
     if "int8-dynamic" not in wanted:
         return
     with warnings.catch_warnings():

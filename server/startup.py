@@ -72,7 +72,7 @@ def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]
         device=ms.device,
         dtype=ms.dtype,
         weights=ms.weights,
-        int8_kernel=ms.int8_kernel if ms.weights != "float" else None,
+        int8_kernel=ms.int8_kernel,  # read only for quantized weights
     )
     check_fit(directions, loaded.model.config, paths, allow_mismatch=ms.allow_fingerprint_mismatch)
     if ms.weights == "int8":

@@ -217,9 +217,9 @@ class using:
         global _chosen
         self.before = _chosen
         if self.name == "frankly":
-            choose("frankly", quiet=True)
+            return choose("frankly", quiet=True)  # loads (and checks) the library once; raises where it cannot
         with _lock:
-            _chosen = Int8Kernel("frankly") if self.name == "frankly" else Int8Kernel("aten", "chosen for a comparison")
+            _chosen = Int8Kernel("aten", "chosen for a comparison")
         return _chosen
 
     def __exit__(self, *exc) -> None:

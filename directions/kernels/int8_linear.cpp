@@ -198,19 +198,24 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     at::Tensor xs = at::empty({M, nblk}, xf.options());
     int16_t* qp = xq.data_ptr<int16_t>();
     float* qs = xs.data_ptr<float>();
-    quantize_x(xp, M, K, qp, qs, nblk);
+    // rows are rounded independently: split them across the threads too (a prompt has hundreds)
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      quantize_x(xp + m0 * K, m1 - m0, K, qp + m0 * K, qs + m0 * nblk, nblk);
+    });
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       for (int64_t m0 = 0; m0 < M; m0 += kMaxIRows) {
         const int64_t mb = std::min<int64_t>(kMaxIRows, M - m0);
         kIRows[mb](qp + m0 * K, K, qs + m0 * nblk, nblk, wp, K, sp, bp, yp + m0 * N, N, n0, n1);
       }
     });
-  } else at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      const int64_t mb = std::min<int64_t>(kMaxRows, M - m0);
-      kRows[mb](xp + m0 * K, K, wp, K, sp, bp, yp + m0 * N, N, n0, n1);
-    }
-  });
+  } else {
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int64_t mb = std::min<int64_t>(kMaxRows, M - m0);
+        kRows[mb](xp + m0 * K, K, wp, K, sp, bp, yp + m0 * N, N, n0, n1);
+      }
+    });
+  }
   if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
   return y.reshape(out_sizes);
 }
