@@ -51,6 +51,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_q", weight_q.contiguous())
         self.register_buffer("scale", scale.to(compute_dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype).clone())
+        # the steering edit done inside the kernel call (directions.hooks.SteeringHooks, on frankly's
+        # kernel): owner id -> (r [D, out] fp32, c*r [B, D, out] fp32); empty: the plain layer
+        self.steer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def fused_steering(self) -> bool:
+        """True when the steering edit can run inside this layer's matmul (frankly's kernel) instead of
+        a forward hook: same arithmetic, in fp32, without the hook call and its two extra ops."""
+        return kernels.current().name == "frankly"
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, compute_dtype=torch.bfloat16) -> Int8Linear:
@@ -63,16 +71,36 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.current().name == "frankly":
-            return torch.ops.frankly.int8_linear(x.to(self.compute_dtype), self.weight_q, self.scale, self.bias)
+            x = x.to(self.compute_dtype)
+            if not self.steer:
+                return torch.ops.frankly.int8_linear(x, self.weight_q, self.scale, self.bias)
+            edits = iter(self.steer.values())
+            y = torch.ops.frankly.int8_linear(x, self.weight_q, self.scale, self.bias, *next(edits))
+            for r, cr in edits:  # a second owner of hooks on this model (rare): the same edit in torch ops
+                y = project_out(y, r, cr)
+            return y
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_q, self.scale)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        y = y.reshape(*shape[:-1], self.out_features)
+        for r, cr in self.steer.values():  # installed while frankly's kernel was current (tests switch)
+            y = project_out(y, r, cr)
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def project_out(y: torch.Tensor, r: torch.Tensor, cr: torch.Tensor) -> torch.Tensor:
+    """The kernel's steering edit in torch ops: for each direction d in turn,
+    ``y[b, t] -= (y[b, t] . r[d]) * cr[b, d]``; ``y`` is (B, T, N) or (B*T, N), ``r`` (D, N), ``cr`` (B, D, N)."""
+    shape, dtype = y.shape, y.dtype
+    y3 = y.reshape(cr.shape[0], -1, shape[-1]).float()
+    for d in range(r.shape[0]):
+        y3 = y3 - (y3 @ r[d])[..., None] * cr[:, d][:, None, :]
+    return y3.to(dtype).reshape(shape)
 
 
 class Int8Embedding(nn.Embedding):

@@ -178,3 +178,136 @@ def test_dtype_chooses_the_int8_activations_and_refuses_float16(built):
         assert quantized_compute_dtype("int8", "float32") is torch.float32
     with pytest.raises(ModelLoadError, match="float32 or bfloat16"):
         quantized_compute_dtype("int8", "float16")
+
+
+# --- the steering edit inside the kernel call (SteeringHooks on int8 writers) ---
+
+
+def _unit_rows(d, n, seed):
+    r = torch.randn(d, n, generator=torch.Generator().manual_seed(seed))
+    return r / r.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 96), (4, 96), (1, 1, 96)])
+def test_kernel_projects_out_each_direction_of_each_batch_row(built, shape):
+    q, s = quantize_rows(torch.randn(48, 96))
+    x = torch.randn(*shape)
+    B = shape[0]
+    r = _unit_rows(2, 48, 1)
+    strengths = torch.tensor([[0.5, 1.0], [0.0, 1.0], [0.3, 0.0], [1.0, 1.0]])[:B]
+    cr = strengths[:, :, None] * r[None]  # (B, D, N)
+    plain = torch.ops.frankly.int8_linear(x, q, s, None)
+    got = torch.ops.frankly.int8_linear(x, q, s, None, r, cr)
+    want = plain.reshape(B, -1, 48)
+    for d in range(2):  # one direction after the other, as the hooks do
+        want = want - (want @ r[d])[..., None] * cr[:, d][:, None, :]
+    torch.testing.assert_close(got, want.reshape(plain.shape), atol=1e-5, rtol=1e-5)
+    # strength 1 on a row leaves nothing along that direction (for the last direction applied)
+    full = strengths[:, 1] == 1.0
+    along = (got.reshape(B, -1, 48) @ r[1])[full]
+    assert along.abs().max() < 1e-4
+    # rows at strength 0 for every direction are exactly the plain output
+    zero = torch.ops.frankly.int8_linear(x, q, s, None, r, torch.zeros_like(cr))
+    assert torch.equal(zero, plain)
+
+
+def test_kernel_refuses_steering_terms_of_the_wrong_shape(built):
+    q, s = quantize_rows(torch.randn(48, 96))
+    x = torch.randn(3, 96)
+    r = _unit_rows(1, 48, 2)
+    with pytest.raises(RuntimeError, match="r must be"):
+        torch.ops.frankly.int8_linear(x, q, s, None, _unit_rows(1, 40, 2), torch.zeros(3, 1, 40))
+    with pytest.raises(RuntimeError, match="do not split"):
+        torch.ops.frankly.int8_linear(x, q, s, None, r, torch.zeros(2, 1, 48))
+    with pytest.raises(RuntimeError, match="needs cr"):
+        torch.ops.frankly.int8_linear(x, q, s, None, r, None)
+
+
+def _steered(model, dirs, strengths, ids):
+    from directions.hooks import SteeringHooks
+
+    hooks = SteeringHooks(model, dirs)
+    hooks.set_strengths(strengths)
+    try:
+        with torch.no_grad():
+            return model(ids).logits, hooks
+    finally:
+        hooks.remove()
+
+
+def test_int8_writers_take_the_edit_inside_the_kernel_with_no_hook(built, monkeypatch):
+    from tests.tiny_models import random_direction_set
+
+    model = tiny_model("qwen2")
+    quantize_model(model, compute_dtype=torch.float32)
+    dirs = {"a": random_direction_set(model, "a", seed=1), "b": random_direction_set(model, "b", seed=2)}
+    ids = tokens(seed=3, batch=3)
+    strengths = {"a": [1.0, 0.0, 0.5], "b": [0.0, 0.0, -1.0]}
+    with torch.no_grad():
+        plain = model(ids).logits
+    from directions.hooks import SteeringHooks
+
+    hooks = SteeringHooks(model, dirs)
+    hooks.set_strengths(strengths)
+    int8_writers = [w for w in hooks.writers if isinstance(w.module, Int8Linear)]
+    assert int8_writers and all(not w.module._forward_hooks for w in int8_writers)
+    assert any(w.module.steer for w in int8_writers) and all(len(w.module.steer) <= 1 for w in int8_writers)
+    with torch.no_grad():
+        fused = model(ids).logits
+    hooks.set_strengths({"a": [0.0] * 3})
+    assert not hooks.installed and all(not w.module.steer for w in int8_writers)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain)  # nothing left behind
+    # the same edit through forward hooks (what other writers and torch's kernel get)
+    monkeypatch.setattr(Int8Linear, "fused_steering", lambda self: False)
+    hooked, _ = _steered(model, dirs, strengths, ids)
+    assert all(w.module._forward_hooks == {} for w in int8_writers)  # removed again
+    torch.testing.assert_close(fused, hooked, atol=1e-4, rtol=1e-4)
+    assert torch.equal(fused[1], plain[1])  # the row at strength 0 is the plain model's, bit for bit
+    assert (fused[0] - plain[0]).abs().max() > 1e-2  # and the steered rows did change
+
+
+def test_two_hook_owners_on_one_int8_model_both_apply(built, monkeypatch):
+    from directions.hooks import SteeringHooks
+    from tests.tiny_models import random_direction_set
+
+    model = tiny_model("qwen2")
+    quantize_model(model, compute_dtype=torch.float32)
+    a, b = random_direction_set(model, "a", seed=1), random_direction_set(model, "b", seed=2)
+    ids = tokens(seed=5, batch=2)
+
+    def both():
+        h1, h2 = SteeringHooks(model, {"a": a}), SteeringHooks(model, {"b": b})
+        h1.set_strengths({"a": [1.0, 0.5]})
+        h2.set_strengths({"b": [0.5, 1.0]})
+        with torch.no_grad():
+            out = model(ids).logits
+        h1.remove()
+        h2.remove()
+        return out
+
+    fused = both()
+    monkeypatch.setattr(Int8Linear, "fused_steering", lambda self: False)
+    torch.testing.assert_close(fused, both(), atol=1e-4, rtol=1e-4)
+
+
+def test_an_edit_installed_on_frankly_kernel_still_applies_if_the_kernel_changes(built):
+    from tests.tiny_models import random_direction_set
+
+    model = tiny_model("qwen2")
+    quantize_model(model, compute_dtype=torch.float32)
+    dirs = {"a": random_direction_set(model, "a", seed=1)}
+    ids = tokens(seed=6, batch=2)
+    from directions.hooks import SteeringHooks
+
+    hooks = SteeringHooks(model, dirs)
+    hooks.set_strengths({"a": [1.0, 1.0]})
+    with torch.no_grad():
+        ours = model(ids).logits
+        with kernels.using("aten"):
+            theirs = model(ids).logits
+            hooks.remove()
+            plain = model(ids).logits
+    assert (theirs - plain).abs().max() > 1e-2  # steered, not silently plain
+    a, b = ours.float().log_softmax(-1), theirs.float().log_softmax(-1)
+    assert (a.exp() * (a - b)).sum(-1).mean() < 1e-2  # the two kernels' bf16/fp32 rounding apart
