@@ -136,7 +136,12 @@ def locate(spec: str) -> tuple[str, str | None]:
 
 
 def load_model(
-    spec: str, device: str = "auto", dtype: str = "auto", weights: str = "float", int8_kernel: str | None = None
+    spec: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    weights: str = "float",
+    int8_kernel: str | None = None,
+    kv_dtype: str = "auto",
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no grad).
 
@@ -147,7 +152,10 @@ def load_model(
     is then read tensor by tensor (:mod:`directions.gguf_load`), never as a whole fp32 model.
     ``weights="int4"`` (GGUF only): its Q4_K / Q4_0 / Q4_1 tensors as they are, the rest int8.
     ``int8_kernel``: auto / frankly / aten (:func:`directions.kernels.choose`; default the
-    ``FRANKLY_INT8_KERNEL`` environment variable, else auto), resolved here for quantized weights."""
+    ``FRANKLY_INT8_KERNEL`` environment variable, else auto), resolved here for quantized weights.
+    ``kv_dtype``: the engine's KV cache (:func:`set_kv_cache_dtype`)."""
+    if kv_dtype not in KV_DTYPES:
+        raise ModelLoadError(f"unknown KV cache dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
     if weights in ("int8", "int4"):
         from directions import kernels
 
@@ -155,10 +163,61 @@ def load_model(
             kernels.choose(int8_kernel)
         except kernels.KernelError as e:
             raise ModelLoadError(str(e)) from e
-        return _load_quantized(spec, device, weights, dtype)
-    if weights != "float":
+        lm = _load_quantized(spec, device, weights, dtype)
+    elif weights != "float":
         raise ModelLoadError(f"unknown weights format {weights!r}; choose float, int8 or int4")
-    return _load_float(spec, device, dtype)
+    else:
+        lm = _load_float(spec, device, dtype)
+    if kv_dtype == "auto":  # bf16 keys and values under an int8 model's fp32 activations, else as computed
+        kv = torch.bfloat16 if weights != "float" and lm.dtype == torch.float32 else None
+    else:
+        kv = {"float32": torch.float32, "bfloat16": torch.bfloat16}[kv_dtype]
+    set_kv_cache_dtype(lm.model, None if kv == lm.dtype else kv)
+    return lm
+
+
+KV_DTYPES = ("auto", "float32", "bfloat16")
+_MIXED_ATTENTION = "frankly_sdpa_stored_kv"
+
+
+def _mixed_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention when the cache keeps keys and values in another dtype than the
+    activations: the query (and a float mask) go to the cache's dtype, the output comes back."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if key.dtype == query.dtype:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.to(key.dtype)
+    out, weights = sdpa_attention_forward(module, query.to(key.dtype), key, value, attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+def set_kv_cache_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    """Make the engine keep ``model``'s keys and values in ``dtype`` (None: the activations' own dtype).
+
+    With a dtype of its own the cache (:func:`server.engine.kvcache.new_cache`) stores in it and attention
+    runs in it: for an int8 model computing in fp32, a bf16 cache is half the cache's bytes (RSS under
+    many long streams) and attention reads half as much, at the cost of bf16 attention arithmetic."""
+    if dtype is None:
+        model.frankly_kv_dtype = None
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if model.config._attn_implementation not in ("sdpa", _MIXED_ATTENTION):
+        raise ModelLoadError(
+            f"a {dtype} KV cache needs SDPA attention; this model uses {model.config._attn_implementation}"
+        )
+    AttentionInterface.register(_MIXED_ATTENTION, _mixed_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_MIXED_ATTENTION, sdpa_mask)
+    model.config._attn_implementation = _MIXED_ATTENTION
+    model.frankly_kv_dtype = dtype
+
+
+def kv_cache_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype the engine's KV cache keeps for ``model`` (None: its activations' dtype)."""
+    return getattr(model, "frankly_kv_dtype", None)
 
 
 def quantized_compute_dtype(weights: str, dtype: str = "auto") -> torch.dtype:

@@ -41,6 +41,7 @@ MODEL_FLAGS = [
     ("--num-threads-batch", "num_threads_batch", {}),
     ("--weights", "weights", {}),
     ("--int8-kernel", "int8_kernel", {"choices": ["auto", "frankly", "aten"]}),
+    ("--kv-dtype", "kv_dtype", {"choices": ["auto", "float32", "bfloat16"]}),
     ("--packed-weights", "packed_weights", {}),
     ("--vllm-path", "vllm_path", {}),
     ("--vllm-strengths", "vllm_strengths", {"metavar": "S,S"}),

@@ -86,6 +86,11 @@ class ModelSettings(_Base):
         "first use and cached), aten (torch's _weight_int8pack_mm), auto (frankly where it builds, else aten "
         "with a warning saying why)",
     )
+    kv_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="torch engine KV cache: auto (bfloat16 under --weights int8 with fp32 activations: half the "
+        "cache's memory, attention in bf16; otherwise the activations' dtype), float32, bfloat16",
+    )
     packed_weights: bool = Field(
         False,
         description="CPU, float32: prepack every linear weight for oneDNN once at load (batched decode much "

@@ -11,7 +11,7 @@ import torch
 from directions import specs
 from directions.demo import DEMO_NAME
 from directions.fileformat import DirectionSet
-from directions.models import LoadedModel, ModelLoadError, load_model, locate, read_configs
+from directions.models import LoadedModel, ModelLoadError, kv_cache_dtype, load_model, locate, read_configs
 from directions.specs import check_fit, load_directions
 from server.settings import ModelSettings
 
@@ -73,6 +73,7 @@ def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]
         dtype=ms.dtype,
         weights=ms.weights,
         int8_kernel=ms.int8_kernel,  # read only for quantized weights
+        kv_dtype=ms.kv_dtype,
     )
     check_fit(directions, loaded.model.config, paths, allow_mismatch=ms.allow_fingerprint_mismatch)
     if ms.weights == "int8":
@@ -80,8 +81,9 @@ def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]
 
         log.info(
             "int8 weights: linear layers int8 per channel (a GGUF read tensor by tensor); activations in %s; "
-            "matmul: %s",
+            "KV cache in %s; matmul: %s",
             str(loaded.dtype).removeprefix("torch."),
+            str(kv_cache_dtype(loaded.model) or loaded.dtype).removeprefix("torch."),
             kernels.current().describe(),
         )
     if ms.packed_weights:

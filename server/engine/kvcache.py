@@ -23,6 +23,7 @@ class GrowableLayer(DynamicLayer):
     """
 
     headroom = 128  # positions of spare room allocated when a buffer (re)grows
+    store_dtype: torch.dtype | None = None  # keep keys/values in this dtype (None: the model's own)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -39,8 +40,9 @@ class GrowableLayer(DynamicLayer):
         if self.keys is not self._view or kb is None or kb.shape[0] != key_states.shape[0] or length + q > kb.shape[2]:
             cap = length + q + max(self.headroom, (length + q) // 4)
             b, h, _, d = key_states.shape
-            kb = key_states.new_empty((b, h, cap, d))
-            vb = value_states.new_empty((b, h, cap, value_states.shape[3]))
+            dt = self.store_dtype or key_states.dtype
+            kb = key_states.new_empty((b, h, cap, d), dtype=dt)
+            vb = value_states.new_empty((b, h, cap, value_states.shape[3]), dtype=dt)
             if length:
                 kb[:, :, :length].copy_(old_k)
                 vb[:, :, :length].copy_(old_v)
@@ -53,13 +55,27 @@ class GrowableLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def new_cache() -> DynamicCache:
+def new_cache(store_dtype: torch.dtype | None = None) -> DynamicCache:
+    """An empty batch cache; ``store_dtype`` keeps keys and values in that dtype (bf16 for an int8
+    model computing in fp32: half the cache's bytes; attention then runs in bf16,
+    :func:`directions.models.kv_cache_dtype`)."""
     # No config: every layer is a plain full-attention layer, so rows of
     # different lengths can be padded and concatenated. Sliding-window models
     # still get the right result, because their masks come from the 2D mask.
     cache = DynamicCache()
-    cache.layer_class_to_replicate = GrowableLayer
+    cache.layer_class_to_replicate = _layer_class(store_dtype)
     return cache
+
+
+_LAYER_CLASSES: dict[torch.dtype | None, type[GrowableLayer]] = {None: GrowableLayer}
+
+
+def _layer_class(store_dtype: torch.dtype | None) -> type[GrowableLayer]:
+    if store_dtype not in _LAYER_CLASSES:
+        _LAYER_CLASSES[store_dtype] = type(
+            f"GrowableLayer_{store_dtype}", (GrowableLayer,), {"store_dtype": store_dtype}
+        )
+    return _LAYER_CLASSES[store_dtype]
 
 
 def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:

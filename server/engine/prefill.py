@@ -19,6 +19,7 @@ from transformers.cache_utils import DynamicCache
 from directions.fileformat import DirectionSet
 from directions.forward import pad_left
 from directions.hooks import SteeringHooks
+from directions.models import kv_cache_dtype
 from server.engine import kvcache
 from server.engine.condition import decide, start_row
 from server.engine.protocol import EngineObserver
@@ -80,7 +81,7 @@ class Prefiller:
         """
         names = {n for s in rows for n in s.strengths}
         self.hooks.set_strengths({n: [s.strengths.get(n, 0.0) for s in rows] for n in names})
-        cache = kvcache.new_cache()
+        cache = kvcache.new_cache(kv_cache_dtype(self.model))
         with self.hooks.probe(probe) as captured:
             out = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1

@@ -47,6 +47,8 @@ def test_int8_server_steers_per_request(int8_server):
         model="qwen-demo+refusal", messages=[{"role": "user", "content": HARMFUL}], max_tokens=40, temperature=0
     )
     assert by_id.choices[0].message.content == steered
+    # what it ran: fp32 activations on frankly's kernel with the edit inside it, a bf16 KV cache
+    assert "activations in float32; KV cache in bfloat16; matmul: frankly" in int8_server.log()
 
 
 def test_int8_first_token_close_to_fp32(int8_server, torch_demo_server):
