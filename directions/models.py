@@ -238,7 +238,7 @@ def quantized_compute_dtype(weights: str, dtype: str = "auto") -> torch.dtype:
 
 
 def _load_quantized(spec: str, device: str, weights: str, dtype: str = "auto") -> LoadedModel:
-    from directions.quant import QuantizationError, quantize_model
+    from directions.quant import QuantizationError, fuse_shared_inputs, quantize_model
 
     dev = resolve_device(device)
     if dev != "cpu":
@@ -252,6 +252,7 @@ def _load_quantized(spec: str, device: str, weights: str, dtype: str = "auto") -
     if gguf is None:  # safetensors / hub: load in fp32, then quantize layer by layer
         lm = _load_float(spec, dev, "float32")
         quantize_model(lm.model, compute_dtype=cdt)
+        fuse_shared_inputs(lm.model)
         lm.dtype = cdt
         return lm
     from transformers import AutoConfig, AutoTokenizer
@@ -264,6 +265,7 @@ def _load_quantized(spec: str, device: str, weights: str, dtype: str = "auto") -
         model = load_quantized_from_gguf(gguf, AutoConfig.from_pretrained(str(cfg_dir)), cdt, weights)
     except GGUFLoadError as e:
         raise ModelLoadError(str(e)) from e
+    fuse_shared_inputs(model)  # q/k/v and gate/up: one kernel call each
     model.generation_config = _generation_config(cfg_dir, model.config)
     model.requires_grad_(False)
     if tok.pad_token_id is None:

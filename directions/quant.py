@@ -19,6 +19,8 @@ see an ``nn.Linear``'s: steering, conditional mode and the bake are unchanged.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -54,6 +56,7 @@ class Int8Linear(nn.Module):
         # the steering edit done inside the kernel call (directions.hooks.SteeringHooks, on frankly's
         # kernel): owner id -> (r [D, out] fp32, c*r [B, D, out] fp32); empty: the plain layer
         self.steer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.shared: tuple[SharedInput, int] | None = None  # set by fuse_shared_inputs
 
     def fused_steering(self) -> bool:
         """True when the steering edit can run inside this layer's matmul (frankly's kernel) instead of
@@ -73,6 +76,8 @@ class Int8Linear(nn.Module):
         if kernels.current().name == "frankly":
             x = x.to(self.compute_dtype)
             if not self.steer:
+                if self.shared is not None:
+                    return self.shared[0].output(self.shared[1], x)
                 return torch.ops.frankly.int8_linear(x, self.weight_q, self.scale, self.bias)
             edits = iter(self.steer.values())
             y = torch.ops.frankly.int8_linear(x, self.weight_q, self.scale, self.bias, *next(edits))
@@ -91,6 +96,74 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class SharedInput:
+    """:class:`Int8Linear` siblings that read the same input, such as an attention's q/k/v projections
+    or an MLP's gate and up projections, as one kernel call over their stacked rows.
+
+    Each member's ``weight_q``/``scale``/``bias`` become row slices (views) of one stacked tensor, so
+    nothing is stored twice. The first member called with an input computes every member's output
+    for it; its siblings, called next with that same tensor object (as the model's forward does),
+    take theirs. A sibling called with any other input computes again, so a caller that runs one
+    member alone still gets the right result. Per thread, so two threads never swap outputs.
+
+    On the demo model this is 3 calls a layer instead of 5 (each call costs 5-20 µs besides its
+    weights: a parallel region, the int16 rounding of x, the output)."""
+
+    def __init__(self, members: list[Int8Linear]):
+        self.sizes = [m.out_features for m in members]
+        dtype = members[0].scale.dtype
+        self.weight_q = torch.cat([m.weight_q for m in members])
+        self.scale = torch.cat([m.scale for m in members])
+        if any(m.bias is not None for m in members):
+            self.bias = torch.cat(
+                [m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=dtype) for m in members]
+            )
+        else:
+            self.bias = None
+        start = 0
+        for i, (m, n) in enumerate(zip(members, self.sizes, strict=True)):
+            m.weight_q = self.weight_q[start : start + n]
+            m.scale = self.scale[start : start + n]
+            if m.bias is not None:
+                m.bias = self.bias[start : start + n]
+            m.shared = (self, i)
+            start += n
+        self._local = threading.local()
+
+    def output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        mine = self._local
+        pending = getattr(mine, "pending", None)
+        if pending is not None and mine.x is x and pending[i] is not None:
+            y, pending[i] = pending[i], None
+            if all(p is None for p in pending):
+                mine.x = mine.pending = None
+            return y
+        y = torch.ops.frankly.int8_linear(x, self.weight_q, self.scale, self.bias)
+        parts = list(y.split(self.sizes, dim=-1))
+        mine_part, parts[i] = parts[i], None
+        mine.x, mine.pending = x, parts  # holding x keeps its identity unique until the siblings are served
+        return mine_part
+
+
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fuse_shared_inputs(model: nn.Module) -> int:
+    """Group the :class:`Int8Linear` siblings of ``model`` that read one input (:data:`SHARED_INPUT_GROUPS`,
+    transformers' names) into :class:`SharedInput` s; returns how many groups were made."""
+    n = 0
+    for mod in list(model.modules()):
+        for names in SHARED_INPUT_GROUPS:
+            members = [getattr(mod, name, None) for name in names]
+            if not all(isinstance(m, Int8Linear) and m.shared is None for m in members):
+                continue
+            if len({(m.in_features, m.compute_dtype, m.scale.dtype) for m in members}) != 1:
+                continue
+            SharedInput(members)
+            n += 1
+    return n
 
 
 def project_out(y: torch.Tensor, r: torch.Tensor, cr: torch.Tensor) -> torch.Tensor:

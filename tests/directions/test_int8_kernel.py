@@ -311,3 +311,84 @@ def test_an_edit_installed_on_frankly_kernel_still_applies_if_the_kernel_changes
     assert (theirs - plain).abs().max() > 1e-2  # steered, not silently plain
     a, b = ours.float().log_softmax(-1), theirs.float().log_softmax(-1)
     assert (a.exp() * (a - b)).sum(-1).mean() < 1e-2  # the two kernels' bf16/fp32 rounding apart
+
+
+# --- siblings that read one input (q/k/v, gate/up) as one kernel call ---
+
+
+def _kernel_calls(model, ids) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(ids)
+    return sum(e.count for e in prof.key_averages() if e.key == "frankly::int8_linear")
+
+
+def test_fused_siblings_give_the_same_logits_bit_for_bit_and_store_nothing_twice(built):
+    from directions.quant import fuse_shared_inputs
+
+    model = tiny_model("qwen2")
+    quantize_model(model, compute_dtype=torch.float32)
+    ids = tokens(seed=7, batch=2)
+    with torch.no_grad():
+        before = model(ids).logits
+    calls_before = _kernel_calls(model, ids)
+    bytes_before = sum(b.numel() * b.element_size() for b in model.buffers())
+    groups = fuse_shared_inputs(model)
+    assert groups == 2 * model.config.num_hidden_layers  # q/k/v and gate/up in every layer
+    attn = model.model.layers[0].self_attn
+    base = attn.q_proj.weight_q.untyped_storage().data_ptr()
+    assert attn.k_proj.weight_q.untyped_storage().data_ptr() == base  # views of one stacked tensor
+    assert sum(b.numel() * b.element_size() for b in model.buffers()) == bytes_before  # as module buffers
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.equal(before, after)  # each output row depends only on its weight row and x
+    layers = model.config.num_hidden_layers
+    assert _kernel_calls(model, ids) == calls_before - 3 * layers  # 5 reader calls a layer become 2
+    assert fuse_shared_inputs(model) == 0  # already fused
+
+
+def test_a_fused_sibling_called_alone_or_on_another_input_computes_its_own(built):
+    from directions.quant import fuse_shared_inputs
+
+    model = tiny_model("qwen2")
+    quantize_model(model, compute_dtype=torch.float32)
+    attn = model.model.layers[0].self_attn
+    d = attn.q_proj.in_features
+    x1, x2 = torch.randn(1, 3, d), torch.randn(1, 3, d)
+    want = {n: getattr(attn, n)(x) for n in ("q_proj", "k_proj", "v_proj") for x in (x1,)}
+    want2 = attn.k_proj(x2)
+    fuse_shared_inputs(model)
+    assert torch.equal(attn.q_proj(x1), want["q_proj"])  # computes q, k, v
+    assert torch.equal(attn.k_proj(x2), want2)  # another input: not x1's k
+    assert torch.equal(attn.k_proj(x1), want["k_proj"])
+    assert torch.equal(attn.v_proj(x1), want["v_proj"])
+    assert torch.equal(attn.v_proj(x1), want["v_proj"])  # served twice: the second computes again
+
+
+def test_fused_siblings_keep_outputs_per_thread(built):
+    import threading
+
+    from directions.quant import fuse_shared_inputs
+
+    model = tiny_model("qwen2")
+    quantize_model(model, compute_dtype=torch.float32)
+    mlp = model.model.layers[1].mlp
+    d = mlp.gate_proj.in_features
+    xs = [torch.randn(2, d) for _ in range(2)]
+    want = [(mlp.gate_proj(x), mlp.up_proj(x)) for x in xs]
+    fuse_shared_inputs(model)
+    got, barrier = [None, None], threading.Barrier(2)
+
+    def run(i):
+        g = mlp.gate_proj(xs[i])
+        barrier.wait()  # both threads hold pending outputs before either takes its up projection
+        got[i] = (g, mlp.up_proj(xs[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert torch.equal(got[i][0], want[i][0]) and torch.equal(got[i][1], want[i][1])
