@@ -57,8 +57,8 @@ class GrowableLayer(DynamicLayer):
 
 def new_cache(store_dtype: torch.dtype | None = None) -> DynamicCache:
     """An empty batch cache; ``store_dtype`` keeps keys and values in that dtype (bf16 for an int8
-    model computing in fp32: half the cache's bytes; attention then runs in bf16,
-    :func:`directions.models.kv_cache_dtype`)."""
+    model computing in fp32: half the cache's bytes; attention widens them back per layer,
+    :func:`directions.models.set_kv_cache_dtype`)."""
     # No config: every layer is a plain full-attention layer, so rows of
     # different lengths can be padded and concatenated. Sliding-window models
     # still get the right result, because their masks come from the 2D mask.
