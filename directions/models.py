@@ -251,6 +251,9 @@ def _load_quantized(spec: str, device: str, weights: str, dtype: str = "auto") -
         lm = _load_float(spec, dev, "float32")
         quantize_model(lm.model, compute_dtype=cdt)
         fuse_shared_inputs(lm.model)
+        from directions.gguf_load import release_freed_memory
+
+        release_freed_memory()  # the fp32 weights and the unstacked int8 copies
         lm.dtype = cdt
         return lm
     from transformers import AutoConfig, AutoTokenizer
@@ -263,7 +266,6 @@ def _load_quantized(spec: str, device: str, weights: str, dtype: str = "auto") -
         model = load_quantized_from_gguf(gguf, AutoConfig.from_pretrained(str(cfg_dir)), cdt, weights)
     except GGUFLoadError as e:
         raise ModelLoadError(str(e)) from e
-    fuse_shared_inputs(model)  # q/k/v and gate/up: one kernel call each
     model.generation_config = _generation_config(cfg_dir, model.config)
     model.requires_grad_(False)
     if tok.pad_token_id is None:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from directions import kernels
 from directions.models import load_model
-from directions.quant import Int4Linear, Int8Linear, quantize_model
+from directions.quant import Int4Linear, Int8Linear, fuse_shared_inputs, quantize_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bandwidth import measure
@@ -94,6 +94,7 @@ def formats(base, spec: str, wanted: set[str]):
         if name in wanted:
             q = copy.deepcopy(base)
             quantize_model(q, compute_dtype=dtype)
+            fuse_shared_inputs(q)  # q/k/v and gate/up as one call each, as load_model does
             yield name, q, kernel
     if "int8-dynamic" not in wanted:
         return
