@@ -74,10 +74,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.current().name == "frankly":
+            if not self.steer and self.shared is not None:  # the siblings know the input as given
+                return self.shared[0].output(self.shared[1], x, self.compute_dtype)
             x = x.to(self.compute_dtype)
             if not self.steer:
-                if self.shared is not None:
-                    return self.shared[0].output(self.shared[1], x)
                 return torch.ops.frankly.int8_linear(x, self.weight_q, self.scale, self.bias)
             edits = iter(self.steer.values())
             y = torch.ops.frankly.int8_linear(x, self.weight_q, self.scale, self.bias, *next(edits))
@@ -132,7 +132,8 @@ class SharedInput:
             start += n
         self._local = threading.local()
 
-    def output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def output(self, i: int, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Member ``i``'s output for ``x`` (computed in ``dtype``)."""
         mine = self._local
         pending = getattr(mine, "pending", None)
         if pending is not None and mine.x is x and pending[i] is not None:
@@ -140,7 +141,7 @@ class SharedInput:
             if all(p is None for p in pending):
                 mine.x = mine.pending = None
             return y
-        y = torch.ops.frankly.int8_linear(x, self.weight_q, self.scale, self.bias)
+        y = torch.ops.frankly.int8_linear(x.to(dtype), self.weight_q, self.scale, self.bias)
         parts = list(y.split(self.sizes, dim=-1))
         mine_part, parts[i] = parts[i], None
         mine.x, mine.pending = x, parts  # holding x keeps its identity unique until the siblings are served
@@ -150,9 +151,11 @@ class SharedInput:
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def fuse_shared_inputs(model: nn.Module) -> int:
+def fuse_shared_inputs(model: nn.Module, after_group=None) -> int:
     """Group the :class:`Int8Linear` siblings of ``model`` that read one input (:data:`SHARED_INPUT_GROUPS`,
-    transformers' names) into :class:`SharedInput` s; returns how many groups were made."""
+    transformers' names) into :class:`SharedInput` s; returns how many groups were made. ``after_group``
+    (no arguments) runs after each group, e.g. to hand the freed unstacked copies back to the system
+    (the GGUF load does: otherwise they pile up on the heap, +97 MiB of peak RSS on the demo)."""
     n = 0
     for mod in list(model.modules()):
         for names in SHARED_INPUT_GROUPS:
@@ -163,6 +166,8 @@ def fuse_shared_inputs(model: nn.Module) -> int:
                 continue
             SharedInput(members)
             n += 1
+            if after_group is not None:
+                after_group()
     return n
 
 

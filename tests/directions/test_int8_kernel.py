@@ -392,3 +392,22 @@ def test_fused_siblings_keep_outputs_per_thread(built):
         t.join()
     for i in range(2):
         assert torch.equal(got[i][0], want[i][0]) and torch.equal(got[i][1], want[i][1])
+
+
+def test_fused_siblings_share_one_call_for_an_input_in_another_dtype(built):
+    """The siblings recognise the input as the caller passed it, before the cast to the compute dtype."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from directions.quant import fuse_shared_inputs
+
+    model = tiny_model("qwen2")
+    quantize_model(model, compute_dtype=torch.float32)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 2, mlp.gate_proj.in_features).to(torch.bfloat16)
+    want = (mlp.gate_proj(x), mlp.up_proj(x))
+    fuse_shared_inputs(model)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = (mlp.gate_proj(x), mlp.up_proj(x))
+    calls = sum(e.count for e in prof.key_averages() if e.key == "frankly::int8_linear")
+    assert calls == 1
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
