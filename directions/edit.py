@@ -36,6 +36,18 @@ def project_out(y: torch.Tensor, r: torch.Tensor, coef: torch.Tensor | float) ->
     return y - (coef * proj) * r
 
 
+def project_out_stacked(y: torch.Tensor, r: torch.Tensor, cr: torch.Tensor) -> torch.Tensor:
+    """:func:`project_out` for several directions and per-row coefficients at once, in the form the int8
+    kernel takes (``frankly::int8_linear``'s ``r``/``cr``; :class:`directions.quant.Int8Linear`): for each
+    direction d in turn, ``y[b, t] -= (y[b, t] . r[d]) * cr[b, d]`` with ``cr[b, d] = c[b, d] * r[d]``.
+    ``y`` is (B, T, N) or (B*T, N), ``r`` (D, N), ``cr`` (B, D, N); computed in fp32, returned in ``y``'s dtype."""
+    shape, dtype = y.shape, y.dtype
+    y3 = y.reshape(cr.shape[0], -1, shape[-1]).float()
+    for d in range(r.shape[0]):
+        y3 = y3 - (y3 @ r[d])[..., None] * cr[:, d][:, None, :]
+    return y3.to(dtype).reshape(shape)
+
+
 def bake_linear_weight(weight: torch.Tensor, r: torch.Tensor, coef: float) -> torch.Tensor:
     """Edit a Linear weight (out_features = d_model rows) whose output is the residual stream."""
     w32 = weight.to(torch.float32)

@@ -168,8 +168,9 @@ def load_model(
         raise ModelLoadError(f"unknown weights format {weights!r}; choose float, int8 or int4")
     else:
         lm = _load_float(spec, device, dtype)
-    if kv_dtype == "auto":  # bf16 keys and values under an int8 model's fp32 activations, else as computed
-        kv = torch.bfloat16 if weights != "float" and lm.dtype == torch.float32 else None
+    if kv_dtype == "auto":  # bf16 keys and values under an int8 model's fp32 activations (SDPA), else as computed
+        sdpa = lm.model.config._attn_implementation == "sdpa"
+        kv = torch.bfloat16 if weights != "float" and lm.dtype == torch.float32 and sdpa else None
     else:
         kv = {"float32": torch.float32, "bfloat16": torch.bfloat16}[kv_dtype]
     set_kv_cache_dtype(lm.model, None if kv == lm.dtype else kv)

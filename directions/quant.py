@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from directions import kernels
+from directions.edit import project_out_stacked
 
 WEIGHT_FORMATS = ("float", "int8")
 
@@ -82,7 +83,7 @@ class Int8Linear(nn.Module):
             edits = iter(self.steer.values())
             y = torch.ops.frankly.int8_linear(x, self.weight_q, self.scale, self.bias, *next(edits))
             for r, cr in edits:  # a second owner of hooks on this model (rare): the same edit in torch ops
-                y = project_out(y, r, cr)
+                y = project_out_stacked(y, r, cr)
             return y
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)
@@ -91,7 +92,7 @@ class Int8Linear(nn.Module):
             y = y + self.bias
         y = y.reshape(*shape[:-1], self.out_features)
         for r, cr in self.steer.values():  # installed while frankly's kernel was current (tests switch)
-            y = project_out(y, r, cr)
+            y = project_out_stacked(y, r, cr)
         return y
 
     def extra_repr(self) -> str:
@@ -169,16 +170,6 @@ def fuse_shared_inputs(model: nn.Module, after_group=None) -> int:
             if after_group is not None:
                 after_group()
     return n
-
-
-def project_out(y: torch.Tensor, r: torch.Tensor, cr: torch.Tensor) -> torch.Tensor:
-    """The kernel's steering edit in torch ops: for each direction d in turn,
-    ``y[b, t] -= (y[b, t] . r[d]) * cr[b, d]``; ``y`` is (B, T, N) or (B*T, N), ``r`` (D, N), ``cr`` (B, D, N)."""
-    shape, dtype = y.shape, y.dtype
-    y3 = y.reshape(cr.shape[0], -1, shape[-1]).float()
-    for d in range(r.shape[0]):
-        y3 = y3 - (y3 @ r[d])[..., None] * cr[:, d][:, None, :]
-    return y3.to(dtype).reshape(shape)
 
 
 class Int8Embedding(nn.Embedding):

@@ -88,8 +88,8 @@ class ModelSettings(_Base):
     )
     kv_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="torch engine KV cache: auto (bfloat16 under --weights int8 with fp32 activations: half the "
-        "cache's memory, attention still in fp32; otherwise the activations' dtype), float32, bfloat16",
+        description="torch engine KV cache: auto (bfloat16 under --weights int8 with fp32 activations and SDPA "
+        "attention: half the cache's memory, attention still in fp32; otherwise the activations' dtype), float32, bfloat16",
     )
     packed_weights: bool = Field(
         False,

@@ -28,3 +28,18 @@ def test_baked_weights_give_the_hooked_outputs():
     emb = torch.randn(10, 16, generator=g)
     torch.testing.assert_close(bake_embedding_weight(emb, r, s), project_out(emb, r, s))
     torch.testing.assert_close(normalize(torch.tensor([3.0, 4.0])), torch.tensor([0.6, 0.8]))
+
+
+def test_project_out_stacked_is_project_out_per_direction_and_row():
+    from directions.edit import project_out_stacked
+
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(2, 3, 16, generator=g)
+    r = normalize(torch.randn(2, 16, generator=g))
+    c = torch.tensor([[1.0, 0.5], [0.0, -1.0]])  # (B, D)
+    want = y
+    for d in range(2):
+        want = project_out(want, r[d], c[:, d][:, None, None])
+    got = project_out_stacked(y, r, c[:, :, None] * r[None])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(project_out_stacked(y.reshape(6, 16), r, c[:, :, None] * r[None]), want.reshape(6, 16))
