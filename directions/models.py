@@ -237,6 +237,7 @@ def quantized_compute_dtype(weights: str, dtype: str = "auto") -> torch.dtype:
 
 
 def _load_quantized(spec: str, device: str, weights: str, dtype: str = "auto") -> LoadedModel:
+    from directions import lean
     from directions.quant import QuantizationError, fuse_shared_inputs, quantize_model
 
     dev = resolve_device(device)
@@ -252,6 +253,7 @@ def _load_quantized(spec: str, device: str, weights: str, dtype: str = "auto") -
         lm = _load_float(spec, dev, "float32")
         quantize_model(lm.model, compute_dtype=cdt)
         fuse_shared_inputs(lm.model)
+        lean.install(lm.model)  # fewer small ops a decoder layer (directions/lean.py)
         from directions.gguf_load import release_freed_memory
 
         release_freed_memory()  # the fp32 weights and the unstacked int8 copies

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from directions import kernels
 from directions.models import load_model
+from directions import lean
 from directions.quant import Int4Linear, Int8Linear, fuse_shared_inputs, quantize_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,6 +96,7 @@ def formats(base, spec: str, wanted: set[str]):
             q = copy.deepcopy(base)
             quantize_model(q, compute_dtype=dtype)
             fuse_shared_inputs(q)  # q/k/v and gate/up as one call each, as load_model does
+            lean.install(q)  # and the lean decoder layers, as load_model does
             yield name, q, kernel
     if "int8-dynamic" not in wanted:
         return

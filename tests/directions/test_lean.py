@@ -1,0 +1,162 @@
+"""The lean decoder layers (``directions.lean``) and their ops: each against transformers' own
+modules, the fallbacks that keep every hook and kernel switch exact, and steering through them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from directions import kernels, lean
+from directions.quant import fuse_shared_inputs, quantize_model
+from tests.tiny_models import random_direction_set, tiny_model, tokens
+
+
+@pytest.fixture(scope="module")
+def built():
+    kernels.reset_for_tests()
+    k = kernels.choose("frankly", quiet=True)
+    assert k.name == "frankly"
+    yield k
+    kernels.reset_for_tests()
+
+
+def _int8(arch: str, seed: int = 0):
+    model = tiny_model(arch, seed=seed)
+    quantize_model(model, compute_dtype=torch.float32)
+    fuse_shared_inputs(model)
+    return model
+
+
+def _decode(model, ids, steps: int = 6):
+    """Greedy tokens and the last logits through a KV cache (prefill, then one token a step)."""
+    cache = DynamicCache()
+    out = model(ids, cache=cache, use_cache=True)
+    toks = [out.logits[:, -1].argmax(-1)]
+    for _ in range(steps):
+        out = model(toks[-1][:, None], cache=cache, use_cache=True)
+        toks.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(toks, 1), out.logits
+
+
+def test_rms_norm_ops_match_transformers_norm(built):
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    norm = Qwen2RMSNorm(200, eps=1e-5)
+    norm.weight.data = torch.randn(200)
+    x, a = torch.randn(2, 3, 200) * 40, torch.randn(2, 3, 200)
+    torch.testing.assert_close(torch.ops.frankly.rms_norm(x, norm.weight.data, 1e-5), norm(x).detach())
+    s, n = torch.ops.frankly.add_rms_norm(x, a, norm.weight.data, 1e-5)
+    assert torch.equal(s, x + a)
+    torch.testing.assert_close(n, norm(x + a).detach())
+    with pytest.raises(RuntimeError, match="w must be float32"):
+        torch.ops.frankly.rms_norm(x, torch.randn(199), 1e-5)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        torch.ops.frankly.rms_norm(x.bfloat16(), norm.weight.data, 1e-5)
+
+
+@pytest.mark.parametrize("cos_batch", [1, 2])
+def test_qkv_rope_splits_heads_and_rotates_like_transformers(built, cos_batch):
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    B, T, H, KV, D = 2, 5, 6, 2, 16
+    qkv = torch.randn(B, T, (H + 2 * KV) * D)
+    cos, sin = torch.randn(cos_batch, T, D), torch.randn(cos_batch, T, D)
+    q, k, v = torch.ops.frankly.qkv_rope(qkv, cos, sin, H, KV)
+    qs, ks, vs = qkv.split([H * D, KV * D, KV * D], -1)
+    qs, ks, vs = (t.view(B, T, -1, D).transpose(1, 2) for t in (qs, ks, vs))
+    want_q, want_k = apply_rotary_pos_emb(qs, ks, cos, sin)
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(k, want_k)
+    assert torch.equal(v, vs)
+    with pytest.raises(RuntimeError, match="do not split"):
+        torch.ops.frankly.qkv_rope(qkv, cos, sin, H + 1, KV)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        torch.ops.frankly.qkv_rope(qkv, cos[:, :-1], sin[:, :-1], H, KV)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "llama_bias"])
+def test_lean_layers_decode_like_transformers_forward(built, arch):
+    model = _int8(arch)
+    ids = tokens(seed=5, batch=3)
+    with torch.no_grad():
+        want_toks, want = _decode(model, ids)
+        assert lean.install(model) == model.config.num_hidden_layers
+        assert all(lean.lean_ready(layer, torch.zeros(1, 1, 64)) for layer in model.model.layers)
+        got_toks, got = _decode(model, ids)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    assert torch.equal(got_toks, want_toks)
+    assert lean.uninstall(model) == model.config.num_hidden_layers
+    assert "forward" not in vars(model.model.layers[0])
+
+
+def test_lean_layers_skip_what_they_cannot_run(built):
+    assert lean.install(_int8("gemma")) == 0  # another block (GeGLU, scaled embeddings): transformers' forward
+    plain = tiny_model("qwen2")
+    quantize_model(plain, compute_dtype=torch.float32)
+    assert lean.install(plain) == 0  # q/k/v not stacked: nothing to call in one go
+    with kernels.using("aten"):
+        assert lean.install(_int8("qwen2")) == 0
+
+
+def test_a_hook_or_a_kernel_switch_sends_a_layer_back_to_transformers_forward(built):
+    model = _int8("qwen2")
+    ids = tokens(seed=9, batch=2)
+    with torch.no_grad():
+        hf = model(ids).logits
+        lean.install(model)
+        fast = model(ids).logits
+        assert not torch.equal(fast, hf)  # the lean path ran (its sums round differently)
+        seen = []
+        handle = model.model.layers[1].mlp.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        try:
+            hooked = model(ids).logits
+        finally:
+            handle.remove()
+        assert seen == [(2, ids.shape[1], 64)]  # the hook saw its module, and the layer went the long way
+        layer1 = model.model.layers[1]
+        assert lean.lean_ready(layer1, torch.zeros(1, 1, 64))
+        assert not torch.equal(hooked, fast) and not torch.equal(hooked, hf)  # only layer 1 went back
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+        try:
+            assert torch.equal(model(ids).logits, hf)  # a global hook: every layer is transformers'
+        finally:
+            handle.remove()
+        with kernels.using("aten"):
+            assert not lean.lean_ready(layer1, torch.zeros(1, 1, 64))
+        model.train()
+        assert not lean.lean_ready(layer1, torch.zeros(1, 1, 64))
+        model.eval()
+        assert torch.equal(model(ids).logits, fast)
+
+
+def test_steering_and_the_probe_work_through_lean_layers(built):
+    from directions.hooks import SteeringHooks
+
+    model = _int8("qwen2")
+    dirs = {"a": random_direction_set(model, "a", seed=1)}
+    ids = tokens(seed=3, batch=3)
+    strengths = {"a": [1.0, 0.0, -0.5]}
+
+    def steered():
+        hooks = SteeringHooks(model, dirs)
+        hooks.set_strengths(strengths)
+        try:
+            with torch.no_grad(), hooks.probe({1}) as captured:
+                logits = model(ids).logits
+            return logits, {k: v.clone() for k, v in captured.items()}
+        finally:
+            hooks.remove()
+
+    with torch.no_grad():
+        plain_hf = model(ids).logits
+    want, want_cap = steered()
+    assert lean.install(model) == model.config.num_hidden_layers
+    with torch.no_grad():
+        plain = model(ids).logits
+    got, got_cap = steered()
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(got_cap[1], want_cap[1], atol=2e-4, rtol=2e-4)  # the layer's pre-hook still fires
+    assert torch.equal(got[1], plain[1])  # strength 0: the lean plain model's row, bit for bit
+    assert (got[0] - plain[0]).abs().max() > 1e-2
+    assert not torch.equal(plain, plain_hf)  # (the lean path did run)
