@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from directions import lean
 from directions.files import cache_root, file_key
 from directions.gguf_read import (
     INT4_TYPES,
@@ -44,8 +45,14 @@ from directions.gguf_read import (
     int8_rows,
     open_gguf,
 )
-from directions import lean
-from directions.quant import Int4Linear, Int8Linear, fuse_shared_inputs, int8_embedding, int8_embedding_scale
+from directions.quant import (
+    Int4Linear,
+    Int8Linear,
+    fuse_shared_inputs,
+    int8_embedding,
+    int8_embedding_scale,
+    weights_to_huge_pages,
+)
 
 __all__ = ["GGUFLoadError", "bytes_per_token", "load_quantized_from_gguf", "meta_dir", "open_gguf", "unpermute_rows"]
 
@@ -249,8 +256,9 @@ def load_quantized_from_gguf(
         # each group's freed copies back at once: stacking after the load left ~100 MiB of them on the
         # heap, and trimming only at the end still raised the load's peak by as much
         fuse_shared_inputs(model, after_group=release_freed_memory)
-        lean.install(model)  # fewer small ops a decoder layer (directions/lean.py)
         release()
+        model.frankly_lean_layers = lean.install(model)  # fewer small ops a layer (directions/lean.py)
+        model.frankly_huge_page_bytes = weights_to_huge_pages(model)  # fewer TLB misses a step
     if tied and not int8_emb:  # an embedding kind Int8Embedding cannot stand in for: bf16, tied
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]

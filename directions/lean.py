@@ -56,7 +56,16 @@ class LeanSpec:
     eps_post: float
     eager: Any  # the model's eager attention, transformers' fallback for get_interface
     sliding: bool  # the attention passes sliding_window (Qwen2)
-    quiet: tuple[nn.Module, ...]  # modules the lean path does not call: any hook or steering on them means fallback
+    quiet: tuple[nn.Module, ...]  # modules the lean path does not call: a hook on any of them means fallback
+    readers: tuple[Int8Linear, ...]  # q/k/v and gate/up: steering on any of them means fallback
+    children: tuple[
+        tuple[nn.Module, str, nn.Module], ...
+    ]  # (parent, name, module) as installed: a swapped one means fallback
+    attn: nn.Module
+    o_proj: nn.Module
+    down_proj: nn.Module
+    norm_in: torch.Tensor
+    norm_post: torch.Tensor
 
 
 def _group(mods: list[Any], n: int) -> SharedInput | None:
@@ -104,6 +113,21 @@ def spec_for(layer: nn.Module) -> LeanSpec | None:
         eager=eager,
         sliding=hasattr(attn, "sliding_window"),
         quiet=(attn, mlp, n1, n2, attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj),
+        readers=(attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj),
+        children=tuple(
+            (parent, name, parent._modules[name])
+            for parent, names in (
+                (layer, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
+                (attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                (mlp, ("gate_proj", "up_proj", "down_proj")),
+            )
+            for name in names
+        ),
+        attn=attn,
+        o_proj=attn.o_proj,
+        down_proj=mlp.down_proj,
+        norm_in=n1.weight,
+        norm_post=n2.weight,
     )
 
 
@@ -112,9 +136,12 @@ def _observed(spec: LeanSpec) -> bool:
     if g._global_forward_hooks or g._global_forward_pre_hooks:
         return True
     for m in spec.quiet:
-        if m._forward_hooks or m._forward_pre_hooks or getattr(m, "steer", None):
+        if m._forward_hooks or m._forward_pre_hooks:
             return True
-    return False
+    for parent, name, child in spec.children:  # e.g. an adapter wrapped around a projection since
+        if parent._modules.get(name) is not child:
+            return True
+    return any(m.steer for m in spec.readers)
 
 
 def lean_ready(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -125,8 +152,8 @@ def lean_ready(layer: nn.Module, x: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and x.dim() == 3
         and not layer.training
-        and layer.input_layernorm.weight.dtype == torch.float32
-        and layer.post_attention_layernorm.weight.dtype == torch.float32
+        and spec.norm_in.dtype == torch.float32
+        and spec.norm_post.dtype == torch.float32
         and kernels.current().name == "frankly"
         and not _observed(spec)
     )
@@ -158,8 +185,8 @@ def _lean_forward(
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     spec: LeanSpec = self._frankly_lean
-    ops, attn = torch.ops.frankly, self.self_attn
-    h = ops.rms_norm(hidden_states, self.input_layernorm.weight, spec.eps_in)
+    ops, attn = torch.ops.frankly, spec.attn
+    h = ops.rms_norm(hidden_states, spec.norm_in, spec.eps_in)
     qkv = ops.int8_linear(h, spec.qkv.weight_q, spec.qkv.scale, spec.qkv.bias)
     cos, sin = position_embeddings
     q, k, v = ops.qkv_rope(qkv, cos, sin, spec.heads, spec.kv_heads)
@@ -170,11 +197,11 @@ def _lean_forward(
     if spec.sliding:
         akw["sliding_window"] = attn.sliding_window
     out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **akw)
-    out = attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
-    x, h = ops.add_rms_norm(hidden_states, out, self.post_attention_layernorm.weight, spec.eps_post)
+    out = spec.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
+    x, h = ops.add_rms_norm(hidden_states, out, spec.norm_post, spec.eps_post)
     gu = ops.int8_linear(h, spec.gate_up.weight_q, spec.gate_up.scale, spec.gate_up.bias)
     n = spec.intermediate
-    return x + self.mlp.down_proj(F.silu(gu[..., :n]) * gu[..., n:])
+    return x + spec.down_proj(F.silu(gu[..., :n]) * gu[..., n:])
 
 
 def install(model: nn.Module) -> int:

@@ -238,7 +238,7 @@ def quantized_compute_dtype(weights: str, dtype: str = "auto") -> torch.dtype:
 
 def _load_quantized(spec: str, device: str, weights: str, dtype: str = "auto") -> LoadedModel:
     from directions import lean
-    from directions.quant import QuantizationError, fuse_shared_inputs, quantize_model
+    from directions.quant import QuantizationError, fuse_shared_inputs, quantize_model, weights_to_huge_pages
 
     dev = resolve_device(device)
     if dev != "cpu":
@@ -253,7 +253,8 @@ def _load_quantized(spec: str, device: str, weights: str, dtype: str = "auto") -
         lm = _load_float(spec, dev, "float32")
         quantize_model(lm.model, compute_dtype=cdt)
         fuse_shared_inputs(lm.model)
-        lean.install(lm.model)  # fewer small ops a decoder layer (directions/lean.py)
+        lm.model.frankly_lean_layers = lean.install(lm.model)  # fewer small ops a layer (directions/lean.py)
+        lm.model.frankly_huge_page_bytes = weights_to_huge_pages(lm.model)  # fewer TLB misses a step
         from directions.gguf_load import release_freed_memory
 
         release_freed_memory()  # the fp32 weights and the unstacked int8 copies

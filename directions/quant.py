@@ -211,6 +211,41 @@ class Int8Embedding(nn.Embedding):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
 
 
+def weights_to_huge_pages(model: nn.Module) -> int:
+    """Move the quantized weights of ``model`` onto transparent huge pages (``frankly::to_huge_pages``);
+    returns the bytes moved.
+
+    A decode step streams every weight once, and on 4 KiB pages that is a TLB miss every 4 KiB: the
+    kernel read a 136 MB matrix at 20 GB/s on 4 KiB pages and 28-29 GB/s on 2 MiB pages on this
+    project's AVX2 machine. Storages under 2 MiB stay where they are; every view follows its storage
+    (the stacked q/k/v rows, a tied head). Nothing moves when frankly's kernel is not loaded, when
+    ``FRANKLY_HUGE_PAGES=0``, or where the system has no transparent huge pages (the advice is then
+    ignored and the pages stay 4 KiB: the same speed as before, the same memory)."""
+    import os
+
+    from directions.gguf_load import release_freed_memory
+
+    if os.environ.get("FRANKLY_HUGE_PAGES", "1") == "0" or kernels.current().name != "frankly":
+        return 0
+    seen: set[int] = set()
+    moved = 0
+    for m in model.modules():
+        for name in ("weight_q", "weight_packed"):
+            t = getattr(m, name, None) if isinstance(m, (Int8Linear, Int8Embedding, Int4Linear)) else None
+            if t is None or t.device.type != "cpu":
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key in seen:
+                continue
+            n = int(torch.ops.frankly.to_huge_pages(t))
+            if n:
+                moved += n
+                release_freed_memory()  # the old copy, freed onto the heap: back to the system before the next
+            seen.add(t.untyped_storage().data_ptr())
+            seen.add(key)
+    return moved
+
+
 def int8_embedding_scale(emb: nn.Module) -> float | None:
     """The factor an embedding module multiplies its rows by (1 for a plain ``nn.Embedding``, sqrt(d)
     for Gemma's scaled one), or None for a kind whose forward :class:`Int8Embedding` cannot stand in for."""

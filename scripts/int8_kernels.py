@@ -35,10 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from directions import kernels
+from directions import kernels, lean
 from directions.models import load_model
-from directions import lean
-from directions.quant import Int4Linear, Int8Linear, fuse_shared_inputs, quantize_model
+from directions.quant import Int4Linear, Int8Linear, fuse_shared_inputs, quantize_model, weights_to_huge_pages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bandwidth import measure
@@ -97,6 +96,7 @@ def formats(base, spec: str, wanted: set[str]):
             quantize_model(q, compute_dtype=dtype)
             fuse_shared_inputs(q)  # q/k/v and gate/up as one call each, as load_model does
             lean.install(q)  # and the lean decoder layers, as load_model does
+            weights_to_huge_pages(q)  # and the weights on huge pages
             yield name, q, kernel
     if "int8-dynamic" not in wanted:
         return

@@ -81,10 +81,13 @@ def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]
 
         log.info(
             "int8 weights: linear layers int8 per channel (a GGUF read tensor by tensor); activations in %s; "
-            "KV cache in %s; matmul: %s",
+            "KV cache in %s; matmul: %s; lean decoder layers: %d of %d; weights on huge pages: %.0f MiB",
             str(loaded.dtype).removeprefix("torch."),
             str(kv_cache_dtype(loaded.model) or loaded.dtype).removeprefix("torch."),
             kernels.current().describe(),
+            getattr(loaded.model, "frankly_lean_layers", 0),
+            loaded.model.config.num_hidden_layers,
+            getattr(loaded.model, "frankly_huge_page_bytes", 0) / 2**20,
         )
     if ms.packed_weights:
         from server.packing import pack_linear_weights

@@ -27,11 +27,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/StorageImpl.h>
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 
 #if !defined(__AVX2__) || !defined(__FMA__)
@@ -370,12 +374,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, c
   return {q, k, v};
 }
 
+// ---- weights on transparent huge pages ----
+// A decode step streams every weight once; with 4 KiB pages that is a TLB miss every 4 KiB.
+// Measured on an AVX2 EPYC (2 threads, a 136 MB matrix): 20 GB/s on 4 KiB pages, 28-29 GB/s
+// on 2 MiB pages (Tensor.sum of the same bytes: 28.5 / 31.4). Linux gives huge pages to an
+// anonymous mapping advised MADV_HUGEPAGE when transparent_hugepage is "madvise" or "always".
+//
+// to_huge_pages(t) moves t's whole storage into such a mapping, 2 MiB aligned, and swaps the
+// storage's pointer: every tensor and view sharing that storage follows, and the old memory is
+// freed at once. Only whole 2 MiB stretches are advised, so the tail costs no extra memory.
+// Returns the bytes moved (0 for storages under 2 MiB, or when the mapping fails).
+
+constexpr size_t kHuge = size_t(2) << 20;
+
+struct HugeMapping {
+  void* base;
+  size_t len;
+};
+
+void unmap_huge(void* ctx) {
+  auto* m = static_cast<HugeMapping*>(ctx);
+  munmap(m->base, m->len);
+  delete m;
+}
+
+int64_t to_huge_pages(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), "frankly::to_huge_pages: CPU tensors only");
+  c10::StorageImpl* st = t.storage().unsafeGetStorageImpl();
+  const size_t n = st->nbytes();
+  if (n < kHuge || st->data() == nullptr) return 0;
+  const size_t len = (n + 4095) & ~size_t(4095);
+  void* raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return 0;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (start + kHuge - 1) & ~uintptr_t(kHuge - 1);
+  if (aligned > start) munmap(raw, aligned - start);
+  const uintptr_t end = start + len + kHuge, used_end = aligned + len;
+  if (end > used_end) munmap(reinterpret_cast<void*>(used_end), end - used_end);
+  void* p = reinterpret_cast<void*>(aligned);
+  madvise(p, n & ~(kHuge - 1), MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
+  // Copied in 8 MiB pieces. Memory from torch's own CPU allocator belongs to this storage alone, so
+  // each copied piece's whole pages go back to the system at once (MADV_DONTNEED) instead of at the
+  // end: moving a 136 MB matrix then costs 8 MiB more memory, not 136 MB more.
+  const bool owned = st->data_ptr().get_deleter() == c10::GetDefaultCPUAllocator()->raw_deleter();
+  const char* src = static_cast<const char*>(st->data());
+  constexpr size_t kPiece = size_t(8) << 20;
+  for (size_t off = 0; off < n; off += kPiece) {
+    const size_t len = std::min(kPiece, n - off);
+    std::memcpy(static_cast<char*>(p) + off, src + off, len);
+    if (!owned) continue;
+    const uintptr_t lo = (reinterpret_cast<uintptr_t>(src + off) + 4095) & ~uintptr_t(4095);
+    const uintptr_t hi = reinterpret_cast<uintptr_t>(src + off + len) & ~uintptr_t(4095);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+  }
+  at::DataPtr old = st->set_data_ptr(at::DataPtr(p, new HugeMapping{p, len}, &unmap_huge, t.device()));
+  return static_cast<int64_t>(n);  // `old` frees the previous memory here
+}
+
 }  // namespace
 
 TORCH_LIBRARY(frankly, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias, Tensor? r=None, Tensor? cr=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor a, Tensor w, float eps) -> (Tensor, Tensor)");
+  m.def("to_huge_pages(Tensor t) -> int");
   m.def("qkv_rope(Tensor qkv, Tensor cos, Tensor sin, int H, int KV) -> (Tensor, Tensor, Tensor)");
 }
 
@@ -384,4 +446,5 @@ TORCH_LIBRARY_IMPL(frankly, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("qkv_rope", &qkv_rope);
+  m.impl("to_huge_pages", &to_huge_pages);
 }

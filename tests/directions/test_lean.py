@@ -3,6 +3,8 @@ modules, the fallbacks that keep every hook and kernel switch exact, and steerin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -124,6 +126,10 @@ def test_a_hook_or_a_kernel_switch_sends_a_layer_back_to_transformers_forward(bu
             handle.remove()
         with kernels.using("aten"):
             assert not lean.lean_ready(layer1, torch.zeros(1, 1, 64))
+        down = layer1.mlp.down_proj
+        layer1.mlp.down_proj = torch.nn.Sequential(down)  # a module swapped in since (an adapter, say)
+        assert not lean.lean_ready(layer1, torch.zeros(1, 1, 64))
+        layer1.mlp.down_proj = down
         model.train()
         assert not lean.lean_ready(layer1, torch.zeros(1, 1, 64))
         model.eval()
@@ -160,3 +166,59 @@ def test_steering_and_the_probe_work_through_lean_layers(built):
     assert torch.equal(got[1], plain[1])  # strength 0: the lean plain model's row, bit for bit
     assert (got[0] - plain[0]).abs().max() > 1e-2
     assert not torch.equal(plain, plain_hf)  # (the lean path did run)
+
+
+def _anon_huge_kib() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _thp_available() -> bool:
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in mode
+
+
+def test_to_huge_pages_moves_a_storage_and_every_view_follows(built):
+    w = torch.randint(-127, 128, (5000, 896), dtype=torch.int8)  # 4.3 MiB
+    rows, copy = w[100:200], w.clone()
+    x, s = torch.randn(2, 896), torch.rand(5000)
+    want = torch.ops.frankly.int8_linear(x, w, s, None)
+    before, huge_before = w.data_ptr(), _anon_huge_kib()
+    assert torch.ops.frankly.to_huge_pages(w) == w.numel()
+    assert w.data_ptr() != before and w.data_ptr() % (2 << 20) == 0
+    assert rows.data_ptr() == w.data_ptr() + 100 * 896  # the view shares the moved storage
+    assert torch.equal(w, copy) and torch.equal(rows, copy[100:200])
+    assert torch.equal(torch.ops.frankly.int8_linear(x, w, s, None), want)
+    if _thp_available():  # two whole 2 MiB stretches advised: the kernel backs them with huge pages
+        assert _anon_huge_kib() - huge_before >= 4096
+    small = torch.zeros(1000, 1000, dtype=torch.int8)
+    assert torch.ops.frankly.to_huge_pages(small) == 0  # under 2 MiB: left where it is
+    del rows, w  # the mapping is unmapped with its last tensor
+    assert _anon_huge_kib() <= huge_before + 1024 or not _thp_available()
+
+
+def test_weights_to_huge_pages_moves_each_quantized_storage_once(built, monkeypatch):
+    from directions.quant import Int8Linear, weights_to_huge_pages
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        Int8Linear.from_linear(torch.nn.Linear(1024, 3072), compute_dtype=torch.float32),
+        Int8Linear.from_linear(torch.nn.Linear(3072, 64), compute_dtype=torch.float32),  # 192 KiB
+    )
+    x = torch.randn(3, 1024)
+    with torch.no_grad():
+        want = model(x)
+    monkeypatch.setenv("FRANKLY_HUGE_PAGES", "0")
+    assert weights_to_huge_pages(model) == 0
+    monkeypatch.delenv("FRANKLY_HUGE_PAGES")
+    with kernels.using("aten"):
+        assert weights_to_huge_pages(model) == 0  # frankly's library is what moves them
+    assert weights_to_huge_pages(model) == 3072 * 1024
+    assert model[0].weight_q.data_ptr() % (2 << 20) == 0
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
