@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
+from pathlib import Path
 
 import openai
 import pytest
@@ -48,7 +50,13 @@ def test_int8_server_steers_per_request(int8_server):
     )
     assert by_id.choices[0].message.content == steered
     # what it ran: fp32 activations on frankly's kernel with the edit inside it, a bf16 KV cache
-    assert "activations in float32; KV cache in bfloat16; matmul: frankly" in int8_server.log()
+    log = int8_server.log()
+    assert "activations in float32; KV cache in bfloat16; matmul: frankly" in log
+    assert "lean decoder layers: 24 of 24" in log  # directions/lean.py: every layer of the demo
+    huge = re.search(r"weights on huge pages: (\d+) MiB", log)
+    assert huge, log
+    if "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        assert int(huge.group(1)) > 300  # the stacked MLP and down projections and the tied head
 
 
 def test_int8_first_token_close_to_fp32(int8_server, torch_demo_server):
