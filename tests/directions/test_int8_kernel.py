@@ -12,16 +12,6 @@ from directions.quant import Int8Linear, quantize_model, quantize_rows
 from tests.tiny_models import tiny_model, tokens
 
 
-@pytest.fixture(scope="module")
-def built():
-    """The kernel, built (or found in the cache) for this machine: the CI machine has g++ and AVX2."""
-    kernels.reset_for_tests()
-    k = kernels.choose("frankly", quiet=True)
-    assert k.name == "frankly"
-    yield k
-    kernels.reset_for_tests()
-
-
 def _reference(x, q, s, b):
     return x.float() @ (q.float() * s.float()[:, None]).T + (0 if b is None else b.float())
 

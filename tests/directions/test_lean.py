@@ -14,15 +14,6 @@ from directions.quant import fuse_shared_inputs, quantize_model
 from tests.tiny_models import random_direction_set, tiny_model, tokens
 
 
-@pytest.fixture(scope="module")
-def built():
-    kernels.reset_for_tests()
-    k = kernels.choose("frankly", quiet=True)
-    assert k.name == "frankly"
-    yield k
-    kernels.reset_for_tests()
-
-
 def _int8(arch: str, seed: int = 0):
     model = tiny_model(arch, seed=seed)
     quantize_model(model, compute_dtype=torch.float32)
