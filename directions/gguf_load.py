@@ -258,7 +258,9 @@ def load_quantized_from_gguf(
         fuse_shared_inputs(model, after_group=release_freed_memory)
         release()
         model.frankly_lean_layers = lean.install(model)  # fewer small ops a layer (directions/lean.py)
-        model.frankly_huge_page_bytes = weights_to_huge_pages(model)  # fewer TLB misses a step
+        model.frankly_huge_page_bytes = weights_to_huge_pages(
+            model, after_each=release_freed_memory
+        )  # fewer TLB misses
     if tied and not int8_emb:  # an embedding kind Int8Embedding cannot stand in for: bf16, tied
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]

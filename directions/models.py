@@ -254,8 +254,9 @@ def _load_quantized(spec: str, device: str, weights: str, dtype: str = "auto") -
         quantize_model(lm.model, compute_dtype=cdt)
         fuse_shared_inputs(lm.model)
         lm.model.frankly_lean_layers = lean.install(lm.model)  # fewer small ops a layer (directions/lean.py)
-        lm.model.frankly_huge_page_bytes = weights_to_huge_pages(lm.model)  # fewer TLB misses a step
         from directions.gguf_load import release_freed_memory
+
+        lm.model.frankly_huge_page_bytes = weights_to_huge_pages(lm.model, after_each=release_freed_memory)
 
         release_freed_memory()  # the fp32 weights and the unstacked int8 copies
         lm.dtype = cdt

@@ -211,7 +211,7 @@ class Int8Embedding(nn.Embedding):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
 
 
-def weights_to_huge_pages(model: nn.Module) -> int:
+def weights_to_huge_pages(model: nn.Module, after_each=None) -> int:
     """Move the quantized weights of ``model`` onto transparent huge pages (``frankly::to_huge_pages``);
     returns the bytes moved.
 
@@ -220,10 +220,10 @@ def weights_to_huge_pages(model: nn.Module) -> int:
     project's AVX2 machine. Storages under 2 MiB stay where they are; every view follows its storage
     (the stacked q/k/v rows, a tied head). Nothing moves when frankly's kernel is not loaded, when
     ``FRANKLY_HUGE_PAGES=0``, or where the system has no transparent huge pages (the advice is then
-    ignored and the pages stay 4 KiB: the same speed as before, the same memory)."""
+    ignored and the pages stay 4 KiB: the same speed as before, the same memory). ``after_each`` (no
+    arguments) runs after each storage moved, e.g. to hand the old copy's heap pages back to the system
+    (:func:`directions.gguf_load.release_freed_memory`)."""
     import os
-
-    from directions.gguf_load import release_freed_memory
 
     if os.environ.get("FRANKLY_HUGE_PAGES", "1") == "0" or kernels.current().name != "frankly":
         return 0
@@ -240,7 +240,8 @@ def weights_to_huge_pages(model: nn.Module) -> int:
             n = int(torch.ops.frankly.to_huge_pages(t))
             if n:
                 moved += n
-                release_freed_memory()  # the old copy, freed onto the heap: back to the system before the next
+                if after_each is not None:
+                    after_each()  # e.g. the old copy, freed onto the heap: back to the system before the next
             seen.add(t.untyped_storage().data_ptr())
             seen.add(key)
     return moved
