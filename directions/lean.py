@@ -55,6 +55,7 @@ class LeanSpec:
     eps_in: float
     eps_post: float
     eager: Any  # the model's eager attention, transformers' fallback for get_interface
+    attention_functions: Any  # transformers' ALL_ATTENTION_FUNCTIONS, resolved once here rather than a layer call
     sliding: bool  # the attention passes sliding_window (Qwen2)
     quiet: tuple[nn.Module, ...]  # modules the lean path does not call: a hook on any of them means fallback
     readers: tuple[Int8Linear, ...]  # q/k/v and gate/up: steering on any of them means fallback
@@ -102,6 +103,8 @@ def spec_for(layer: nn.Module) -> LeanSpec | None:
     eager = getattr(module, "eager_attention_forward", None)
     if eager is None:
         return None
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     return LeanSpec(
         qkv=qkv,
         gate_up=gate_up,
@@ -111,6 +114,7 @@ def spec_for(layer: nn.Module) -> LeanSpec | None:
         eps_in=float(n1.variance_epsilon),
         eps_post=float(n2.variance_epsilon),
         eager=eager,
+        attention_functions=ALL_ATTENTION_FUNCTIONS,
         sliding=hasattr(attn, "sliding_window"),
         quiet=(attn, mlp, n1, n2, attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj),
         readers=(attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj),
@@ -182,8 +186,6 @@ def _lean_forward(
             position_embeddings=position_embeddings,
             **kwargs,
         )
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     spec: LeanSpec = self._frankly_lean
     ops, attn = torch.ops.frankly, spec.attn
     h = ops.rms_norm(hidden_states, spec.norm_in, spec.eps_in)
@@ -193,7 +195,7 @@ def _lean_forward(
     akw = dict(kwargs, position_ids=position_ids, use_cache=use_cache)  # what the layer hands its attention
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx, kwargs=akw)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, spec.eager)
+    interface = spec.attention_functions.get_interface(attn.config._attn_implementation, spec.eager)
     if spec.sliding:
         akw["sliding_window"] = attn.sliding_window
     out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **akw)

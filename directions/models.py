@@ -257,7 +257,6 @@ def _load_quantized(spec: str, device: str, weights: str, dtype: str = "auto") -
         from directions.gguf_load import release_freed_memory
 
         lm.model.frankly_huge_page_bytes = weights_to_huge_pages(lm.model, after_each=release_freed_memory)
-
         release_freed_memory()  # the fp32 weights and the unstacked int8 copies
         lm.dtype = cdt
         return lm

@@ -230,8 +230,10 @@ def weights_to_huge_pages(model: nn.Module, after_each=None) -> int:
     seen: set[int] = set()
     moved = 0
     for m in model.modules():
+        if not isinstance(m, (Int8Linear, Int8Embedding, Int4Linear)):
+            continue
         for name in ("weight_q", "weight_packed"):
-            t = getattr(m, name, None) if isinstance(m, (Int8Linear, Int8Embedding, Int4Linear)) else None
+            t = getattr(m, name, None)
             if t is None or t.device.type != "cpu":
                 continue
             key = t.untyped_storage().data_ptr()
