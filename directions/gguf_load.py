@@ -24,6 +24,8 @@ import json
 import logging
 import subprocess
 import sys
+import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -117,17 +119,45 @@ class GGUFEmbedding(nn.Embedding):
         self.scale_grad_by_freq = self.sparse = False
         self.compute_dtype, self.embed_scale = compute_dtype, embed_scale
         self.tensor = tensor  # its data is a view of the file's read-only map, which it keeps open
+        self._recent: OrderedDict[int, torch.Tensor] = OrderedDict()  # token id -> its fp32 row
+        self._recent_lock = threading.Lock()
+
+    # Rows of the last tokens decode steps looked up, kept dequantized: a decode step looks up one
+    # token a row, and dequantizing it through the gguf package costs about 0.5 ms (1.5% of an
+    # int8 step of the demo on an AVX2 EPYC). 1024 rows of the demo are 3.5 MiB.
+    RECENT_ROWS = 1024
+    RECENT_LOOKUP = 64  # lookups of at most this many tokens go through the kept rows
+
+    def _dequantize(self, ids: np.ndarray) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        table = np.asarray(dequantize(self.tensor.data[ids], self.tensor.tensor_type), dtype=np.float32)
+        return table.reshape(len(ids), self.embedding_dim)
 
     def rows(self, ids) -> torch.Tensor:
         """fp32 rows of these token ids (a 1-D sequence), in order."""
-        from gguf.quants import dequantize
-
         flat = np.asarray(ids, dtype=np.int64).reshape(-1)
         if flat.size and (flat.min() < 0 or flat.max() >= self.num_embeddings):
             raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
+        if 0 < flat.size <= self.RECENT_LOOKUP:
+            return self._recent_rows(flat.tolist())
         uniq, inverse = np.unique(flat, return_inverse=True)
-        table = np.asarray(dequantize(self.tensor.data[uniq], self.tensor.tensor_type), dtype=np.float32)
-        return torch.from_numpy(table.reshape(len(uniq), self.embedding_dim))[torch.from_numpy(inverse)]
+        return torch.from_numpy(self._dequantize(uniq))[torch.from_numpy(inverse)]
+
+    def _recent_rows(self, ids: list[int]) -> torch.Tensor:
+        with self._recent_lock:
+            recent = self._recent
+            missing = [i for i in dict.fromkeys(ids) if i not in recent]
+            if missing:
+                table = torch.from_numpy(self._dequantize(np.asarray(missing)))
+                for i, row in zip(missing, table, strict=True):
+                    recent[i] = row.clone()  # its own storage: an evicted row frees its memory
+            for i in ids:
+                recent.move_to_end(i)
+            out = torch.stack([recent[i] for i in ids])
+            while len(recent) > self.RECENT_ROWS:
+                recent.popitem(last=False)
+            return out
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.rows(ids.detach().cpu().numpy()).to(self.compute_dtype)

@@ -9,10 +9,12 @@ forward that does the same arithmetic with fewer calls:
 - q/k/v: one kernel call over the stacked rows (:class:`directions.quant.SharedInput`), then one op
   (``frankly::qkv_rope``) that splits the heads and applies the rotary embedding;
 - the cache update and attention: transformers' own (the registered attention function, so the
-  bf16 KV cache and the masks work unchanged);
+  bf16 KV cache and the masks work unchanged; for an int8 model that function runs a decode step's
+  attention as one op, ``frankly::decode_attention``, see :func:`directions.models.set_kv_cache_dtype`);
 - the output projection as a module call (its hooks and in-kernel steering act as before);
 - the residual add and the next norm: one op (``frankly::add_rms_norm``);
-- gate/up: one kernel call, then ``silu(gate) * up``; the down projection as a module call.
+- gate/up: one kernel call, then ``silu(gate) * up`` in one op (``frankly::silu_mul``); the down
+  projection as a module call.
 
 A layer takes the lean path only when nothing could observe the difference: frankly's kernel is
 the current one, the activations are fp32, the layer is in eval mode, and no forward hook (the
@@ -34,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from directions import kernels
@@ -93,7 +94,7 @@ def spec_for(layer: nn.Module) -> LeanSpec | None:
         return None
     qkv = _group([attn.q_proj, attn.k_proj, attn.v_proj], 3)
     gate_up = _group([mlp.gate_proj, mlp.up_proj], 2)
-    if qkv is None or gate_up is None:
+    if qkv is None or gate_up is None or mlp.gate_proj.out_features != mlp.up_proj.out_features:
         return None
     head_dim = attn.head_dim
     heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
@@ -202,8 +203,7 @@ def _lean_forward(
     out = spec.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
     x, h = ops.add_rms_norm(hidden_states, out, spec.norm_post, spec.eps_post)
     gu = ops.int8_linear(h, spec.gate_up.weight_q, spec.gate_up.scale, spec.gate_up.bias)
-    n = spec.intermediate
-    return x + spec.down_proj(F.silu(gu[..., :n]) * gu[..., n:])
+    return x + spec.down_proj(ops.silu_mul(gu))
 
 
 def install(model: nn.Module) -> int:

@@ -170,6 +170,11 @@ def _load(quiet: bool) -> None:
     _self_check()
 
 
+def loaded() -> bool:
+    """Whether frankly's library is registered in this process (``torch.ops.frankly`` usable)."""
+    return _loaded is not None
+
+
 def choose(choice: str | None = None, *, quiet: bool = False) -> Int8Kernel:
     """Resolve the int8 kernel once per process (``choice``: auto / frankly / aten; default the
     ``FRANKLY_INT8_KERNEL`` environment variable, else auto) and return it; building on first use."""

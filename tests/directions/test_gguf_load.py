@@ -212,3 +212,28 @@ def test_weights_format_errors(tmp_path, monkeypatch):
         open_gguf(bad)
     with pytest.raises(ModelLoadError, match="could not read the config or tokenizer of GGUF file"):
         load_model(str(bad), device="cpu", weights="int8")
+
+
+def test_embedding_rows_of_decode_steps_come_from_a_bounded_set_of_kept_rows(demo_gguf, monkeypatch):
+    """Short lookups (a decode step's tokens) keep their dequantized rows; the rows are the file's
+    own either way, repeated and new ids mix, and the kept set never outgrows its bound."""
+    from directions.gguf_read import open_gguf
+
+    reader = open_gguf(demo_gguf)
+    emb = GGUFEmbedding(next(t for t in reader.tensors if t.name == "token_embd.weight"), torch.float32)
+    monkeypatch.setattr(GGUFEmbedding, "RECENT_ROWS", 6)
+    calls = []
+    real = emb._dequantize
+    monkeypatch.setattr(emb, "_dequantize", lambda ids: calls.append(list(ids)) or real(ids))
+    long = list(range(100, 100 + GGUFEmbedding.RECENT_LOOKUP + 1))
+    want = emb.rows(long)  # a prompt: the whole lookup at once, nothing kept
+    assert calls == [long] and not emb._recent
+    calls.clear()
+    for ids in ([100, 105, 100], [105, 101], [102, 103, 104, 106, 107], [100]):
+        got = emb.rows(ids)
+        assert torch.equal(got, want[[i - 100 for i in ids]])
+        assert len(emb._recent) <= 6
+    # each id dequantized once while it stayed among the 6 most recent; 100 was evicted and came back
+    assert calls == [[100, 105], [101], [102, 103, 104, 106, 107], [100]]
+    with pytest.raises(IndexError, match="out of range"):
+        emb.rows([emb.num_embeddings])
