@@ -78,8 +78,9 @@ class ModelSettings(_Base):
         "float",
         description="float: weights in --dtype; int8: CPU, every linear layer (LM head included) int8 per "
         "channel on frankly's own AVX2 kernel with fp32 activations (--int8-kernel; bf16 on torch's), a GGUF read "
-        "tensor by tensor without an fp32 copy, lean decoder layers and the weights on transparent huge pages "
-        "(FRANKLY_HUGE_PAGES=0: off); torch engine only",
+        "tensor by tensor without an fp32 copy, lean decoder layers (one op each for the norms, the rotary "
+        "embedding, a decode step's attention over the bf16 KV cache and the MLP's activation) and the weights on "
+        "transparent huge pages (FRANKLY_HUGE_PAGES=0: off); torch engine only",
     )
     int8_kernel: Literal["auto", "frankly", "aten"] = Field(
         "auto",
