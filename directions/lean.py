@@ -23,8 +23,8 @@ module's own or a global one) and no steering sits on the modules the lean path 
 as if nothing had been installed, so a capture hook or a kernel switch still sees every module.
 The layer's own hooks (the engine's probe of a layer's input) fire either way.
 
-Supported: transformers' Qwen2 and Llama decoder layers (the same block, Qwen2 with a sliding
-window argument). Results agree with transformers' forward to rounding (the norm's sum runs in
+Supported: transformers' Qwen2, Llama and Mistral decoder layers (the same block; Qwen2 and Mistral
+pass a sliding window argument, Qwen2's from the attention module, Mistral's from the config). Results agree with transformers' forward to rounding (the norm's sum runs in
 another order); ``tests/directions/test_lean.py`` checks both against each other.
 """
 
@@ -41,8 +41,11 @@ from torch import nn
 from directions import kernels
 from directions.quant import Int8Linear, SharedInput
 
-LAYER_CLASSES = ("Qwen2DecoderLayer", "LlamaDecoderLayer")
-NORM_CLASSES = ("Qwen2RMSNorm", "LlamaRMSNorm")
+LAYER_CLASSES = ("Qwen2DecoderLayer", "LlamaDecoderLayer", "MistralDecoderLayer")
+NORM_CLASSES = ("Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm")
+# where a layer's attention takes its sliding window from: Qwen2 sets it on the attention module,
+# Mistral passes its config's (None when the model has no window), Llama has none
+SLIDING_FROM_CONFIG = ("MistralDecoderLayer",)
 SILU = ("silu", "swish")
 
 
@@ -57,7 +60,7 @@ class LeanSpec:
     eps_post: float
     eager: Any  # the model's eager attention, transformers' fallback for get_interface
     attention_functions: Any  # transformers' ALL_ATTENTION_FUNCTIONS, resolved once here rather than a layer call
-    sliding: bool  # the attention passes sliding_window (Qwen2)
+    sliding: str  # "attn" (Qwen2: the module's sliding_window), "config" (Mistral: the config's), "" (none)
     quiet: tuple[nn.Module, ...]  # modules the lean path does not call: a hook on any of them means fallback
     readers: tuple[Int8Linear, ...]  # q/k/v and gate/up: steering on any of them means fallback
     children: tuple[
@@ -116,7 +119,11 @@ def spec_for(layer: nn.Module) -> LeanSpec | None:
         eps_post=float(n2.variance_epsilon),
         eager=eager,
         attention_functions=ALL_ATTENTION_FUNCTIONS,
-        sliding=hasattr(attn, "sliding_window"),
+        sliding="attn"
+        if hasattr(attn, "sliding_window")
+        else "config"
+        if type(layer).__name__ in SLIDING_FROM_CONFIG
+        else "",
         quiet=(attn, mlp, n1, n2, attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj),
         readers=(attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj),
         children=tuple(
@@ -197,8 +204,10 @@ def _lean_forward(
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx, kwargs=akw)
     interface = spec.attention_functions.get_interface(attn.config._attn_implementation, spec.eager)
-    if spec.sliding:
+    if spec.sliding == "attn":
         akw["sliding_window"] = attn.sliding_window
+    elif spec.sliding == "config":
+        akw["sliding_window"] = getattr(attn.config, "sliding_window", None)
     out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **akw)
     out = spec.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
     x, h = ops.add_rms_norm(hidden_states, out, spec.norm_post, spec.eps_post)

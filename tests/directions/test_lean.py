@@ -68,9 +68,11 @@ def test_qkv_rope_splits_heads_and_rotates_like_transformers(built, cos_batch):
         torch.ops.frankly.qkv_rope(qkv, cos[:, :-1], sin[:, :-1], H, KV)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "llama_bias"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "llama_bias", "mistral", "mistral_window"])
 def test_lean_layers_decode_like_transformers_forward(built, arch):
-    model = _int8(arch)
+    model = _int8(arch.removesuffix("_window"))
+    if arch == "mistral_window":  # Mistral reads its window from the config at each call: 7 prompt + 6 steps pass it
+        model.config.sliding_window = 5
     ids = tokens(seed=5, batch=3)
     with torch.no_grad():
         want_toks, want = _decode(model, ids)
@@ -79,6 +81,10 @@ def test_lean_layers_decode_like_transformers_forward(built, arch):
         got_toks, got = _decode(model, ids)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
     assert torch.equal(got_toks, want_toks)
+    if arch == "mistral_window":  # the window was in force: without it the same model decodes otherwise
+        model.config.sliding_window = None
+        with torch.no_grad():
+            assert not torch.allclose(_decode(model, ids)[1], got, atol=1e-3)
     assert lean.uninstall(model) == model.config.num_hidden_layers
     assert "forward" not in vars(model.model.layers[0])
 
