@@ -76,6 +76,15 @@ def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]
         kv_dtype=ms.kv_dtype,
     )
     check_fit(directions, loaded.model.config, paths, allow_mismatch=ms.allow_fingerprint_mismatch)
+    if ms.weights == "float" and loaded.device == "cpu" and not ms.packed_weights:
+        from directions import kernels
+
+        if kernels.cpu_supported():
+            log.info(
+                "serving float weights on a CPU with AVX2: --weights int8 decoded the demo 4x faster through this "
+                "server (first-token KL 0.0017 against fp32; README, int8 weights on a CPU). float stays the "
+                "default: it computes exactly what a bake writes and transformers runs"
+            )
     if ms.weights == "int8":
         from directions import kernels
 

@@ -70,6 +70,13 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def cpu_supported() -> bool:
+    """Whether this CPU can run frankly's kernel (x86-64 with AVX2 and FMA); says nothing about the compiler."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return {"avx2", "fma"} <= set(_cpu_flags().split())
+
+
 def _compiler() -> str | None:
     cxx = os.environ.get("CXX", "g++")
     return shutil.which(cxx)

@@ -401,3 +401,14 @@ def test_fused_siblings_share_one_call_for_an_input_in_another_dtype(built):
     calls = sum(e.count for e in prof.key_averages() if e.key == "frankly::int8_linear")
     assert calls == 1
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_cpu_supported_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "fpu sse2 avx avx2 fma bmi2")
+    assert kernels.cpu_supported()
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "fpu sse2 avx")
+    assert not kernels.cpu_supported()
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "fp asimd avx2 fma")
+    assert not kernels.cpu_supported()
