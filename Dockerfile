@@ -8,8 +8,8 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     FRANKLY_HOST=0.0.0.0 FRANKLY_PORT=8000
 
-# g++ builds frankly's int8 kernel for the CPU it runs on, on first use of --weights int8
-# (cached in the volume below); without it --weights int8 falls back to torch's slower kernel.
+# g++ builds frankly's int8 kernel for the CPU it runs on, on first use of int8 weights (the default,
+# --weights auto, on an AVX2 CPU; cached in the volume below); without it int8 runs on torch's slower kernel.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 1000 frankly
 WORKDIR /app
@@ -32,5 +32,6 @@ VOLUME ["/home/frankly/.cache/frankly"]
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"
-# The first start converts the demo model into the cache volume (about a minute on two cores).
+# The first start builds the int8 kernel (AVX2 CPUs, about 20 s) or converts the demo model to fp32
+# (elsewhere, about a minute on two cores) into the cache volume.
 CMD ["frankly", "serve", "--model", "demo"]

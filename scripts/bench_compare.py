@@ -262,6 +262,8 @@ def frankly_cmd(args, direction: str) -> list[str]:
         str(max(8, *args.streams_list, args.rss_streams)),
         "--direction",
         f"refusal={direction}",
+        "--weights",  # the fp32 rows; the int8 ones add --weights int8 (a later flag wins)
+        "float",
         # the default 600 s request timeout cuts the 8 x 512 memory load short on a slow or busy machine
         "--request-timeout",
         str(int(args.timeout)),

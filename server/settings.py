@@ -74,9 +74,11 @@ class ModelSettings(_Base):
         description="llama.cpp engine: threads for passes of several tokens (prompts, batched decode steps); "
         "default: all cores, as llama_cpp.server",
     )
-    weights: Literal["float", "int8"] = Field(
-        "float",
-        description="float: weights in --dtype; int8: CPU, every linear layer (LM head included) int8 per "
+    weights: Literal["auto", "float", "int8"] = Field(
+        "auto",
+        description="auto: int8 for the torch engine on an x86-64 CPU with AVX2 and FMA (with --dtype auto or "
+        "float32 and no --packed-weights), where it measured 4x faster than float; float everywhere else; "
+        "float: weights in --dtype; int8: CPU, every linear layer (LM head included) int8 per "
         "channel on frankly's own AVX2 kernel with fp32 activations (--int8-kernel; bf16 on torch's), a GGUF read "
         "tensor by tensor without an fp32 copy, lean decoder layers (one op each for the norms, the rotary "
         "embedding, a decode step's attention over the bf16 KV cache and the MLP's activation) and the weights on "

@@ -41,6 +41,11 @@ class LiveServer(ServerProcess):
 
 
 def start_server(tmp_dir: Path, *args: str, wait: float = 300, env: dict | None = None) -> LiveServer:
+    """A live server; ``--weights float`` unless ``args`` name the weights. Most live tests check what the
+    fp32 model computes (against a bake, PEFT, transformers); ``--weights auto`` would pick int8 on the CI
+    machine's CPU, which ``tests/live/test_int8_live.py`` starts on purpose."""
+    if "--weights" not in args:
+        args = ("--weights", "float", *args)
     return LiveServer(frankly_cmd(*args), label="frankly", ready_timeout=wait, env=env, log_dir=tmp_dir).start()
 
 
