@@ -40,7 +40,7 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256)  # --max-lora-rank values vLLM accepts
 def load_for_vllm(ms: ModelSettings, paths: dict[str, str]) -> tuple[LoadedModel, dict[str, DirectionSet]]:
     """The tokenizer and configs of ``ms.model`` (a directory, a .gguf via its converted directory, or
     'demo') and its directions; the weights are vLLM's."""
-    if ms.weights != "float" or ms.packed_weights:
+    if ms.weights == "int8" or ms.packed_weights:  # auto is float here: vLLM runs its own weights
         raise ModelLoadError("--weights int8 and --packed-weights are for the torch engine; vLLM loads its own weights")
     path, gguf = locate(ms.model)
     tok, config, gen = read_configs(ms.model, path)
