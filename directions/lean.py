@@ -55,7 +55,6 @@ class LeanSpec:
     gate_up: SharedInput
     heads: int
     kv_heads: int
-    intermediate: int
     eps_in: float
     eps_post: float
     eager: Any  # the model's eager attention, transformers' fallback for get_interface
@@ -114,7 +113,6 @@ def spec_for(layer: nn.Module) -> LeanSpec | None:
         gate_up=gate_up,
         heads=heads,
         kv_heads=kv_heads,
-        intermediate=mlp.gate_proj.out_features,
         eps_in=float(n1.variance_epsilon),
         eps_post=float(n2.variance_epsilon),
         eager=eager,

@@ -71,6 +71,7 @@ def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]
     :func:`_load_for_llamacpp`); the engine loads the GGUF itself. ``--weights auto`` is resolved
     first (:func:`resolve_weights`) and the choice logged."""
     weights, why = resolve_weights(ms)
+    chose_float = ms.weights == "float"  # asked for by name, not picked by auto
     if ms.weights == "auto":
         log.info("--weights auto: %s (%s)", weights, why)
         ms = ms.model_copy(update={"weights": weights})
@@ -104,7 +105,7 @@ def load_served(ms: ModelSettings) -> tuple[LoadedModel, dict[str, DirectionSet]
         kv_dtype=ms.kv_dtype,
     )
     check_fit(directions, loaded.model.config, paths, allow_mismatch=ms.allow_fingerprint_mismatch)
-    if ms.weights == "float" and loaded.device == "cpu" and not ms.packed_weights and why == "--weights":
+    if chose_float and loaded.device == "cpu" and not ms.packed_weights:
         from directions import kernels
 
         if kernels.cpu_supported():
