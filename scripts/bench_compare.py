@@ -451,6 +451,43 @@ def limit_report(res: dict) -> str:
     return out
 
 
+def scaling_report(res: dict) -> str:
+    """Each system's N-stream aggregate against its own single stream, counted two ways.
+
+    Aggregate over aggregate compares like with like (both include prompt processing, at the
+    same share of prompt tokens per generated token); aggregate over the single stream's decode
+    rate (time to first token left out) is the stricter reading: it charges the N-stream run
+    for its N prefills but not the single stream for its one.
+    """
+    runs = res.get("runs", [])
+    single = {(r.get("system"), r.get("scenario")): r for r in runs if r.get("streams") == 1}
+    base_off = {r.get("system"): r for r in runs if r.get("streams") == 1 and r.get("scenario") == "steering off"}
+    rows = []
+    for r in runs:
+        n = r.get("streams") or 0
+        if n <= 1 or not r.get("agg_tok_s"):
+            continue
+        one = single.get((r.get("system"), r.get("scenario"))) or base_off.get(r.get("system"))
+        if not one or not one.get("agg_tok_s"):
+            continue
+        same = "" if one.get("scenario") == r.get("scenario") else f" (vs {one.get('scenario')})"
+        dec = one.get("per_stream_tok_s")
+        rows.append(
+            f"| {r.get('system')} | {r.get('scenario')}{same} | {n} | {r['agg_tok_s']} | {one['agg_tok_s']} | "
+            f"{r['agg_tok_s'] / one['agg_tok_s']:.2f}x | {dec} | "
+            f"{(r['agg_tok_s'] / dec) if dec else float('nan'):.2f}x |"
+        )
+    if not rows:
+        return ""
+    res["scaling"] = rows
+    return (
+        "\n\nScaling (N-stream aggregate against the same system's single stream; the first ratio counts "
+        "prompt processing on both sides, the second leaves it out of the single stream only):\n\n"
+        "| system | steering | streams | aggregate tok/s | 1 stream aggregate | ratio | 1 stream decode tok/s "
+        "| ratio to decode |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
 def report(res: dict) -> str:
     lines = [bench.table_header()]
     mt = res["config"]["max_tokens"]
@@ -522,6 +559,7 @@ def report(res: dict) -> str:
                 f"{j.get('join_penalty_s')} | {ls.get('max_gap_near_join_s')} | {ls.get('itl_p50_s')} | "
                 f"{j.get('other_cores')} |\n"
             )
+    out += scaling_report(res)
     out += limit_report(res)
     if res.get("memory") and wb:
         out += f"\n\nMemory (weights {wb['weight_bytes'] / 2**20:.0f} MiB on disk, {', '.join(wb['dtypes'])}; "

