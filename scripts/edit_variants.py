@@ -26,12 +26,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from directions.fileformat import load_direction
-from directions.models import load_model
-from directions.prompting import user_prompt_ids
-from directions.refusal import is_refusal
-from directions.writers import find_writers
-from directions.forward import pad_left, pad_id
+from directions.fileformat import load_direction  # noqa: E402
+from directions.files import read_lines  # noqa: E402
+from directions.forward import pad_id, pad_left  # noqa: E402
+from directions.kl import first_token_kl  # noqa: E402
+from directions.models import load_model  # noqa: E402
+from directions.prompting import user_prompt_ids  # noqa: E402
+from directions.refusal import is_refusal  # noqa: E402
+from directions.writers import find_writers  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--direction", default=str(ROOT / "directions/shipped/qwen-demo-refusal.safetensors"))
@@ -39,19 +41,13 @@ ap.add_argument("--variants", default="proj,relu,relu_m,ace", help="comma list; 
 ap.add_argument("--tokens", type=int, default=48, help="greedy tokens per harmful prompt for the refusal judge")
 ap.add_argument("--out", default="edit-variants.json")
 args = ap.parse_args()
-P = str(ROOT / "directions/prompts/refusal") + "/"
+P = ROOT / "directions/prompts/refusal"
 FILE, VARIANTS, TOK = args.direction, args.variants.split(","), args.tokens
-
-
-def lines(f):
-    return [l.strip() for l in open(P + f) if l.strip() and not l.startswith("#")]
 
 
 lm = load_model("demo", weights="float")
 model, tok = lm.model, lm.tokenizer
 ds = load_direction(FILE)
-W = ds.writer_weights()
-COMP = {"embed": 0, "attn": 1, "mlp": 2}
 writers = find_writers(model)
 state = {"mode": None, "s": 0.0, "collect": None}
 means = {}
@@ -59,7 +55,7 @@ means = {}
 
 def mk(wr):
     r = ds.directions[wr.layer]
-    w = float(W[COMP[wr.kind], wr.layer])
+    w = ds.writer_weight(wr.kind, wr.layer)
     key = wr.name
 
     def hook(mod, inp, out):
@@ -109,7 +105,7 @@ def batched_forward(prompts, bs=16):
 def generate(prompts, n, bs=16):
     texts = []
     for i in range(0, len(prompts), bs):
-        ids, mask, pos = pad_left(prompts[i : i + bs], pad_id(tok))
+        ids, mask, _ = pad_left(prompts[i : i + bs], pad_id(tok))
         with torch.no_grad():
             g = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad_id(tok)
@@ -119,21 +115,25 @@ def generate(prompts, n, bs=16):
 
 
 def kl(base, ed):
-    lp, lq = torch.log_softmax(base, -1), torch.log_softmax(ed, -1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+    return first_token_kl(base, ed)[0]
 
 
 t0 = time.time()
 # harmless train means of each writer's projection, over all non-pad prompt tokens
 state["collect"] = {}
-batched_forward(ids_of(lines("harmless_train.txt")))
+batched_forward(ids_of(read_lines(P / "harmless_train.txt")))
 means = {k: float(torch.cat(v).mean()) for k, v in state["collect"].items()}
 state["collect"] = None
-print("means", {k.split("layers.")[-1]: round(v, 3) for k, v in list(means.items())[::6]}, f"{time.time() - t0:.0f}s", flush=True)
+print(
+    "means",
+    {k.split("layers.")[-1]: round(v, 3) for k, v in list(means.items())[::6]},
+    f"{time.time() - t0:.0f}s",
+    flush=True,
+)
 
-harmful = ids_of(lines("harmful_val.txt"))
-hl = ids_of(lines("harmless_val.txt"))
-hh = ids_of(lines("harmless_val_hard.txt"))
+harmful = ids_of(read_lines(P / "harmful_val.txt"))
+hl = ids_of(read_lines(P / "harmless_val.txt"))
+hh = ids_of(read_lines(P / "harmless_val_hard.txt"))
 state["mode"] = None
 base_l, base_h = batched_forward(hl), batched_forward(hh)
 res = {}

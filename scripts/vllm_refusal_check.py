@@ -57,7 +57,9 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=16, help="prompts from harmful_test.txt (default 16)")
     ap.add_argument("--max-tokens", type=int, default=100)
     ap.add_argument("--out", default="vllm-refusal.json")
-    ap.add_argument("--engines", default="vllm,torch", help="comma list of vllm, llamacpp, torch (torch is the reference)")
+    ap.add_argument(
+        "--engines", default="vllm,torch", help="comma list of vllm, llamacpp, torch (torch is the reference)"
+    )
     args = ap.parse_args()
     engines = [e for e in args.engines.split(",") if e]
     if "torch" not in engines or any(e not in ENGINES for e in engines):
@@ -75,7 +77,9 @@ def main() -> int:
                 res[f"{engine} {label}"] = texts
                 print(f"{engine:6s} {label:12s} refusals {sum(map(is_refusal, texts))}/{len(texts)}", flush=True)
     for other in (e for e in engines if e != "torch"):
-        print(f"\n| steering | torch engine refusals | {other} engine refusals | same text on both |\n|---|---|---|---|")
+        print(
+            f"\n| steering | torch engine refusals | {other} engine refusals | same text on both |\n|---|---|---|---|"
+        )
         for label in ("base", "refusal 1.0"):
             t, v = res[f"torch {label}"], res[f"{other} {label}"]
             same = sum(a == b for a, b in zip(t, v, strict=True))

@@ -70,11 +70,16 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``), e.g. ``{"avx2", "fma", ...}``; empty where unknown."""
+    return set(_cpu_flags().split())
+
+
 def cpu_supported() -> bool:
     """Whether this CPU can run frankly's kernel (x86-64 with AVX2 and FMA); says nothing about the compiler."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    return {"avx2", "fma"} <= set(_cpu_flags().split())
+    return {"avx2", "fma"} <= cpu_flags()
 
 
 def _compiler() -> str | None:

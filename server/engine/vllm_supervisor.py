@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from directions.kernels import cpu_flags
 from server.procs import stop_group
 
 log = logging.getLogger("frankly.engine.vllm")
@@ -32,16 +33,6 @@ DEFAULT_VENV_VLLM = "/opt/vllmvenv/bin/vllm"  # where scripts/install_vllm.sh pu
 
 class VllmStartError(RuntimeError):
     """``vllm serve`` could not be found, or exited (or timed out) before it was ready."""
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def exit_reason(code: int | None, log_tail: str = "") -> str:
@@ -57,8 +48,14 @@ def exit_reason(code: int | None, log_tail: str = "") -> str:
             what = f"killed by signal {-code}"
     sigill = code == -signal.SIGILL or "Illegal instruction" in log_tail or "SIGILL" in log_tail
     if sigill:
-        flags = _cpu_flags()
-        cpu = "this CPU has AVX-512" if "avx512f" in flags else "this CPU has AVX2 but no AVX-512" if "avx2" in flags else ""
+        flags = cpu_flags()
+        cpu = (
+            "this CPU has AVX-512"
+            if "avx512f" in flags
+            else "this CPU has AVX2 but no AVX-512"
+            if "avx2" in flags
+            else ""
+        )
         what += (
             ": an illegal instruction, so this vLLM build uses CPU instructions the machine lacks"
             + (f" ({cpu})" if cpu else "")
@@ -192,9 +189,10 @@ class VllmSupervisor:
         with tqdm(desc="starting vLLM", unit="s", bar_format="{desc}: {elapsed} {postfix}") as bar:
             while time.monotonic() - t0 < self.ready_timeout_s:
                 if self.proc.poll() is not None:
+                    tail = self.log_tail()
                     raise VllmStartError(
-                        f"vllm serve exited before it was ready ({exit_reason(self.proc.returncode, self.log_tail())}); "
-                        f"last lines of {self.log_path}:\n{self.log_tail()}"
+                        f"vllm serve exited before it was ready ({exit_reason(self.proc.returncode, tail)}); "
+                        f"last lines of {self.log_path}:\n{tail}"
                     )
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(self.url + "/health", timeout=2).status_code == 200:
@@ -212,11 +210,12 @@ class VllmSupervisor:
         code = self.proc.wait()
         self.exit_code = code
         if not self.stopping:
+            tail = self.log_tail()
             log.error(
                 "the vLLM server exited unexpectedly (%s); last lines of %s:\n%s",
-                exit_reason(code, self.log_tail()),
+                exit_reason(code, tail),
                 self.log_path,
-                self.log_tail(),
+                tail,
             )
 
     def stop(self, timeout: float = 30) -> None:

@@ -277,7 +277,9 @@ def test_vllm_death_fails_requests_and_health(fake_exe, tmp_path, tok, eos):
         assert h.status_code == 503 and h.json()["status"] == "unavailable"
         r = chat(client)
         assert r.status_code == 500
-        assert "vLLM server exited" in r.json()["error"]["message"] and "killed by SIGKILL" in r.json()["error"]["message"]
+        assert (
+            "vLLM server exited" in r.json()["error"]["message"] and "killed by SIGKILL" in r.json()["error"]["message"]
+        )
 
 
 def test_failed_start_says_why(fake_exe, tmp_path, tok, eos):
