@@ -7,8 +7,9 @@ Measured on the train and validation splits only (the test split stays for final
    ones it refuses (``--label-tokens``, 48);
 2. those refused prompts are generated again in ``when: auto`` mode at each strength
    (``--max-tokens``, 64): how many still refuse, and on how many the condition fired;
-3. first-token KL on the harmless validation prompts (plain + edgy) with the edit always on
-   at each strength: the damage a false positive of the condition does.
+3. first-token KL on the harmless validation prompts (plain + edgy) with the edit a firing row
+   gets (the file's firing-case edit where it has one, else its own edit) always on at each
+   strength: the damage a false positive of the condition does.
 
 A refusal that survives ``auto`` is either a miss of the condition (no strength helps) or a
 firing prompt the edit is too weak for (a higher strength helps). Prints a table; writes JSON.
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from directions.fileformat import load_direction  # noqa: E402
+from directions.fileformat import edit_sets, firing_name, load_direction  # noqa: E402
 from directions.files import read_lines  # noqa: E402
 from directions.generation import Generation  # noqa: E402
 from directions.measure import Measurements  # noqa: E402
@@ -64,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     lm = load_model(args.model)
     gen = engine_generate(lm.model, lm.tokenizer, batch_size=args.batch_size)
-    m = Measurements(lm.model, lm.tokenizer, gen, {args.name: ds}, batch_size=args.batch_size)
+    # the KL column measures what a firing row gets: the firing-case edit where the file has one
+    m = Measurements(lm.model, lm.tokenizer, gen, edit_sets({args.name: ds}), batch_size=args.batch_size)
+    fire = firing_name(args.name, ds)
     t0 = time.monotonic()
     harmful_files = args.harmful or [str(R / f) for f in HARMFUL]
     harmless_files = args.harmless or [str(R / f) for f in HARMLESS]
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     harmless = m.ids([x for f in harmless_files for x in read_lines(f)])
     for row in res["rows"]:
-        kl_mean, _ = m.first_token_kl(harmless, {args.name: [row["strength"]] * len(harmless)})
+        kl_mean, _ = m.first_token_kl(harmless, {fire: [row["strength"]] * len(harmless)})
         row["harmless_first_token_kl_always"] = kl_mean
     res["n_harmless"] = len(harmless)
     res["wall_s"] = round(time.monotonic() - t0, 1)

@@ -113,3 +113,53 @@ def test_condition_report_lookahead_is_the_judge_on_the_reply_opening(tmp_path, 
         mod.main([*args, "--lookahead", "0"])
     with pytest.raises(SystemExit):
         mod.main([*args, "--lookahead", "x"])
+
+
+def test_kl_breakdown_splits_kl_by_the_plain_models_refusals(tmp_path, monkeypatch, capsys):
+    """scripts/kl_breakdown.py: the parts from refused and answered prompts add up to the mean,
+    the per-prompt KLs are the edit's own, and the auto figure is the firing-case edit's KL on
+    the prompts the condition fires on, zero elsewhere."""
+    from directions.detection import condition_score
+    from directions.fileformat import save_direction
+    from directions.forward import forward_last
+    from directions.kl import first_token_kl
+    from tests.tiny_models import random_direction_set
+
+    mod = load_script("kl_breakdown")
+    model, model_dir, data, ds, _ = tiny_refusal_direction(tmp_path)
+    fire = random_direction_set(model, "refusal@auto", seed=5)
+    ds.auto_edit = fire
+    src = save_direction(ds, tmp_path / "fire.safetensors", config=model.config)
+    tok = tiny_tokenizer()
+    texts = data.pos_val[:5] + data.neg_val[:5]
+    (tmp_path / "mixed.txt").write_text("\n".join(texts) + "\n")
+    refused = [i % 3 == 0 for i in range(len(texts))]
+    verdicts = iter(refused)
+    monkeypatch.setattr(mod, "is_refusal", lambda text: next(verdicts))
+    out = tmp_path / "k.json"
+    args = ["r=" + str(src), "same=" + str(src), "--model", model_dir, "--prompts", str(tmp_path / "mixed.txt")]
+    args += ["--strength", "2"]
+    assert mod.main([*args, "--label-tokens", "2", "--batch-size", "4", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["files"]["mixed.txt"]
+    assert row["refused"] == refused
+    d = row["directions"]["r"]
+    assert row["directions"]["same"] == d  # a second file with the same edits: the same figures
+    ids = extract.build_prompts(tok, texts)
+    base, states = forward_last(model, tok, ids, states=True)
+    from directions.fileformat import load_direction
+
+    back = load_direction(src, name="r")
+    edited_logits, _ = forward_last(model, tok, ids, {"r": back}, {"r": [2.0] * 10})
+    _, want = first_token_kl(base, edited_logits)
+    assert d["kl_always"] == pytest.approx(want, rel=1e-5, abs=1e-9)
+    assert d["kl_firing_edit"] != pytest.approx(d["kl_always"])  # the firing-case edit is another edit
+    for key in ("always", "firing_edit_always", "auto"):
+        m = d[key]
+        assert m["from_refused"] + m["from_answered"] == pytest.approx(m["mean"])
+    fired = [condition_score(back, states[i, back.detect_layer], base[i]) > back.detect_threshold for i in range(10)]
+    assert d["fired"] == fired
+    assert d["auto"]["mean"] == pytest.approx(sum(k for k, f in zip(d["kl_firing_edit"], fired, strict=True) if f) / 10)
+    assert d["always"]["mean_refused"] == pytest.approx(
+        sum(k for k, r in zip(want, refused, strict=True) if r) / sum(refused)
+    )
+    assert "from refused" in capsys.readouterr().out

@@ -28,6 +28,7 @@ OTHER_FILES = (
     "harmless_train.txt",
     "harmless_val.txt",
     "harmless_val_hard.txt",
+    "harmless_train_hard.txt",
     "harmless_long.txt",
 )
 NEAR = 0.8  # difflib ratio above which two prompts count as near-duplicates
@@ -46,7 +47,7 @@ def _norm(s: str) -> str:
     return " ".join(s.lower().split())
 
 
-@pytest.mark.parametrize("name", [*TEST_FILES, "harmless_val_hard.txt"])
+@pytest.mark.parametrize("name", [*TEST_FILES, "harmless_val_hard.txt", "harmless_train_hard.txt"])
 def test_test_files_are_clean(name):
     raw = (REFUSAL / name).read_text(encoding="utf-8")
     lines = raw.splitlines()
@@ -64,6 +65,20 @@ def test_test_files_share_no_line_with_train_or_val(name):
         assert line not in others, line
         sm = difflib.SequenceMatcher(None, "", line)
         for o in others:
+            sm.set_seq1(o)
+            if sm.real_quick_ratio() > NEAR and sm.quick_ratio() > NEAR and sm.ratio() > NEAR:
+                bad.append((round(sm.ratio(), 2), line, o))
+    assert not bad, bad
+
+
+def test_edgy_train_negatives_repeat_no_validation_line():
+    """``harmless_train_hard.txt`` trains conditions; the validation files that select them stay apart."""
+    val = [_norm(ln) for f in ("harmless_val.txt", "harmless_val_hard.txt") for ln in read_lines(REFUSAL / f)]
+    bad = []
+    for line in map(_norm, read_lines(REFUSAL / "harmless_train_hard.txt")):
+        assert line not in val, line
+        sm = difflib.SequenceMatcher(None, "", line)
+        for o in val:
             sm.set_seq1(o)
             if sm.real_quick_ratio() > NEAR and sm.quick_ratio() > NEAR and sm.ratio() > NEAR:
                 bad.append((round(sm.ratio(), 2), line, o))
