@@ -57,32 +57,35 @@ def test_test_files_are_clean(name):
     assert len({_norm(ln) for ln in lines}) == len(lines), "duplicate line"
 
 
-@pytest.mark.parametrize("name", TEST_FILES)
-def test_test_files_share_no_line_with_train_or_val(name):
-    others = {_norm(ln) for f in OTHER_FILES for ln in read_lines(REFUSAL / f)}
+def _repeats(name: str, other_files) -> list[tuple[float, str, str]]:
+    """Lines of ``name`` that repeat a line of ``other_files`` exactly (ratio 1) or nearly (> NEAR)."""
+    others = {_norm(ln) for f in other_files for ln in read_lines(REFUSAL / f)}
     bad = []
     for line in map(_norm, read_lines(REFUSAL / name)):
-        assert line not in others, line
+        if line in others:
+            bad.append((1.0, line, line))
+            continue
         sm = difflib.SequenceMatcher(None, "", line)
         for o in others:
             sm.set_seq1(o)
             if sm.real_quick_ratio() > NEAR and sm.quick_ratio() > NEAR and sm.ratio() > NEAR:
                 bad.append((round(sm.ratio(), 2), line, o))
-    assert not bad, bad
+    return bad
+
+
+@pytest.mark.parametrize("name", TEST_FILES)
+def test_test_files_share_no_line_with_train_or_val(name):
+    assert not _repeats(name, OTHER_FILES)
 
 
 def test_edgy_train_negatives_repeat_no_validation_line():
     """``harmless_train_hard.txt`` trains conditions; the validation files that select them stay apart."""
-    val = [_norm(ln) for f in ("harmless_val.txt", "harmless_val_hard.txt") for ln in read_lines(REFUSAL / f)]
-    bad = []
-    for line in map(_norm, read_lines(REFUSAL / "harmless_train_hard.txt")):
-        assert line not in val, line
-        sm = difflib.SequenceMatcher(None, "", line)
-        for o in val:
-            sm.set_seq1(o)
-            if sm.real_quick_ratio() > NEAR and sm.quick_ratio() > NEAR and sm.ratio() > NEAR:
-                bad.append((round(sm.ratio(), 2), line, o))
-    assert not bad, bad
+    assert not _repeats("harmless_train_hard.txt", ("harmless_val.txt", "harmless_val_hard.txt"))
+
+
+def test_repeats_reports_an_exact_duplicate():
+    line = read_lines(REFUSAL / "harmless_val.txt")[0]
+    assert _repeats("harmless_val.txt", ("harmless_val.txt",))[0] == (1.0, _norm(line), _norm(line))
 
 
 def test_eval_split_flag_defaults_to_val_and_resolves_test_to_the_test_files():
