@@ -40,6 +40,27 @@ def condition_score(ds, h: torch.Tensor, logits: torch.Tensor | None) -> float:
     return score
 
 
+def probe_fires(ds, states: torch.Tensor, logits: torch.Tensor) -> list[bool]:
+    """Per prompt, whether ``ds``'s prefill probe fires: ``states`` (N, n_layers, d) is the residual
+    stream entering every layer at the last prompt token, ``logits`` (N, vocab) the unedited model's
+    there (both as :func:`directions.forward.forward_last` returns them)."""
+    L, thr = ds.detect_layer, ds.detect_threshold
+    return [condition_score(ds, states[i, L], logits[i]) > thr for i in range(len(states))]
+
+
+def fire_counts(fired: Sequence[bool], refused: Sequence[bool]) -> dict[str, int]:
+    """How a condition's decisions fall against the unedited model's refusals of the same prompts:
+    fires, fires on refused prompts (wanted), fires on answered ones (a false positive), and
+    refused prompts it misses."""
+    pairs = list(zip(fired, refused, strict=True))
+    return {
+        "fires": sum(f for f, _ in pairs),
+        "fires_refused": sum(f and r for f, r in pairs),
+        "fires_answered": sum(f and not r for f, r in pairs),
+        "misses_refused": sum(r and not f for f, r in pairs),
+    }
+
+
 def _refusal_judge(text: str) -> bool:
     from directions.refusal import is_refusal
 

@@ -26,27 +26,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from directions.detection import condition_score, first_tokens_flagged  # noqa: E402
+from directions.detection import fire_counts, first_tokens_flagged, probe_fires  # noqa: E402
 from directions.extract import build_prompts  # noqa: E402
-from directions.fileformat import load_direction  # noqa: E402
+from directions.fileformat import DirectionFileError  # noqa: E402
 from directions.files import read_lines  # noqa: E402
 from directions.forward import forward_last  # noqa: E402
 from directions.generation import Generation  # noqa: E402
 from directions.models import load_model  # noqa: E402
 from directions.refusal import PROMPTS_DIR, is_refusal  # noqa: E402
+from directions.specs import load_directions, parse_direction_specs  # noqa: E402
 from server.engine.offline import engine_generate  # noqa: E402
 
 R = PROMPTS_DIR / "refusal"
 DEFAULT_FILES = ("harmless_val.txt", "harmless_val_hard.txt", "harmful_val.txt")
-
-
-def _counts(fired: list[bool], refused: list[bool]) -> dict[str, int]:
-    return {
-        "fires": sum(fired),
-        "fires_refused": sum(f and r for f, r in zip(fired, refused, strict=True)),
-        "fires_answered": sum(f and not r for f, r in zip(fired, refused, strict=True)),
-        "misses_refused": sum(r and not f for f, r in zip(fired, refused, strict=True)),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,15 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--lookahead: comma-separated token counts, not {args.lookahead!r}")
     if any(k < 1 for k in lookahead):
         ap.error("--lookahead: token counts must be >= 1")
-    conds = {}
-    for item in args.conditions:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            ap.error(f"expected NAME=FILE, got {item!r}")
-        ds = load_direction(path)
+    try:
+        paths = parse_direction_specs(args.conditions)
+        conds = load_directions(paths)
+    except DirectionFileError as e:
+        ap.error(str(e))
+    for name, ds in conds.items():
         if not ds.has_probe:
-            ap.error(f"{path}: no condition (detection vector) to report on")
-        conds[name] = ds
+            ap.error(f"{paths[name]}: no condition (detection vector) to report on")
     files = args.prompts or [str(R / f) for f in DEFAULT_FILES]
     lm = load_model(args.model)
     gen = engine_generate(lm.model, lm.tokenizer, args.batch_size)
@@ -90,14 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         logits, states = forward_last(lm.model, lm.tokenizer, ids, states=True, batch_size=args.batch_size)
         row: dict = {"n": len(ids), "refused": sum(refused), "conditions": {}}
         for name, ds in conds.items():
-            fired = [
-                condition_score(ds, states[i, ds.detect_layer], logits[i]) > ds.detect_threshold
-                for i in range(len(ids))
-            ]
-            row["conditions"][name] = _counts(fired, refused)
+            row["conditions"][name] = fire_counts(probe_fires(ds, states, logits), refused)
         for k in lookahead:
             early = [first_tokens_flagged(lm.tokenizer, r.token_ids, k) for r in replies]
-            row["conditions"][f"first-{k}-tokens"] = _counts(early, refused)
+            row["conditions"][f"first-{k}-tokens"] = fire_counts(early, refused)
         res["files"][Path(path).name] = row
     res["wall_s"] = round(time.monotonic() - t0, 1)
     Path(args.out).write_text(json.dumps(res, indent=1))

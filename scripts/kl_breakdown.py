@@ -29,15 +29,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from directions.detection import condition_score  # noqa: E402
+from directions.detection import fire_counts, probe_fires  # noqa: E402
 from directions.extract import build_prompts  # noqa: E402
-from directions.fileformat import load_direction  # noqa: E402
+from directions.fileformat import DirectionFileError  # noqa: E402
 from directions.files import read_lines  # noqa: E402
 from directions.forward import forward_last  # noqa: E402
 from directions.generation import Generation  # noqa: E402
 from directions.kl import first_token_kl  # noqa: E402
 from directions.models import load_model  # noqa: E402
 from directions.refusal import PROMPTS_DIR, is_refusal  # noqa: E402
+from directions.specs import load_directions, parse_direction_specs  # noqa: E402
 from server.engine.offline import engine_generate  # noqa: E402
 
 R = PROMPTS_DIR / "refusal"
@@ -76,12 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default="kl-breakdown.json")
     args = ap.parse_args(argv)
-    dirs = {}
-    for item in args.directions:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            ap.error(f"expected NAME=FILE, got {item!r}")
-        dirs[name] = load_direction(path, name=name)
+    try:
+        dirs = load_directions(parse_direction_specs(args.directions))
+    except DirectionFileError as e:
+        ap.error(str(e))
     files = args.prompts or [str(R / f) for f in DEFAULT_FILES]
     lm = load_model(args.model)
     gen = engine_generate(lm.model, lm.tokenizer, args.batch_size)
@@ -112,13 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                 d["firing_edit_always"] = split_mean(kl_fire, refused)
                 d["kl_firing_edit"] = kl_fire
             if ds.uses_probe:
-                fired = [
-                    condition_score(ds, states[i, ds.detect_layer], base[i]) > ds.detect_threshold
-                    for i in range(len(ids))
-                ]
+                fired = probe_fires(ds, states, base)
                 d["fired"] = fired
-                d["fires_refused"] = sum(f and r for f, r in zip(fired, refused, strict=True))
-                d["fires_answered"] = sum(f and not r for f, r in zip(fired, refused, strict=True))
+                d.update(fire_counts(fired, refused))
                 d["auto"] = split_mean([k if f else 0.0 for k, f in zip(kl_fire, fired, strict=True)], refused)
             row["directions"][name] = d
         res["files"][Path(path).name] = row

@@ -120,7 +120,7 @@ def test_kl_breakdown_splits_kl_by_the_plain_models_refusals(tmp_path, monkeypat
     the per-prompt KLs are the edit's own, and the auto figure is the firing-case edit's KL on
     the prompts the condition fires on, zero elsewhere."""
     from directions.detection import condition_score
-    from directions.fileformat import save_direction
+    from directions.fileformat import load_direction, save_direction
     from directions.forward import forward_last
     from directions.kl import first_token_kl
     from tests.tiny_models import random_direction_set
@@ -146,8 +146,6 @@ def test_kl_breakdown_splits_kl_by_the_plain_models_refusals(tmp_path, monkeypat
     assert row["directions"]["same"] == d  # a second file with the same edits: the same figures
     ids = extract.build_prompts(tok, texts)
     base, states = forward_last(model, tok, ids, states=True)
-    from directions.fileformat import load_direction
-
     back = load_direction(src, name="r")
     edited_logits, _ = forward_last(model, tok, ids, {"r": back}, {"r": [2.0] * 10})
     _, want = first_token_kl(base, edited_logits)
