@@ -161,3 +161,53 @@ def test_kl_breakdown_splits_kl_by_the_plain_models_refusals(tmp_path, monkeypat
         sum(k for k, r in zip(want, refused, strict=True) if r) / sum(refused)
     )
     assert "from refused" in capsys.readouterr().out
+
+
+def test_out_of_fold_scores_never_score_a_prompt_with_a_probe_that_saw_it():
+    """scripts/probe_ceiling.py: a prompt's score comes from the probe of the folds without it, so a
+    point that only its own label separates gets no credit; separable data is caught in full."""
+    import torch
+
+    mod = load_script("probe_ceiling")
+    g = torch.Generator().manual_seed(0)
+    n, d = 60, 8
+    is_pos = torch.arange(n) < 30
+    states = torch.randn(n, 2, d, generator=g)
+    states[is_pos, 1, 0] += 6.0  # layer 1 separates on feature 0; layer 0 is noise
+    refused = is_pos.clone()
+    rows = mod.ceiling_table(states, is_pos, refused, [0, 1], [0.1], fpr=0.05, k=5)
+    by_layer = {r["layer"]: r for r in rows}
+    assert by_layer[1]["recall_at_fpr_all"] == 1.0 and by_layer[1]["missed_at_fpr_all"] == 0
+    assert by_layer[0]["recall_at_fpr_all"] < 0.5  # noise: in sample LDA would overfit 8 dims, out of fold it cannot
+    folds = mod.folds_of(30, 5, seed=1)
+    assert sorted(torch.bincount(folds).tolist()) == [6] * 5
+    # one negative of three may fire: the threshold sits between the top two negatives (2.5, 0.5)
+    assert mod.recall_at(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 0.5, 2.5]), 0.34) == pytest.approx(
+        (2 / 3, 1.5)
+    )
+
+
+def test_probe_ceiling_runs_end_to_end_and_reports_the_files_condition(tmp_path, monkeypatch, capsys):
+    mod = load_script("probe_ceiling")
+    _, model_dir, data, ds, src = tiny_refusal_direction(tmp_path)
+    (tmp_path / "harmful.txt").write_text("\n".join(data.pos_val) + "\n")
+    (tmp_path / "harmless.txt").write_text("\n".join(data.neg_val) + "\n")
+    verdicts = iter([True] * 8 + [False] * 100)  # the plain model "refuses" 8 harmful prompts, nothing else
+    monkeypatch.setattr(mod, "is_refusal", lambda text: next(verdicts, False))
+    out, cache = tmp_path / "c.json", tmp_path / "c.pt"
+    args = ["--model", model_dir, "--direction", f"r={src}", "--layers", "1-2", "--shrinkages", "0.3"]
+    args += ["--weights", "0,1", "--folds", "3", "--label-tokens", "2", "--batch-size", "4"]
+    args += ["--harmful", str(tmp_path / "harmful.txt"), "--harmless", str(tmp_path / "harmless.txt")]
+    assert mod.main([*args, "--cache", str(cache), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert (res["n_harmful"], res["n_refused_harmful"], res["n_refused_harmless"]) == (len(data.pos_val), 8, 0)
+    assert len(res["rows"]) == 2 * (2 if ds.detect_logit_tokens else 1)
+    assert sum(res["file_condition_in_sample"]["harmful"][k] for k in ("fires_refused", "misses_refused")) == 8
+    assert out.with_suffix(".png").stat().st_size > 0 and cache.exists()
+    # a second run reads the cache: no model replies are generated (the judge would run out)
+    monkeypatch.setattr(mod, "is_refusal", lambda text: pytest.fail("labels should come from the cache"))
+    assert mod.main([*args, "--cache", str(cache), "--out", str(tmp_path / "d.json")]) == 0
+    assert json.loads((tmp_path / "d.json").read_text())["rows"] == res["rows"]
+    assert "best_all: layer" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main([*args, "--folds", "1"])
