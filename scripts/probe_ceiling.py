@@ -14,7 +14,10 @@ it reports the pooled out-of-fold ROC: the share of refusals caught where the th
 most ``--fpr`` of the harmless prompts fire, and where it lets at most ``--fpr`` of the harmless
 prompts the model *answers* fire (firing on one it refuses itself removes an over-refusal). Misses
 are a floor on ``auto``'s refusals from this kind of condition: a row it does not fire on keeps
-the plain model's reply. Writes JSON and a plot (recall at the target against layer).
+the plain model's reply. Beside the one-layer probes (what the engines run), ``--stack`` layer sets
+are read together by one ridge classifier, linear and with an RBF kernel: a bound on what a richer
+prefill condition could gain. Writes JSON and a plot (recall at the target against layer, the best
+stacked probe as a dashed line).
 
     python scripts/probe_ceiling.py --out probe-ceiling.json     # ~30 min on two cores
 """
@@ -92,6 +95,76 @@ def out_of_fold_scores(
     return out
 
 
+def stacked_scores(
+    states: torch.Tensor,
+    is_pos: torch.Tensor,
+    layers: list[int],
+    ridge: float,
+    k: int,
+    seed: int = 0,
+    gamma: float | None = None,
+) -> torch.Tensor:
+    """Out-of-fold scores of one probe over several layers at once: the states of ``layers``
+    concatenated, standardised on the train folds, and a ridge-regression classifier (labels +-1)
+    fitted in dual form (``n`` train prompts, not ``d`` features, sets the cost). ``gamma`` set: an
+    RBF kernel ``exp(-gamma * |a - b|^2 / d)`` instead of the linear one, so a curved boundary gets
+    its chance too. ``ridge`` is relative to the kernel's mean diagonal."""
+    pos_idx, neg_idx = torch.nonzero(is_pos).flatten(), torch.nonzero(~is_pos).flatten()
+    fold = torch.empty(len(states), dtype=torch.long)
+    fold[pos_idx] = folds_of(len(pos_idx), k, seed)
+    fold[neg_idx] = folds_of(len(neg_idx), k, seed + 1)
+    x = states[:, layers].reshape(len(states), -1).to(torch.float64)
+    y = is_pos.to(torch.float64) * 2 - 1
+    out = torch.empty(len(states))
+    for f in range(k):
+        train = fold != f
+        z = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+        linear = gamma is None
+        kern = z @ z[train].T if linear else torch.exp(-gamma * torch.cdist(z, z[train]).square() / z.shape[1])
+        kt = kern[train]
+        yt = y[train] - y[train].mean()
+        reg = ridge * float(kt.diagonal().mean())
+        alpha = torch.linalg.solve(kt + reg * torch.eye(len(kt), dtype=kt.dtype), yt)
+        out[~train] = (kern[~train] @ alpha).float()
+    return out
+
+
+def stacked_table(
+    states: torch.Tensor,
+    harmful: torch.Tensor,
+    refused: torch.Tensor,
+    stacks: list[str],
+    ridges: list[float],
+    gammas: list[float | None],
+    fpr: float,
+    k: int,
+    seed: int = 0,
+) -> list[dict]:
+    """One row per (layer set, ridge, kernel): the same two recalls as :func:`ceiling_table`."""
+    rows = []
+    target = harmful & refused
+    for spec in stacks:
+        layers = _parse_layers(spec)
+        for lam in ridges:
+            for gamma in gammas:
+                s = stacked_scores(states, harmful, layers, lam, k, seed, gamma)
+                r_all, thr_all = recall_at(s[target], s[~harmful], fpr)
+                r_ans, thr_ans = recall_at(s[target], s[~harmful & ~refused], fpr)
+                rows.append(
+                    {
+                        "layers": spec,
+                        "ridge": lam,
+                        "kernel": "linear" if gamma is None else f"rbf {gamma:g}",
+                        "recall_at_fpr_all": round(r_all, 4),
+                        "missed_at_fpr_all": int((s[target] <= thr_all).sum()),
+                        "recall_at_fpr_answered": round(r_ans, 4),
+                        "missed_at_fpr_answered": int((s[target] <= thr_ans).sum()),
+                        "harmless_fire_at_answered_threshold": round(float((s[~harmful] > thr_ans).float().mean()), 4),
+                    }
+                )
+    return rows
+
+
 def ceiling_table(
     states: torch.Tensor,
     harmful: torch.Tensor,
@@ -135,7 +208,7 @@ def _best(rows: list[dict], key: str) -> dict:
     return max(rows, key=lambda r: (r[key], -r["layer"]))
 
 
-def plot(rows: list[dict], fpr: float, path: Path) -> None:
+def plot(rows: list[dict], fpr: float, path: Path, stacked: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,13 +223,22 @@ def plot(rows: list[dict], fpr: float, path: Path) -> None:
         ("recall_at_fpr_answered", f"fires on <= {fpr:.0%} of answered harmless"),
     ):
         best = [max(r[key] for r in rows if r["layer"] == L) for L in layers]
-        ax.plot(layers, best, marker="o", label=label)
+        line = ax.plot(layers, best, marker="o", label=label)[0]
+        if stacked:
+            top = max(stacked, key=lambda r: r[key])
+            ax.axhline(
+                top[key],
+                color=line.get_color(),
+                ls="--",
+                lw=1,
+                label=f"layers {top['layers']} together ({top['kernel']}), {label}",
+            )
     ax.set_xlabel("detection layer")
     ax.set_ylabel("refusals caught (out of fold)")
     ax.set_ylim(0, 1.02)
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set_title("Best prefill probe per layer (LDA, cross-validated, train + val)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=7)
     save_figure(fig, path)
 
 
@@ -175,6 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", default="4-23", help="e.g. '4-23' or '13,19,22'")
     ap.add_argument("--shrinkages", default="0.03,0.1,0.3")
     ap.add_argument("--weights", default="0,0.5,1", help="next-token weights to try (0: the probe alone)")
+    ap.add_argument(
+        "--stack",
+        action="append",
+        metavar="LAYERS",
+        help="a layer set (e.g. '8-23') whose states one probe reads together (ridge classifier); "
+        "repeatable; default 12-23 and 8-23; 'none' for none",
+    )
+    ap.add_argument("--ridges", default="0.1,1", help="ridge strengths of the stacked probes")
+    ap.add_argument(
+        "--rbf-gammas", default="0.5", help="RBF kernel widths also tried for the stacked probes ('' for linear only)"
+    )
     ap.add_argument("--fpr", type=float, default=0.02)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--label-tokens", type=int, default=32)
@@ -186,8 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         layers = _parse_layers(args.layers)
         shrinkages = [float(x) for x in args.shrinkages.split(",")]
         weights = tuple(float(x) for x in args.weights.split(","))
+        stacks = [] if args.stack == ["none"] else (args.stack or ["12-23", "8-23"])
+        for spec in stacks:
+            _parse_layers(spec)
+        ridges = [float(x) for x in args.ridges.split(",")]
+        gammas: list[float | None] = [None] + [float(x) for x in args.rbf_gammas.split(",") if x.strip()]
     except ValueError as e:
-        ap.error(f"bad --layers/--shrinkages/--weights: {e}")
+        ap.error(f"bad --layers/--shrinkages/--weights/--stack/--ridges/--rbf-gammas: {e}")
     if args.folds < 2:
         ap.error("--folds must be >= 2")
     ds = None
@@ -205,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         if cache is not None:
             torch.save(data, cache)
     states, harmful, refused, logits = data["states"], data["harmful"], data["refused"], data["logits"]
-    if max(layers) >= states.shape[1]:
-        ap.error(f"--layers: the model has {states.shape[1]} layers")
+    for spec in [args.layers, *stacks]:
+        if max(_parse_layers(spec)) >= states.shape[1]:
+            ap.error(f"layers {spec!r}: the model has {states.shape[1]} layers")
     tokens = ds.detect_logit_tokens if ds is not None else ()
     logit = logit_term(logits, tokens) if tokens else None
     rows = ceiling_table(states, harmful, refused, layers, shrinkages, args.fpr, args.folds, logit, weights)
@@ -223,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         "best_all": _best(rows, "recall_at_fpr_all"),
         "best_answered": _best(rows, "recall_at_fpr_answered"),
     }
+    stacked = stacked_table(states, harmful, refused, stacks, ridges, gammas, args.fpr, args.folds)
+    if stacked:
+        res["stacked_rows"] = stacked
+        res["best_stacked_all"] = max(stacked, key=lambda r: r["recall_at_fpr_all"])
+        res["best_stacked_answered"] = max(stacked, key=lambda r: r["recall_at_fpr_answered"])
     if ds is not None and ds.has_probe:
         from directions.detection import fire_counts, probe_fires
 
@@ -234,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     res["wall_s"] = round(time.monotonic() - t0, 1)
     out = Path(args.out)
     out.write_text(json.dumps(res, indent=1))
-    plot(rows, args.fpr, out.with_suffix(".png"))
+    plot(rows, args.fpr, out.with_suffix(".png"), stacked)
     _print(res, args.fpr)
     print(f"wrote {out} and {out.with_suffix('.png')} in {res['wall_s']:.0f} s")
     return 0
@@ -290,6 +394,12 @@ def _print(res: dict, fpr: float) -> None:
             f"{r['recall_at_fpr_all']:.1%} of refusals at <= {fpr:.0%} of all harmless, "
             f"{r['recall_at_fpr_answered']:.1%} at <= {fpr:.0%} of answered harmless "
             f"(which fires on {r['harmless_fire_at_answered_threshold']:.1%} of all harmless)"
+        )
+    for r in res.get("stacked_rows", []):
+        print(
+            f"layers {r['layers']} together, ridge {r['ridge']:g}, {r['kernel']}: {r['recall_at_fpr_all']:.1%} "
+            f"(missed {r['missed_at_fpr_all']}) at <= {fpr:.0%} of all harmless, {r['recall_at_fpr_answered']:.1%} "
+            f"(missed {r['missed_at_fpr_answered']}) at <= {fpr:.0%} of answered harmless"
         )
     if "file_condition_in_sample" in res:
         c = res["file_condition_in_sample"]

@@ -187,6 +187,33 @@ def test_out_of_fold_scores_never_score_a_prompt_with_a_probe_that_saw_it():
     )
 
 
+def test_stacked_probe_reads_several_layers_together_out_of_fold():
+    """scripts/probe_ceiling.py's stacked probe: a class that only the sum of two layers' features
+    separates is caught by the probe reading both, not by either layer alone; the RBF kernel also
+    catches a ring (a boundary no linear score has)."""
+    import torch
+
+    mod = load_script("probe_ceiling")
+    g = torch.Generator().manual_seed(0)
+    n, d = 80, 4
+    is_pos = torch.arange(n) < 40
+    states = torch.randn(n, 3, d, generator=g)
+    shift = torch.randn(n, generator=g) * 4  # large per-prompt noise that cancels between layers 0 and 1
+    states[:, 0, 0] += shift + 1.5 * is_pos
+    states[:, 1, 0] += -shift + 1.5 * is_pos
+    refused = is_pos.clone()
+    alone = mod.ceiling_table(states, is_pos, refused, [0, 1], [0.1], fpr=0.05, k=4)
+    both = mod.stacked_table(states, is_pos, refused, ["0-1"], [0.01], [None], fpr=0.05, k=4)
+    assert both[0]["layers"] == "0-1" and both[0]["kernel"] == "linear"
+    assert both[0]["recall_at_fpr_all"] >= 0.8 > max(r["recall_at_fpr_all"] for r in alone)
+    # a ring: positives far from the centre in layer 2, negatives near it
+    radius = torch.where(is_pos, torch.tensor(3.0), torch.tensor(0.5))
+    ring = torch.randn(n, d, generator=g)
+    states[:, 2] = ring / ring.norm(dim=-1, keepdim=True) * radius[:, None]
+    lin, rbf = mod.stacked_table(states, is_pos, refused, ["2"], [0.01], [None, 1.0], fpr=0.05, k=4)
+    assert rbf["kernel"] == "rbf 1" and rbf["recall_at_fpr_all"] == 1.0 > lin["recall_at_fpr_all"]
+
+
 def test_probe_ceiling_runs_end_to_end_and_reports_the_files_condition(tmp_path, monkeypatch, capsys):
     mod = load_script("probe_ceiling")
     _, model_dir, data, ds, src = tiny_refusal_direction(tmp_path)
@@ -196,7 +223,7 @@ def test_probe_ceiling_runs_end_to_end_and_reports_the_files_condition(tmp_path,
     monkeypatch.setattr(mod, "is_refusal", lambda text: next(verdicts, False))
     out, cache = tmp_path / "c.json", tmp_path / "c.pt"
     args = ["--model", model_dir, "--direction", f"r={src}", "--layers", "1-2", "--shrinkages", "0.3"]
-    args += ["--weights", "0,1", "--folds", "3", "--label-tokens", "2", "--batch-size", "4"]
+    args += ["--weights", "0,1", "--folds", "3", "--label-tokens", "2", "--batch-size", "4", "--stack", "1-2"]
     args += ["--harmful", str(tmp_path / "harmful.txt"), "--harmless", str(tmp_path / "harmless.txt")]
     assert mod.main([*args, "--cache", str(cache), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
@@ -208,6 +235,10 @@ def test_probe_ceiling_runs_end_to_end_and_reports_the_files_condition(tmp_path,
     monkeypatch.setattr(mod, "is_refusal", lambda text: pytest.fail("labels should come from the cache"))
     assert mod.main([*args, "--cache", str(cache), "--out", str(tmp_path / "d.json")]) == 0
     assert json.loads((tmp_path / "d.json").read_text())["rows"] == res["rows"]
-    assert "best_all: layer" in capsys.readouterr().out
+    assert [(r["layers"], r["kernel"]) for r in res["stacked_rows"]] == [("1-2", k) for k in ("linear", "rbf 0.5")] * 2
+    printed = capsys.readouterr().out
+    assert "best_all: layer" in printed and "layers 1-2 together" in printed
     with pytest.raises(SystemExit):
         mod.main([*args, "--folds", "1"])
+    with pytest.raises(SystemExit):  # the tiny model has fewer layers than the stack names
+        mod.main([*args, "--cache", str(cache), "--stack", "0-40", "--out", str(tmp_path / "e.json")])
