@@ -12,6 +12,9 @@ variants, per writer output y with unit r_l and coefficient c = s * w:
   relu:     y - c relu(y.r - b) r      (b = 0)
   relu_m:   b = mean over harmless train tokens of (y.r) for that writer
   ace:      y - c ((y.r) - m) r        (affine: m = harmless train mean)
+  postK:    proj, but in the prompt only at its last K tokens (the chat template's closing tokens
+            where K is small); every generated token is edited. The user's own words keep their
+            unedited states, which is where most of the harmless KL could come from.
 Measures refusals (48 greedy tokens, 65 harmful val) and first-token KL on harmless val (65)
 and harmless_val_hard (100).
 """
@@ -71,6 +74,12 @@ def mk(wr):
         p = (out @ r).unsqueeze(-1)
         if mode == "proj":
             return out - c * p * r
+        if mode.startswith("post"):
+            k = int(mode[4:])
+            edit = c * p * r
+            if out.shape[1] > 1:  # a prompt pass: only its last k positions (left padding)
+                edit[:, : out.shape[1] - k] = 0
+            return out - edit
         if mode == "relu":
             return out - c * torch.relu(p) * r
         b = means[key]
