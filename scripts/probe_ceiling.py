@@ -64,6 +64,15 @@ def folds_of(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.arange(n)[torch.randperm(n, generator=g)] % k
 
 
+def stratified_folds(is_pos: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """A fold index in [0, k) per item, positives and negatives folded apart so every fold holds both."""
+    pos_idx, neg_idx = torch.nonzero(is_pos).flatten(), torch.nonzero(~is_pos).flatten()
+    fold = torch.empty(len(is_pos), dtype=torch.long)
+    fold[pos_idx] = folds_of(len(pos_idx), k, seed)
+    fold[neg_idx] = folds_of(len(neg_idx), k, seed + 1)
+    return fold
+
+
 def out_of_fold_scores(
     states: torch.Tensor,
     is_pos: torch.Tensor,
@@ -78,10 +87,7 @@ def out_of_fold_scores(
     folded apart, so every fold holds both). With ``logit`` (each prompt's next-token term) and a
     ``weight`` != 0, the score adds ``weight`` times that term, in units of the fold's train
     spread of the two (as ``frankly calibrate`` weighs it)."""
-    pos_idx, neg_idx = torch.nonzero(is_pos).flatten(), torch.nonzero(~is_pos).flatten()
-    fold = torch.empty(len(states), dtype=torch.long)
-    fold[pos_idx] = folds_of(len(pos_idx), k, seed)
-    fold[neg_idx] = folds_of(len(neg_idx), k, seed + 1)
+    fold = stratified_folds(is_pos, k, seed)
     x = states[:, layer].float()
     out = torch.empty(len(states))
     for f in range(k):
@@ -109,10 +115,7 @@ def stacked_scores(
     fitted in dual form (``n`` train prompts, not ``d`` features, sets the cost). ``gamma`` set: an
     RBF kernel ``exp(-gamma * |a - b|^2 / d)`` instead of the linear one, so a curved boundary gets
     its chance too. ``ridge`` is relative to the kernel's mean diagonal."""
-    pos_idx, neg_idx = torch.nonzero(is_pos).flatten(), torch.nonzero(~is_pos).flatten()
-    fold = torch.empty(len(states), dtype=torch.long)
-    fold[pos_idx] = folds_of(len(pos_idx), k, seed)
-    fold[neg_idx] = folds_of(len(neg_idx), k, seed + 1)
+    fold = stratified_folds(is_pos, k, seed)
     x = states[:, layers].reshape(len(states), -1).to(torch.float64)
     y = is_pos.to(torch.float64) * 2 - 1
     out = torch.empty(len(states))
@@ -149,17 +152,17 @@ def stacked_table(
     states: torch.Tensor,
     harmful: torch.Tensor,
     refused: torch.Tensor,
-    stacks: list[str],
+    stacks: dict[str, list[int]],
     ridges: list[float],
     gammas: list[float | None],
     fpr: float,
     k: int,
     seed: int = 0,
 ) -> list[dict]:
-    """One row per (layer set, ridge, kernel): the same two recalls as :func:`ceiling_table`."""
+    """One row per (layer set, ridge, kernel): the same two recalls as :func:`ceiling_table`.
+    ``stacks`` maps each layer set as written ('8-23') to its layers."""
     rows = []
-    for spec in stacks:
-        layers = _parse_layers(spec)
+    for spec, layers in stacks.items():
         for lam in ridges:
             for gamma in gammas:
                 s = stacked_scores(states, harmful, layers, lam, k, seed, gamma)
@@ -268,9 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         layers = _parse_layers(args.layers)
         shrinkages = [float(x) for x in args.shrinkages.split(",")]
         weights = tuple(float(x) for x in args.weights.split(","))
-        stacks = [] if args.stack == ["none"] else (args.stack or ["12-23", "8-23"])
-        for spec in stacks:
-            _parse_layers(spec)
+        specs = [] if args.stack == ["none"] else (args.stack or ["12-23", "8-23"])
+        stacks = {spec: _parse_layers(spec) for spec in specs}
         ridges = [float(x) for x in args.ridges.split(",")]
         gammas: list[float | None] = [None] + [float(x) for x in args.rbf_gammas.split(",") if x.strip()]
     except ValueError as e:
@@ -292,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         if cache is not None:
             torch.save(data, cache)
     states, harmful, refused, logits = data["states"], data["harmful"], data["refused"], data["logits"]
-    for spec in [args.layers, *stacks]:
-        if max(_parse_layers(spec)) >= states.shape[1]:
+    for spec, named in {args.layers: layers, **stacks}.items():
+        if max(named) >= states.shape[1]:
             ap.error(f"layers {spec!r}: the model has {states.shape[1]} layers")
     tokens = ds.detect_logit_tokens if ds is not None else ()
     logit = logit_term(logits, tokens) if tokens else None

@@ -203,14 +203,14 @@ def test_stacked_probe_reads_several_layers_together_out_of_fold():
     states[:, 1, 0] += -shift + 1.5 * is_pos
     refused = is_pos.clone()
     alone = mod.ceiling_table(states, is_pos, refused, [0, 1], [0.1], fpr=0.05, k=4)
-    both = mod.stacked_table(states, is_pos, refused, ["0-1"], [0.01], [None], fpr=0.05, k=4)
+    both = mod.stacked_table(states, is_pos, refused, {"0-1": [0, 1]}, [0.01], [None], fpr=0.05, k=4)
     assert both[0]["layers"] == "0-1" and both[0]["kernel"] == "linear"
     assert both[0]["recall_at_fpr_all"] >= 0.8 > max(r["recall_at_fpr_all"] for r in alone)
     # a ring: positives far from the centre in layer 2, negatives near it
     radius = torch.where(is_pos, torch.tensor(3.0), torch.tensor(0.5))
     ring = torch.randn(n, d, generator=g)
     states[:, 2] = ring / ring.norm(dim=-1, keepdim=True) * radius[:, None]
-    lin, rbf = mod.stacked_table(states, is_pos, refused, ["2"], [0.01], [None, 1.0], fpr=0.05, k=4)
+    lin, rbf = mod.stacked_table(states, is_pos, refused, {"2": [2]}, [0.01], [None, 1.0], fpr=0.05, k=4)
     assert rbf["kernel"] == "rbf 1" and rbf["recall_at_fpr_all"] == 1.0 > lin["recall_at_fpr_all"]
 
 
