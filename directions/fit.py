@@ -331,12 +331,24 @@ def with_weights(
     """A copy of ``ds`` whose writer weights are ``weights`` (3, n_layers): layer weights 1 and the
     weights as ``component_weights``, and, where given, ``directions`` (n_layers, d) as its
     directions (normalised); its condition is kept, ``record`` goes into the metadata as ``fit``.
-    A firing-case edit of ``ds`` is not: the copy is a new edit, measured on its own."""
+    A firing-case edit of ``ds`` is not: the copy is a new edit, measured on its own. Nor are the
+    source's ``method`` and ``eval``: ``method`` says what was fitted (at ``record["lambda"]``, from a
+    file of the source's method) and ``eval`` holds ``record["confirm"]`` (the copy's validation
+    figures) where given, else nothing."""
     import json
 
     md = dict(ds.metadata)
     md["fit"] = json.dumps(record)
     md.pop("auto_edit", None)
+    what = "writer weights" + ("" if directions is None else " and directions")
+    lam = f" (lambda {record['lambda']:g})" if "lambda" in record else ""
+    src = f", from a file of: {ds.metadata['method']}" if ds.metadata.get("method") else ""
+    md["method"] = f"{what} fitted by scripts/fit_weights.py{lam}{src}"
+    md.pop("eval", None)
+    if conf := record.get("confirm"):
+        ev = {"refusal": conf["refusal_rate"], "first_token_kl": conf["first_token_kl"]}
+        ev |= {k: conf[k] for k in ("non_answers",) if k in conf}  # judged since the non-answer judge came
+        md["eval"] = json.dumps(ev | {"n": conf["n"], "tokens": conf["tokens"], "split": "val"})
     dirs = ds.directions if directions is None else torch.nn.functional.normalize(directions.float(), dim=-1)
     return dataclasses.replace(
         ds,

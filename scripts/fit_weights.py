@@ -323,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     vn = build_prompts(tok, read_lines(args.val_negative))
     figs = confirm(m, {"source": src, **sets}, vh, vn, args.confirm_tokens, 1.0)
     winner, warning = pick(figs, args.max_extra_refusals)
+    for st in stages:  # again, now with their own validation figures as ``eval``
+        label = f"lam{st.lam:g}"
+        records[label]["confirm"] = figs[label]
+        sets[label] = with_weights(src, st.weights, records[label], st.directions)
+        save_direction(sets[label], out_dir / f"fit-{label}.safetensors", model.config)
     print(
         f"\n| candidate | refusals of {len(vh)} harmful val ({args.confirm_tokens} tokens) | non-answers | "
         f"first-token KL, {len(vn)} harmless val | commonest openings of the harmful replies |"
@@ -362,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out and winner == "source":
         print(f"{args.out} not written: {warning}")
     elif args.out:
-        record = {**records[winner], "confirm": figs[winner], "chosen": winner}
-        ds = with_weights(src, sets[winner].component_weights, record, sets[winner].directions)
+        record = {**records[winner], "chosen": winner}
+        st = next(st for st in stages if f"lam{st.lam:g}" == winner)
+        ds = with_weights(src, st.weights, record, st.directions)
         save_direction(ds, args.out, model.config)
         print(f"wrote {args.out} ({winner})")
     print(f"total {time.monotonic() - t0:.0f} s")

@@ -65,6 +65,33 @@ def test_a_fitted_copy_drops_the_sources_firing_case_edit():
     assert ds.auto_edit is not None  # the source is untouched
 
 
+def test_a_fitted_copy_describes_itself_not_its_source():
+    """The copy's ``method`` names the fit (and the source's method it started from) and its
+    ``eval`` is its own confirm figures, or absent: the source's figures describe another edit."""
+    model = tiny_model("qwen2")
+    ds = random_direction_set(model)
+    ds.metadata |= {"method": "mean-diff orth", "eval": json.dumps({"refusal": 0.5, "split": "val"})}
+    w = torch.ones(len(COMPONENTS), ds.n_layers)
+    bare = with_weights(ds, w, {"lambda": 4.0})
+    assert (
+        bare.metadata["method"]
+        == "writer weights fitted by scripts/fit_weights.py (lambda 4), from a file of: mean-diff orth"
+    )
+    assert "eval" not in bare.metadata
+    conf = {"refusals": 2, "n": 65, "refusal_rate": 0.0308, "non_answers": 0, "first_token_kl": 0.0297, "tokens": 64}
+    both = with_weights(ds, w, {"lambda": 4.0, "confirm": conf}, ds.directions)
+    assert both.metadata["method"].startswith("writer weights and directions fitted")
+    assert json.loads(both.metadata["eval"]) == {
+        "refusal": 0.0308,
+        "non_answers": 0,
+        "first_token_kl": 0.0297,
+        "n": 65,
+        "tokens": 64,
+        "split": "val",
+    }
+    assert ds.metadata["method"] == "mean-diff orth"  # the source is untouched
+
+
 @torch.no_grad()
 def _greedy(model, ds, prompt, n):
     """``n`` greedy tokens after ``prompt`` with ``ds`` at strength 1 (the server's hooks)."""
@@ -342,6 +369,14 @@ def test_fit_weights_script(tmp_path, capsys, monkeypatch, fit_direction):
         got = load_direction(p)
         assert got.component_weights is not None and got.has_condition
         assert got.detect_threshold == pytest.approx(ds.detect_threshold)
+        # its own record, not the source's: what was fitted, and its own validation figures
+        lam = json.loads(got.metadata["fit"])["lambda"]
+        assert got.metadata["method"].startswith(
+            f"writer weights{'' if fit_direction == 'none' else ' and directions'} fitted by "
+            f"scripts/fit_weights.py (lambda {lam:g})"
+        )
+        ev = json.loads(got.metadata["eval"])
+        assert ev["split"] == "val" and ev["first_token_kl"] == res["confirm"][f"lam{lam:g}"]["first_token_kl"]
         if fit_direction == "none":
             torch.testing.assert_close(got.directions, load_direction(src).directions)
             assert "direction_cos_to_source" not in json.loads(got.metadata["fit"])
