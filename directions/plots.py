@@ -5,12 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 PANELS = (
-    ("refusal_rate", "refusal rate (harmful val)"),
-    ("first_token_kl", "first-token KL (harmless val)"),
+    ("refusal_rate", "refusal rate (harmful {split})"),
+    ("first_token_kl", "first-token KL (harmless {split})"),
     ("long_kl", "KL per position, long continuations"),
     ("slop_score", "slop score (per 1,000 words)"),
     ("capability", "capability accuracy"),
 )
+
+
+def panels_of(result: dict) -> list[tuple[str, str]]:
+    """(metric, panel title) for each metric present in ``result["rows"]``; the titles name the
+    prompt split the result was measured on (``result["split"]``, 'val' when absent)."""
+    split = result.get("split") or "val"
+    return [(k, t.format(split=split)) for k, t in PANELS if any(k in r for r in result["rows"])]
 
 
 def plot_eval(result: dict, path: str | Path, title: str | None = None) -> Path:
@@ -21,7 +28,7 @@ def plot_eval(result: dict, path: str | Path, title: str | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    panels = [(k, t) for k, t in PANELS if any(k in r for r in rows)]
+    panels = panels_of(result)
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.6), squeeze=False)
     series = sorted({(r["direction"], r["when"]) for r in rows})
     for ax, (key, label) in zip(axes[0], panels, strict=False):

@@ -70,6 +70,13 @@ def test_cli_eval_on_a_tiny_model_directory(tmp_path):
         assert b["refusal_rate"] == a["refusal_rate"] and b["capability"] == a["capability"]
     for k in ("refusal_rate", "slop_score", "capability", "long_kl"):
         assert k in rows[("always", 1.0)]
+    # the plot's panels name the split the figures come from
+    from directions.plots import panels_of
+
+    titles = dict(panels_of(res))
+    assert titles["refusal_rate"] == "refusal rate (harmful test)"
+    assert titles["first_token_kl"] == "first-token KL (harmless test)"
+    assert dict(panels_of({"rows": res["rows"]}))["refusal_rate"] == "refusal rate (harmful val)"
 
 
 @pytest.mark.parametrize("condition", ["probe", "lookahead"])
