@@ -61,8 +61,9 @@ def attach(target: DirectionSet, source: DirectionSet, source_path: Path, note: 
         "source_sha256": hashlib.sha256(source_path.read_bytes()).hexdigest(),
         "attached": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    # A fit candidate (scripts/fit_weights.py) carries its source file's method/eval metadata
-    # unchanged; its own record is "fit". Otherwise the source's method and eval describe it.
+    # A fit candidate (scripts/fit_weights.py) written before its method/eval described the
+    # candidate itself carries its source file's; its own record, "fit", is taken for every fit
+    # candidate. Otherwise the source's method and eval describe it.
     own_fit = "fit" in source.metadata and source.metadata["fit"] != target.metadata.get("fit")
     for k in ("fit",) if own_fit else ("method", "eval"):
         if k in source.metadata:

@@ -307,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "train_files": [Path(args.positive).name, Path(args.negative).name],
     }
     sets, records = {}, {}
-    for st in stages:
-        label = f"lam{st.lam:g}"
+    by_label = {f"lam{st.lam:g}": st for st in stages}
+    for label, st in by_label.items():
         records[label] = {**base_record, "lambda": st.lam}
         if st.directions is not None:  # unit rows, as the source's
             cos = (st.directions * src.directions).sum(-1)
@@ -323,11 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     vn = build_prompts(tok, read_lines(args.val_negative))
     figs = confirm(m, {"source": src, **sets}, vh, vn, args.confirm_tokens, 1.0)
     winner, warning = pick(figs, args.max_extra_refusals)
-    for st in stages:  # again, now with their own validation figures as ``eval``
-        label = f"lam{st.lam:g}"
+    # written before the confirm too, so a failed confirm keeps the fit; again now, with each
+    # candidate's own validation figures as its ``eval``
+    for label, st in by_label.items():
         records[label]["confirm"] = figs[label]
-        sets[label] = with_weights(src, st.weights, records[label], st.directions)
-        save_direction(sets[label], out_dir / f"fit-{label}.safetensors", model.config)
+        ds = with_weights(src, st.weights, records[label], st.directions)
+        save_direction(ds, out_dir / f"fit-{label}.safetensors", model.config)
     print(
         f"\n| candidate | refusals of {len(vh)} harmful val ({args.confirm_tokens} tokens) | non-answers | "
         f"first-token KL, {len(vn)} harmless val | commonest openings of the harmful replies |"
@@ -368,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.out} not written: {warning}")
     elif args.out:
         record = {**records[winner], "chosen": winner}
-        st = next(st for st in stages if f"lam{st.lam:g}" == winner)
-        ds = with_weights(src, st.weights, record, st.directions)
+        ds = with_weights(src, by_label[winner].weights, record, by_label[winner].directions)
         save_direction(ds, args.out, model.config)
         print(f"wrote {args.out} ({winner})")
     print(f"total {time.monotonic() - t0:.0f} s")
